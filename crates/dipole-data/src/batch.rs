@@ -1,0 +1,82 @@
+//! Batches of preference pairs as TRL lays them out: `[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]`,
+//! right-padded to the longest row.
+
+use crate::tokenize::{PairInputs, Sequence};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreferenceBatch {
+    /// Record indices of the `B` pairs.
+    pub indices: Vec<usize>,
+    /// `2B` rows of `seq_len` ids.
+    pub input_ids: Vec<Vec<u32>>,
+    /// 1 for tokens, 0 for padding.
+    pub attention_mask: Vec<Vec<u8>>,
+    /// 1 for completion tokens (the ones scored), 0 for prompt and padding.
+    pub completion_mask: Vec<Vec<u8>>,
+    pub seq_len: usize,
+}
+
+impl PreferenceBatch {
+    pub fn new(pairs: &[PairInputs], pad_id: u32) -> Self {
+        let rows: Vec<&Sequence> = pairs
+            .iter()
+            .map(|p| &p.chosen)
+            .chain(pairs.iter().map(|p| &p.rejected))
+            .collect();
+        let seq_len = rows.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+        let pad = |v: &[u32], fill: u32| {
+            let mut v = v.to_vec();
+            v.resize(seq_len, fill);
+            v
+        };
+        let pad_mask = |v: &[u8]| {
+            let mut v = v.to_vec();
+            v.resize(seq_len, 0);
+            v
+        };
+        Self {
+            indices: pairs.iter().map(|p| p.index).collect(),
+            input_ids: rows.iter().map(|s| pad(&s.input_ids, pad_id)).collect(),
+            attention_mask: rows.iter().map(|s| pad_mask(&vec![1; s.input_ids.len()])).collect(),
+            completion_mask: rows.iter().map(|s| pad_mask(&s.completion_mask)).collect(),
+            seq_len,
+        }
+    }
+
+    /// Number of pairs `B` (the batch has `2B` rows).
+    pub fn num_pairs(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// Completion tokens per row.
+    pub fn completion_lengths(&self) -> Vec<usize> {
+        self.completion_mask
+            .iter()
+            .map(|m| m.iter().filter(|&&x| x == 1).count())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chosen_rows_first_then_rejected_right_padded() {
+        let seq = |ids: &[u32], prompt: usize| Sequence {
+            input_ids: ids.to_vec(),
+            completion_mask: (0..ids.len()).map(|i| (i >= prompt) as u8).collect(),
+        };
+        let pairs = vec![
+            PairInputs { index: 3, chosen: seq(&[1, 5, 6], 1), rejected: seq(&[1, 7], 1) },
+            PairInputs { index: 4, chosen: seq(&[1, 2, 8, 9], 2), rejected: seq(&[1, 2, 9], 2) },
+        ];
+        let b = PreferenceBatch::new(&pairs, 0);
+        assert_eq!(b.indices, vec![3, 4]);
+        assert_eq!(b.seq_len, 4);
+        assert_eq!(b.input_ids, vec![vec![1, 5, 6, 0], vec![1, 2, 8, 9], vec![1, 7, 0, 0], vec![1, 2, 9, 0]]);
+        assert_eq!(b.attention_mask[2], vec![1, 1, 0, 0]);
+        assert_eq!(b.completion_mask[1], vec![0, 0, 1, 1]);
+        assert_eq!(b.completion_lengths(), vec![2, 2, 1, 1]);
+    }
+}

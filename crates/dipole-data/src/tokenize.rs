@@ -1,0 +1,160 @@
+//! Tokenisation exactly as TRL 1.16's `DPOTrainer` does it, so our token ids equal TRL's.
+//!
+//! Standard format: the EOS *string* is appended to each completion, `prompt` and
+//! `prompt + completion` are tokenised with special tokens (the post-processor's BOS), and the
+//! prompt/completion boundary is the common prefix of the two token lists (minimum over chosen and
+//! rejected). BPE can merge a trailing prompt space into the first completion token; the common
+//! prefix moves the boundary back in that case instead of splitting a token.
+//! Conversational format: the same on the rendered chat template (prompt with the generation
+//! prompt), tokenised without special tokens because the template writes them, and no extra EOS.
+
+use crate::chat::ChatTemplate;
+use crate::record::{Content, PreferenceRecord};
+use crate::tokenizer::Tokenizer;
+
+/// Token ids of one preference pair before truncation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenizedPair {
+    /// Index of the record in its file.
+    pub index: usize,
+    pub prompt_ids: Vec<u32>,
+    pub chosen_ids: Vec<u32>,
+    pub rejected_ids: Vec<u32>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Tokenises one record. Errors are reasons (the caller knows the file and line).
+pub fn tokenize_pair(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    record: &PreferenceRecord,
+) -> Result<TokenizedPair, String> {
+    let (prompt, chosen, rejected, special) = match (&record.prompt, &record.chosen, &record.rejected) {
+        (Content::Text(p), Content::Text(c), Content::Text(r)) => {
+            let eos = tokenizer
+                .eos
+                .as_ref()
+                .map(|t| t.text.as_str())
+                .ok_or("the tokenizer has no EOS token to end completions with")?;
+            (p.clone(), format!("{p}{c}{eos}"), format!("{p}{r}{eos}"), true)
+        }
+        (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
+            let template = template.ok_or(
+                "conversational record, but the model has no chat_template in tokenizer_config.json",
+            )?;
+            let prompt = template.render(p, true)?;
+            let with = |completion: &[crate::record::Message]| {
+                let mut all = p.clone();
+                all.extend_from_slice(completion);
+                template.render(&all, false)
+            };
+            (prompt, with(c)?, with(r)?, false)
+        }
+        _ => return Err("prompt, chosen and rejected mix plain text and message lists".into()),
+    };
+    let enc = |text: &str| tokenizer.encode(text, special).map_err(|e| e.reason);
+    let prompt_ids = enc(&prompt)?;
+    let chosen_full = enc(&chosen)?;
+    let rejected_full = enc(&rejected)?;
+    let prompt_len = common_prefix(&prompt_ids, &chosen_full).min(common_prefix(&prompt_ids, &rejected_full));
+    let pair = TokenizedPair {
+        index: record.index,
+        prompt_ids: prompt_ids[..prompt_len].to_vec(),
+        chosen_ids: chosen_full[prompt_len..].to_vec(),
+        rejected_ids: rejected_full[prompt_len..].to_vec(),
+    };
+    if pair.chosen_ids.is_empty() || pair.rejected_ids.is_empty() {
+        let which = if pair.chosen_ids.is_empty() { "chosen" } else { "rejected" };
+        return Err(format!("{which} completion is empty after tokenisation"));
+    }
+    Ok(pair)
+}
+
+/// Which end of `prompt + completion` survives truncation to `max_length`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TruncationMode {
+    /// Keep the first `max_length` tokens (TRL's default).
+    #[default]
+    KeepStart,
+    /// Keep the last `max_length` tokens.
+    KeepEnd,
+}
+
+/// One sequence ready for the model: ids and a mask marking completion tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub input_ids: Vec<u32>,
+    pub completion_mask: Vec<u8>,
+}
+
+/// A pair ready for batching.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairInputs {
+    pub index: usize,
+    pub chosen: Sequence,
+    pub rejected: Sequence,
+}
+
+fn build_sequence(prompt: &[u32], completion: &[u32], max_length: Option<usize>, mode: TruncationMode) -> Sequence {
+    let mut input_ids = prompt.to_vec();
+    input_ids.extend_from_slice(completion);
+    let mut completion_mask = vec![0u8; prompt.len()];
+    completion_mask.extend(std::iter::repeat_n(1u8, completion.len()));
+    if let Some(max) = max_length
+        && input_ids.len() > max {
+            match mode {
+                TruncationMode::KeepStart => {
+                    input_ids.truncate(max);
+                    completion_mask.truncate(max);
+                }
+                TruncationMode::KeepEnd => {
+                    let cut = input_ids.len() - max;
+                    input_ids.drain(..cut);
+                    completion_mask.drain(..cut);
+                }
+            }
+        }
+    Sequence {
+        input_ids,
+        completion_mask,
+    }
+}
+
+/// Applies TRL's length rules: `None` when the prompt alone reaches `max_length` (TRL removes such
+/// examples), else the truncated chosen and rejected sequences.
+pub fn prepare_pair(pair: &TokenizedPair, max_length: Option<usize>, mode: TruncationMode) -> Option<PairInputs> {
+    if let Some(max) = max_length
+        && pair.prompt_ids.len() >= max {
+            return None;
+        }
+    Some(PairInputs {
+        index: pair.index,
+        chosen: build_sequence(&pair.prompt_ids, &pair.chosen_ids, max_length, mode),
+        rejected: build_sequence(&pair.prompt_ids, &pair.rejected_ids, max_length, mode),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_start_truncates_completion_tail() {
+        let pair = TokenizedPair {
+            index: 0,
+            prompt_ids: vec![1, 2, 3],
+            chosen_ids: vec![4, 5, 6],
+            rejected_ids: vec![7],
+        };
+        let p = prepare_pair(&pair, Some(5), TruncationMode::KeepStart).unwrap();
+        assert_eq!(p.chosen.input_ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(p.chosen.completion_mask, vec![0, 0, 0, 1, 1]);
+        assert_eq!(p.rejected.input_ids, vec![1, 2, 3, 7]);
+        let p = prepare_pair(&pair, Some(5), TruncationMode::KeepEnd).unwrap();
+        assert_eq!(p.chosen.input_ids, vec![2, 3, 4, 5, 6]);
+        assert!(prepare_pair(&pair, Some(3), TruncationMode::KeepStart).is_none());
+    }
+}

@@ -1,0 +1,25 @@
+//! Llama, Mistral and Qwen2 decoder-only language models for burn, loaded from Hugging Face model
+//! folders (`config.json` + safetensors) by their HF tensor names, generic over the backend.
+//!
+//! ```no_run
+//! use burn::backend::Flex;
+//! use dipole_models::CausalLm;
+//! let device = Default::default();
+//! let (model, _report) = CausalLm::<Flex>::load("path/to/hf-model", &device).unwrap();
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod llama;
+pub mod load;
+pub mod rng;
+pub mod rope;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use generate::GenerateOptions;
+pub use llama::{CausalLm, KvCache, ids_tensor};
+pub use load::{LoadReport, ParamKind, RandomInit, WeightSource};
+pub use weights::Checkpoint;

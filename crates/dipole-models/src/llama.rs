@@ -1,0 +1,300 @@
+//! The Llama decoder family: Llama 2/3, Mistral and Qwen2 share one graph (pre-norm RMSNorm,
+//! rotate-half RoPE, grouped-query attention, SwiGLU MLP) and differ only in what `ModelConfig`
+//! makes explicit: q/k/v biases, sliding windows, tied embeddings and rope scaling.
+//!
+//! Every projection is a [`LoraLinear`], so adapters attach to any of them by HF module name.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, embedding, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
+use dipole_lora::LoraLinear;
+
+use crate::config::ModelConfig;
+use crate::rope;
+
+/// Root-mean-square layer norm, computed as transformers does: `x / sqrt(mean(x^2) + eps) * weight`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        normed * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: LoraLinear<B>,
+    pub k_proj: LoraLinear<B>,
+    pub v_proj: LoraLinear<B>,
+    pub o_proj: LoraLinear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys and values of one layer, after RoPE and before the GQA repeat: `[batch, kv_heads, len, head_dim]`.
+#[derive(Clone, Debug)]
+pub struct LayerCache<B: Backend> {
+    pub key: Tensor<B, 4>,
+    pub value: Tensor<B, 4>,
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<LayerCache<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+        }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|c| c.key.dims()[2])
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: Tensor<B, 2>,
+        sin: Tensor<B, 2>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<LayerCache<B>>>,
+    ) -> Tensor<B, 3> {
+        let [batch, len, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([batch, len, heads, d]).swap_dims(1, 2);
+        let q = rope::apply(split(self.q_proj.forward(x.clone()), h), cos.clone(), sin.clone());
+        let mut k = rope::apply(split(self.k_proj.forward(x.clone()), kvh), cos, sin);
+        let mut v = split(self.v_proj.forward(x), kvh);
+        if let Some(slot) = cache {
+            if let Some(past) = slot.take() {
+                k = Tensor::cat(vec![past.key, k], 2);
+                v = Tensor::cat(vec![past.value, v], 2);
+            }
+            *slot = Some(LayerCache {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: mask.is_none(),
+        };
+        let mask = mask.map(|m| {
+            let [b, _, t, s] = m.dims();
+            m.expand([b, h, t, s])
+        });
+        let out = attention(q, k, v, mask, None, options);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, len, h * d]))
+    }
+}
+
+/// `[b, kv_heads, t, d]` -> `[b, kv_heads * n_rep, t, d]`, each kv head repeated for its query group.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, kvh, n_rep, t, d])
+        .reshape([b, kvh * n_rep, t, d])
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: LoraLinear<B>,
+    pub up_proj: LoraLinear<B>,
+    pub down_proj: LoraLinear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Attention<B>,
+    pub mlp: Mlp<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// Attention window of this layer, when it uses sliding-window attention.
+    pub sliding_window: Option<usize>,
+}
+
+/// A decoder-only causal language model. Field names follow the HF checkpoint
+/// (`model.embed_tokens`, `model.layers.N...`, `model.norm`, `lm_head`).
+#[derive(Module, Debug)]
+pub struct CausalLm<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when the head is tied to the embeddings.
+    pub lm_head: Option<LoraLinear<B>>,
+    pub config: ModelConfig,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Logits `[batch, len, vocab]` for right-padded `input_ids` `[batch, len]`; `attention_mask`
+    /// (1 = token, 0 = padding) keeps padding out of every real token's attention.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, None);
+        self.logits(hidden)
+    }
+
+    /// Projects final hidden states `[.., hidden]` to logits `[.., vocab]`. Split from the trunk so
+    /// callers can compute log-probs chunk by chunk without a whole `[rows, T, vocab]` tensor.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(hidden, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Final normed hidden states `[batch, len, hidden]`. With a cache, `input_ids` are the new
+    /// positions after the cached ones, and the cache is extended.
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let device = input_ids.device();
+        let [batch, len] = input_ids.dims();
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let total = past + len;
+        let cfg = &self.config;
+        let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
+
+        let padding = attention_mask.map(|m| {
+            let [mb, ml] = m.dims();
+            assert!(
+                mb == batch && ml == total,
+                "attention_mask has shape [{mb}, {ml}], expected [{batch}, {total}] (cached + new positions)"
+            );
+            m.equal_elem(0)
+        });
+        // Right padding never changes a real token's outputs; skip the mask when nothing is padded.
+        let padding = padding.filter(|p| p.clone().any().into_data().iter::<bool>().next().unwrap_or(false));
+        let build_mask = |window: Option<usize>| -> Option<Tensor<B, 4, Bool>> {
+            let window = window.filter(|w| *w < total);
+            if padding.is_none() && window.is_none() {
+                return None;
+            }
+            let mut mask = Tensor::<B, 2, Bool>::tril_mask([len, total], past as i64, &device);
+            if let Some(w) = window {
+                let too_far = Tensor::<B, 2, Bool>::triu_mask([len, total], past as i64 - w as i64 + 1, &device);
+                mask = mask.bool_or(too_far);
+            }
+            let mut mask = mask.reshape([1, 1, len, total]).expand([batch, 1, len, total]);
+            if let Some(p) = &padding {
+                mask = mask.bool_or(p.clone().reshape([batch, 1, 1, total]).expand([batch, 1, len, total]));
+            }
+            Some(mask)
+        };
+        let full_mask = build_mask(None);
+
+        let mut x = embedding(self.embed_tokens.val(), input_ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mask = match layer.sliding_window {
+                Some(w) if w < total => build_mask(Some(w)),
+                _ => full_mask.clone(),
+            };
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let attn = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                cos.clone(),
+                sin.clone(),
+                mask,
+                slot,
+            );
+            x = x + attn;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        self.norm.forward(x)
+    }
+
+    /// Sets whether every LoRA adapter in the model takes part in the forward pass.
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for layer in &mut self.layers {
+            for proj in layer.projections_mut() {
+                proj.adapter_enabled = enabled;
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            head.adapter_enabled = enabled;
+        }
+    }
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The seven projections with their HF module names.
+    pub fn named_projections(&self) -> [(&'static str, &LoraLinear<B>); 7] {
+        [
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    pub fn projections_mut(&mut self) -> [&mut LoraLinear<B>; 7] {
+        [
+            &mut self.self_attn.q_proj,
+            &mut self.self_attn.k_proj,
+            &mut self.self_attn.v_proj,
+            &mut self.self_attn.o_proj,
+            &mut self.mlp.gate_proj,
+            &mut self.mlp.up_proj,
+            &mut self.mlp.down_proj,
+        ]
+    }
+}
+
+/// Token ids `[rows][len]` (already padded to one length) as an Int tensor.
+pub fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B, 2, Int> {
+    let len = rows.first().map(Vec::len).unwrap_or(0);
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| {
+            assert_eq!(r.len(), len, "every row must be padded to the same length");
+            r.iter().map(|&t| t as i64)
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device)
+}

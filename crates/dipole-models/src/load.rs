@@ -1,0 +1,201 @@
+//! Building a [`CausalLm`] from a Hugging Face folder (weights addressed by their HF names) or from a
+//! seeded random initialisation.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+use dipole_lora::LoraLinear;
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::{Attention, CausalLm, DecoderLayer, Mlp, RmsNorm};
+use crate::rng::SplitMix64;
+use crate::weights::Checkpoint;
+
+/// What kind of parameter a tensor is; random initialisation depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    Matrix,
+    Norm,
+    Bias,
+}
+
+/// Where parameter values come from. Shapes are HF's (`[out, in]` for projections).
+pub trait WeightSource {
+    fn tensor(&mut self, name: &str, shape: &[usize], kind: ParamKind) -> Result<Vec<f32>>;
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&mut self, name: &str, shape: &[usize], _kind: ParamKind) -> Result<Vec<f32>> {
+        self.take(name, shape)
+    }
+}
+
+/// Seeded random weights as transformers initialises them: N(0, initializer_range) matrices, unit
+/// norms, zero biases. Generated on the host so every backend gets identical weights for a seed.
+pub struct RandomInit {
+    rng: SplitMix64,
+    std: f32,
+}
+
+impl RandomInit {
+    pub fn new(seed: u64, std: f64) -> Self {
+        Self {
+            rng: SplitMix64::new(seed),
+            std: std as f32,
+        }
+    }
+}
+
+impl WeightSource for RandomInit {
+    fn tensor(&mut self, _name: &str, shape: &[usize], kind: ParamKind) -> Result<Vec<f32>> {
+        let n: usize = shape.iter().product();
+        Ok(match kind {
+            ParamKind::Matrix => (0..n).map(|_| self.rng.normal() * self.std).collect(),
+            ParamKind::Norm => vec![1.0; n],
+            ParamKind::Bias => vec![0.0; n],
+        })
+    }
+}
+
+/// What loading found besides the model: tensors in the file that the model does not use.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Known-harmless leftovers (a tied `lm_head.weight`, rotary `inv_freq` buffers).
+    pub ignored: Vec<String>,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder.
+    pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<(Self, LoadReport)> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_dir(dir)?;
+        let mut checkpoint = Checkpoint::open(dir)?;
+        let model = Self::from_source(config, &mut checkpoint, device)?;
+        let (ignored, unexpected): (Vec<String>, Vec<String>) = checkpoint
+            .untaken()
+            .into_iter()
+            .partition(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"));
+        if !unexpected.is_empty() {
+            return Err(ModelError::Unexpected {
+                dir: PathBuf::from(dir),
+                architecture: model.config.architecture.model_type().to_string(),
+                names: unexpected,
+            });
+        }
+        Ok((model, LoadReport { ignored }))
+    }
+
+    /// A randomly initialised model (benchmarks, from-scratch training).
+    pub fn init(config: ModelConfig, seed: u64, device: &B::Device) -> Self {
+        let std = config.initializer_range;
+        Self::from_source(config, &mut RandomInit::new(seed, std), device)
+            .expect("random initialisation cannot fail")
+    }
+
+    /// Builds the model, asking `source` for each tensor by its HF name.
+    pub fn from_source(config: ModelConfig, source: &mut dyn WeightSource, device: &B::Device) -> Result<Self> {
+        let c = &config;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let q_dim = c.num_attention_heads * c.head_dim;
+        let kv_dim = c.num_key_value_heads * c.head_dim;
+
+        let embed = source.tensor("model.embed_tokens.weight", &[v, h], ParamKind::Matrix)?;
+        let embed_tokens = Param::from_tensor(tensor2::<B>(embed, [v, h], device));
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut proj = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<LoraLinear<B>> {
+                load_linear(source, &format!("{p}.{name}"), in_dim, out_dim, bias, device)
+            };
+            let self_attn = Attention {
+                q_proj: proj("self_attn.q_proj", h, q_dim, c.qkv_bias)?,
+                k_proj: proj("self_attn.k_proj", h, kv_dim, c.qkv_bias)?,
+                v_proj: proj("self_attn.v_proj", h, kv_dim, c.qkv_bias)?,
+                o_proj: proj("self_attn.o_proj", q_dim, h, c.o_bias)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: proj("mlp.gate_proj", h, c.intermediate_size, c.mlp_bias)?,
+                up_proj: proj("mlp.up_proj", h, c.intermediate_size, c.mlp_bias)?,
+                down_proj: proj("mlp.down_proj", c.intermediate_size, h, c.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: load_norm(source, &format!("{p}.input_layernorm.weight"), c, device)?,
+                post_attention_layernorm: load_norm(
+                    source,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    c,
+                    device,
+                )?,
+                sliding_window: c.sliding_window[i],
+            });
+        }
+        let norm = load_norm(source, "model.norm.weight", c, device)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(load_linear(source, "lm_head", h, v, false, device)?)
+        };
+        Ok(CausalLm {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            config,
+        })
+    }
+}
+
+fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Loads `<name>.weight` (HF `[out, in]`, stored transposed as `[in, out]`) and `<name>.bias`.
+fn load_linear<B: Backend>(
+    source: &mut dyn WeightSource,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    device: &B::Device,
+) -> Result<LoraLinear<B>> {
+    let w = source.tensor(&format!("{name}.weight"), &[out_dim, in_dim], ParamKind::Matrix)?;
+    let weight = tensor2::<B>(transpose(&w, out_dim, in_dim), [in_dim, out_dim], device);
+    let bias = if bias {
+        let b = source.tensor(&format!("{name}.bias"), &[out_dim], ParamKind::Bias)?;
+        Some(Tensor::from_data(TensorData::new(b, [out_dim]), device))
+    } else {
+        None
+    };
+    Ok(LoraLinear::new(weight, bias))
+}
+
+fn load_norm<B: Backend>(
+    source: &mut dyn WeightSource,
+    name: &str,
+    c: &ModelConfig,
+    device: &B::Device,
+) -> Result<RmsNorm<B>> {
+    let w = source.tensor(name, &[c.hidden_size], ParamKind::Norm)?;
+    Ok(RmsNorm {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [c.hidden_size]), device)),
+        eps: c.rms_norm_eps,
+    })
+}
+
+/// Row-major `[rows, cols]` -> `[cols, rows]`.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}

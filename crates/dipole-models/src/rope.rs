@@ -1,0 +1,136 @@
+//! Rotary position embeddings in Hugging Face's rotate-half layout (RoFormer, Su et al. 2021,
+//! arXiv:2104.09864): the first half of each head is paired with the second half, not adjacent
+//! elements as in burn's `RotaryEncoding`. Frequencies are computed in f32 exactly as transformers does.
+
+use burn::tensor::{Tensor, TensorData, backend::Backend};
+
+use crate::config::{RopeConfig, RopeScaling};
+
+/// Inverse frequencies `[head_dim / 2]` for a sequence of `seq_len` positions.
+pub fn inv_freq(rope: &RopeConfig, head_dim: usize, seq_len: usize) -> Vec<f32> {
+    let base_freqs = |theta: f64| -> Vec<f32> {
+        (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / (theta as f32).powf(i as f32 / head_dim as f32))
+            .collect()
+    };
+    match rope.scaling {
+        RopeScaling::Default => base_freqs(rope.theta),
+        RopeScaling::Linear { factor } => base_freqs(rope.theta)
+            .into_iter()
+            .map(|f| f / factor as f32)
+            .collect(),
+        RopeScaling::Dynamic {
+            factor,
+            original_max_position_embeddings: original,
+        } => {
+            let theta = if seq_len > original {
+                let d = head_dim as f64;
+                rope.theta * ((factor * seq_len as f64 / original as f64) - (factor - 1.0)).powf(d / (d - 2.0))
+            } else {
+                rope.theta
+            };
+            base_freqs(theta)
+        }
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: original,
+        } => {
+            let (factor, low, high, original) =
+                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original as f32);
+            let low_freq_wavelen = original / low;
+            let high_freq_wavelen = original / high;
+            base_freqs(rope.theta)
+                .into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    // wavelengths are finite and positive, so "not below high and not above low" is the closed band.
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                    if medium {
+                        let smooth = (original / wavelen - low) / (high - low);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+/// `cos` and `sin` tables, each `[len, head_dim]`, for positions `start..start + len`.
+pub fn tables<B: Backend>(
+    rope: &RopeConfig,
+    head_dim: usize,
+    start: usize,
+    len: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let freqs = inv_freq(rope, head_dim, start + len);
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(len * head_dim);
+    let mut sin = Vec::with_capacity(len * head_dim);
+    for pos in start..start + len {
+        // The angle is an f32 product as in transformers; cos/sin of it rounded once to f32.
+        let row: Vec<f32> = freqs.iter().map(|f| pos as f32 * f).collect();
+        for _ in 0..2 {
+            cos.extend(row.iter().map(|a| (*a as f64).cos() as f32));
+            sin.extend(row.iter().map(|a| (*a as f64).sin() as f32));
+        }
+    }
+    debug_assert_eq!(cos.len(), len * 2 * half);
+    (
+        Tensor::from_data(TensorData::new(cos, [len, head_dim]), device),
+        Tensor::from_data(TensorData::new(sin, [len, head_dim]), device),
+    )
+}
+
+/// Applies rotate-half RoPE to `x` `[batch, heads, len, head_dim]` with tables `[len, head_dim]`.
+pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
+    let [_, _, _, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        let rope = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64,
+            },
+        };
+        let plain = inv_freq(&RopeConfig { theta: 10000.0, scaling: RopeScaling::Default }, 16, 10);
+        let scaled = inv_freq(&rope, 16, 10);
+        // wavelength 2*pi < 16: untouched
+        assert_eq!(scaled[0], plain[0]);
+        // the lowest frequency has wavelength > 64: divided by the factor
+        assert!((scaled[7] - plain[7] / 8.0).abs() < 1e-12);
+        // some band in between is smoothed: strictly between the two
+        assert!(scaled.iter().zip(&plain).any(|(s, p)| *s < *p && *s > *p / 8.0));
+    }
+
+    #[test]
+    fn dynamic_scaling_only_changes_past_the_original_length() {
+        let rope = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Dynamic { factor: 2.0, original_max_position_embeddings: 32 },
+        };
+        let plain = inv_freq(&RopeConfig { theta: 10000.0, scaling: RopeScaling::Default }, 8, 10);
+        assert_eq!(inv_freq(&rope, 8, 32), plain);
+        assert!(inv_freq(&rope, 8, 64)[1] < plain[1]);
+    }
+}

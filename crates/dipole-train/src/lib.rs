@@ -1,0 +1,6 @@
+//! Training and scoring over any burn backend: dataset log-probs today; SFT and the DPO family
+//! build on the same batch path.
+
+pub mod logps;
+
+pub use logps::{BatchTensors, PairLogps, pair_logps};
