@@ -8,8 +8,10 @@
 //! let (model, _report) = CausalLm::<Flex>::load("path/to/hf-model", &device).unwrap();
 //! ```
 
+pub mod adapters;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod llama;
 pub mod load;
@@ -19,6 +21,7 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
+pub use export::ExportDtype;
 pub use generate::GenerateOptions;
 pub use llama::{CausalLm, KvCache, ids_tensor};
 pub use load::{LoadReport, ParamKind, RandomInit, WeightSource};

@@ -9,7 +9,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
-use dipole_lora::LoraLinear;
+use dipole_lora::{AdapterMode, LoraLinear};
 
 use crate::config::ModelConfig;
 use crate::rope;
@@ -246,15 +246,15 @@ impl<B: Backend> CausalLm<B> {
         self.norm.forward(x)
     }
 
-    /// Sets whether every LoRA adapter in the model takes part in the forward pass.
-    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+    /// Chooses, for every projection at once, which adapter the forward pass uses.
+    pub fn set_adapter_mode(&mut self, mode: AdapterMode) {
         for layer in &mut self.layers {
             for proj in layer.projections_mut() {
-                proj.adapter_enabled = enabled;
+                proj.mode = mode;
             }
         }
         if let Some(head) = &mut self.lm_head {
-            head.adapter_enabled = enabled;
+            head.mode = mode;
         }
     }
 }

@@ -1,0 +1,316 @@
+//! The linear layer every model projection is built from: a base weight plus an optional low-rank
+//! adapter (LoRA, Hu et al. 2021, arXiv:2106.09685) and an optional frozen reference adapter.
+//!
+//! Layouts follow burn (`weight` is `[in, out]`, so `y = x @ W + b`); the adapter's `a` is `[in, r]`
+//! and `b` is `[r, out]`. PEFT stores the transposes (`lora_A` `[r, in]`, `lora_B` `[out, r]`); the
+//! conversion happens at the file boundary, never in the forward pass.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+
+use crate::config::{LoraConfig, LoraInit};
+use crate::peft::PeftMatrices;
+
+/// A low-rank adapter: `delta(x) = scale * (dropout(x) @ a) @ b`.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `[in, r]` (PEFT's `lora_A.weight` transposed).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` transposed).
+    pub b: Param<Tensor<B, 2>>,
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+    /// Dropout on the adapter's input; active only under autodiff (training).
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// A fresh adapter: A from `config.init` with `seed`, B = 0 (so the layer starts unchanged).
+    pub fn init(config: &LoraConfig, in_features: usize, out_features: usize, seed: u64, device: &B::Device) -> Self {
+        let r = config.r;
+        let a = match config.init {
+            // Kaiming-uniform with a = sqrt(5) on a [r, in] matrix: bound = 1 / sqrt(in).
+            LoraInit::KaimingUniform => {
+                let bound = 1.0 / (in_features as f64).sqrt();
+                uniform_matrix(seed, in_features * r, -bound, bound)
+            }
+            LoraInit::Gaussian => {
+                let std = 1.0 / r as f64;
+                normal_matrix(seed, in_features * r, std)
+            }
+        };
+        Self {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [in_features, r]), device)),
+            b: Param::from_tensor(Tensor::zeros([r, out_features], device)),
+            scale: config.scale(),
+            dropout: config.lora_dropout,
+        }
+    }
+
+    /// From PEFT's matrices (`lora_A` `[r, in]`, `lora_B` `[out, r]`).
+    pub fn from_peft(m: &PeftMatrices, scale: f64, dropout: f64, device: &B::Device) -> Self {
+        let a = transpose(&m.a, m.r, m.in_features);
+        let b = transpose(&m.b, m.out_features, m.r);
+        Self {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [m.in_features, m.r]), device)),
+            b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [m.r, m.out_features]), device)),
+            scale,
+            dropout,
+        }
+    }
+
+    /// In PEFT's layout.
+    pub fn to_peft(&self) -> PeftMatrices {
+        let [in_features, r] = self.a.dims();
+        let [_, out_features] = self.b.dims();
+        let a: Vec<f32> = self.a.val().into_data().convert::<f32>().to_vec().expect("f32");
+        let b: Vec<f32> = self.b.val().into_data().convert::<f32>().to_vec().expect("f32");
+        PeftMatrices {
+            a: transpose(&a, in_features, r),
+            b: transpose(&b, r, out_features),
+            r,
+            in_features,
+            out_features,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// The adapter's contribution, computed through the rank bottleneck (never the dense delta).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - self.dropout;
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask / keep
+        } else {
+            x
+        };
+        let low = burn::tensor::module::linear(x, self.a.val(), None);
+        burn::tensor::module::linear(low, self.b.val(), None).mul_scalar(self.scale)
+    }
+
+    /// The dense `[in, out]` update `scale * a @ b` (for merging only).
+    pub fn delta(&self) -> Tensor<B, 2> {
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scale)
+    }
+
+    /// The same adapter with its parameters excluded from gradients.
+    pub fn frozen(self) -> Self {
+        Self {
+            a: self.a.set_require_grad(false),
+            b: self.b.set_require_grad(false),
+            ..self
+        }
+    }
+}
+
+/// Which weights a [`LoraLinear`] computes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdapterMode {
+    /// Base + trainable adapter (the policy).
+    #[default]
+    Active,
+    /// The base weight alone (LoRA DPO's reference: no second copy of the model).
+    Disabled,
+    /// Base + the frozen reference adapter (DPO after an SFT adapter: the reference is base + SFT).
+    Reference,
+}
+
+/// A linear projection with an optional LoRA adapter and an optional frozen reference adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub adapter: Option<LoraAdapter<B>>,
+    pub reference_adapter: Option<LoraAdapter<B>>,
+    pub mode: AdapterMode,
+    /// True while the adapter's delta is folded into `weight` (the adapter is then skipped).
+    pub merged: bool,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// A plain linear layer from a `[in, out]` weight and optional `[out]` bias.
+    pub fn new(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        Self {
+            weight: Param::from_tensor(weight),
+            bias: bias.map(Param::from_tensor),
+            adapter: None,
+            reference_adapter: None,
+            mode: AdapterMode::Active,
+            merged: false,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let base = burn::tensor::module::linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let extra = match self.mode {
+            AdapterMode::Active if !self.merged => self.adapter.as_ref(),
+            AdapterMode::Reference => self.reference_adapter.as_ref(),
+            _ => None,
+        };
+        match extra {
+            Some(adapter) => base + adapter.forward(x),
+            None => base,
+        }
+    }
+
+    /// Freezes (or unfreezes) the base weight and bias.
+    pub fn set_base_trainable(&mut self, trainable: bool) {
+        self.weight = self.weight.clone().set_require_grad(trainable);
+        self.bias = self.bias.take().map(|b| b.set_require_grad(trainable));
+    }
+
+    /// Folds the adapter into the base weight: `W += scale * a @ b`. A no-op without an adapter.
+    pub fn merge(&mut self) {
+        if self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let w = self.weight.val().detach() + adapter.delta().detach();
+            let trainable = self.weight.val().is_require_grad();
+            self.weight = Param::from_tensor(w).set_require_grad(trainable);
+            self.merged = true;
+        }
+    }
+
+    /// Undoes [`merge`](Self::merge) (exact up to float rounding).
+    pub fn unmerge(&mut self) {
+        if !self.merged {
+            return;
+        }
+        if let Some(adapter) = &self.adapter {
+            let w = self.weight.val().detach() - adapter.delta().detach();
+            let trainable = self.weight.val().is_require_grad();
+            self.weight = Param::from_tensor(w).set_require_grad(trainable);
+        }
+        self.merged = false;
+    }
+}
+
+/// Row-major `[rows, cols]` -> `[cols, rows]`.
+pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// SplitMix64 stream for reproducible, backend-independent adapter initialisation.
+fn splitmix(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn uniform_matrix(seed: u64, n: usize, low: f64, high: f64) -> Vec<f32> {
+    let mut next = splitmix(seed);
+    (0..n).map(|_| (low + (high - low) * next()) as f32).collect()
+}
+
+fn normal_matrix(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut next = splitmix(seed);
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (1.0 - next(), next());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn t2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    #[test]
+    fn base_projection_is_x_times_weight_plus_bias() {
+        let b = Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32, -0.5, 1.0], [3]), &Default::default());
+        let layer = LoraLinear::new(t2(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [2, 3]), Some(b));
+        let y: Vec<f32> = layer.forward(t2(vec![1.0, -1.0], [1, 2])).into_data().to_vec().unwrap();
+        assert_eq!(y, vec![1.0 - 4.0 + 0.5, 2.0 - 5.0 - 0.5, 3.0 - 6.0 + 1.0]);
+    }
+
+    fn with_adapter() -> LoraLinear<B> {
+        let mut layer = LoraLinear::new(Tensor::zeros([2, 2], &Default::default()), None);
+        layer.adapter = Some(LoraAdapter {
+            a: Param::from_tensor(t2(vec![1.0, 2.0], [2, 1])),
+            b: Param::from_tensor(t2(vec![3.0, -1.0], [1, 2])),
+            scale: 2.0,
+            dropout: 0.0,
+        });
+        layer
+    }
+
+    #[test]
+    fn adapter_adds_scaled_low_rank_delta_and_can_be_disabled() {
+        let mut layer = with_adapter();
+        let x = t2(vec![1.0, 1.0], [1, 2]);
+        let y: Vec<f32> = layer.forward(x.clone()).into_data().to_vec().unwrap();
+        // (x @ a) = 3; 3 * b * 2 = [18, -6]
+        assert_eq!(y, vec![18.0, -6.0]);
+        layer.mode = AdapterMode::Disabled;
+        let y: Vec<f32> = layer.forward(x).into_data().to_vec().unwrap();
+        assert_eq!(y, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn merge_then_unmerge_restores_the_base_and_keeps_outputs() {
+        let mut layer = with_adapter();
+        let x = t2(vec![0.3, -0.7], [1, 2]);
+        let before: Vec<f32> = layer.forward(x.clone()).into_data().to_vec().unwrap();
+        layer.merge();
+        let merged: Vec<f32> = layer.forward(x.clone()).into_data().to_vec().unwrap();
+        for (a, b) in before.iter().zip(&merged) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        layer.unmerge();
+        let w: Vec<f32> = layer.weight.val().into_data().to_vec().unwrap();
+        assert!(w.iter().all(|v| v.abs() < 1e-6), "{w:?}");
+    }
+
+    #[test]
+    fn peft_layout_round_trip() {
+        let m = PeftMatrices { a: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], b: vec![7.0, 8.0, 9.0, 10.0], r: 2, in_features: 3, out_features: 2 };
+        let adapter = LoraAdapter::<B>::from_peft(&m, 1.0, 0.0, &Default::default());
+        assert_eq!(adapter.a.dims(), [3, 2]);
+        assert_eq!(adapter.to_peft(), m);
+    }
+
+    #[test]
+    fn kaiming_init_is_bounded_and_b_is_zero() {
+        let cfg = LoraConfig::default();
+        let adapter = LoraAdapter::<B>::init(&cfg, 64, 32, 7, &Default::default());
+        let a: Vec<f32> = adapter.a.val().into_data().to_vec().unwrap();
+        assert!(a.iter().all(|v| v.abs() <= 0.125));
+        assert!(a.iter().any(|v| v.abs() > 0.1));
+        let b: Vec<f32> = adapter.b.val().into_data().to_vec().unwrap();
+        assert!(b.iter().all(|v| *v == 0.0));
+    }
+}

@@ -1,0 +1,159 @@
+//! Writing a model back as a Hugging Face folder that transformers loads unchanged: `config.json`,
+//! safetensors shards with `model.safetensors.index.json`, and the tokenizer files of the source.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{Tensor, backend::Backend};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::error::{ModelError, Result};
+use crate::llama::CausalLm;
+use crate::load::transpose;
+
+/// Storage type of exported weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ExportDtype {
+    #[default]
+    F32,
+    BF16,
+    F16,
+}
+
+impl ExportDtype {
+    fn hf_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "float32",
+            ExportDtype::BF16 => "bfloat16",
+            ExportDtype::F16 => "float16",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" | "float32" | "fp32" => Some(Self::F32),
+            "bf16" | "bfloat16" => Some(Self::BF16),
+            "f16" | "float16" | "fp16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    fn encode(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ExportDtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            ExportDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        }
+    }
+
+    fn safetensors(self) -> Dtype {
+        match self {
+            ExportDtype::F32 => Dtype::F32,
+            ExportDtype::BF16 => Dtype::BF16,
+            ExportDtype::F16 => Dtype::F16,
+        }
+    }
+}
+
+/// Tokenizer and generation files copied from the source folder when present.
+const SIDE_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+];
+
+fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().expect("f32 values")
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Every weight under its HF name and shape (`[out, in]` for projections), adapters merged in.
+    pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+        let mut out = Vec::new();
+        let [v, h] = self.embed_tokens.dims();
+        out.push(("model.embed_tokens.weight".into(), vec![v, h], values(self.embed_tokens.val())));
+        for (name, linear) in self.linears() {
+            let mut w = linear.weight.val();
+            if let (Some(adapter), false) = (&linear.adapter, linear.merged) {
+                w = w + adapter.delta();
+            }
+            let [i, o] = w.dims();
+            out.push((format!("{name}.weight"), vec![o, i], transpose(&values(w), i, o)));
+            if let Some(b) = &linear.bias {
+                out.push((format!("{name}.bias"), vec![o], values(b.val())));
+            }
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (norm, p) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
+                out.push((format!("model.layers.{i}.{norm}.weight"), vec![h], values(p.weight.val())));
+            }
+        }
+        out.push(("model.norm.weight".into(), vec![h], values(self.norm.weight.val())));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Writes an HF model folder to `dir`: adapters merged, `dtype` storage, shards of at most
+    /// `max_shard_bytes`, tokenizer files copied from `source_dir` when given.
+    pub fn save_hf(&self, dir: &Path, dtype: ExportDtype, max_shard_bytes: usize, source_dir: Option<&Path>) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ModelError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let tensors = self.hf_tensors();
+        let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+        let mut size = 0;
+        for (name, shape, vals) in tensors {
+            let bytes = dtype.encode(&vals);
+            if size > 0 && size + bytes.len() > max_shard_bytes {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            size += bytes.len();
+            shards.last_mut().expect("one shard").push((name, shape, bytes));
+        }
+        let n = shards.len();
+        let mut weight_map = BTreeMap::new();
+        let mut total = 0usize;
+        for (k, shard) in shards.iter().enumerate() {
+            let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+            let views: Vec<(String, TensorView)> = shard
+                .iter()
+                .map(|(name, shape, b)| (name.clone(), TensorView::new(dtype.safetensors(), shape.clone(), b).expect("sizes match")))
+                .collect();
+            let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
+            let path = dir.join(&file);
+            let data = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
+            std::fs::write(&path, data).map_err(io(&path))?;
+            for (name, _, b) in shard {
+                total += b.len();
+                weight_map.insert(name.clone(), file.clone());
+            }
+        }
+        if n > 1 {
+            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let path = dir.join("model.safetensors.index.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).map_err(io(&path))?;
+        }
+        let mut config = self.config.raw.clone();
+        if let Some(obj) = config.as_object_mut() {
+            obj.insert("torch_dtype".into(), dtype.hf_name().into());
+            obj.insert("dtype".into(), dtype.hf_name().into());
+        }
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).map_err(io(&path))?;
+        if let Some(src) = source_dir {
+            for name in SIDE_FILES {
+                let from = src.join(name);
+                if from.exists() {
+                    std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
