@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: dipole's command line.
 
 mod backend;
+mod export;
 mod logps;
 
 use anyhow::Result;
@@ -17,10 +18,13 @@ struct Cli {
 enum Command {
     /// Tokenise preference pairs as TRL does and write each pair's completion log-probs (JSONL).
     Logps(logps::LogpsArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face model folder.
+    Export(export::ExportArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Logps(args) => logps::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

@@ -134,16 +134,14 @@ impl LoraConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(format!("lora_dropout must be in [0, 1), got {}", self.lora_dropout));
         }
-        if let TargetModules::Regex(p) = &self.target_modules {
-            if let Err(e) = Regex::new(p) {
+        if let TargetModules::Regex(p) = &self.target_modules
+            && let Err(e) = Regex::new(p) {
                 return bad(format!("target_modules regex {p:?} does not compile: {e}"));
             }
-        }
-        if let TargetModules::List(l) = &self.target_modules {
-            if l.is_empty() {
+        if let TargetModules::List(l) = &self.target_modules
+            && l.is_empty() {
                 return bad("target_modules is empty".into());
             }
-        }
         Ok(())
     }
 
@@ -167,11 +165,10 @@ impl LoraConfig {
         if !file.rank_pattern.is_empty() || !file.alpha_pattern.is_empty() {
             return unsupported("a non-empty rank_pattern / alpha_pattern");
         }
-        if let Some(bias) = &file.bias {
-            if bias != "none" {
+        if let Some(bias) = &file.bias
+            && bias != "none" {
                 return unsupported(&format!("bias = {bias:?} (only \"none\")"));
             }
-        }
         let init = match &file.init_lora_weights {
             Some(Value::String(s)) if s == "gaussian" => LoraInit::Gaussian,
             _ => LoraInit::KaimingUniform,

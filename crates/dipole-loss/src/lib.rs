@@ -2,5 +2,11 @@
 //! of log-probs, generic over the burn backend.
 
 pub mod logps;
+pub mod metrics;
+pub mod objectives;
+pub mod token_stats;
 
+pub use objectives::{FDivergence, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, preference_loss};
+pub use metrics::preference_metrics;
 pub use logps::{SequenceLogps, sequence_logps};
+pub use token_stats::{TokenStats, token_stats};

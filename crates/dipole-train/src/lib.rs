@@ -4,3 +4,5 @@
 pub mod logps;
 
 pub use logps::{BatchTensors, PairLogps, pair_logps};
+pub mod grads;
+pub mod schedule;

@@ -1,0 +1,372 @@
+//! The DPO family as TRL 1.16 computes it: every `loss_type` a small pure function of per-pair
+//! log-probs, combined with `loss_weights` (MPO), under an f-divergence, optional WPO weights and
+//! LD-DPO length handling. All tensors are `[B]` (one value per pair).
+
+use burn::tensor::activation::{log_sigmoid, sigmoid};
+use burn::tensor::{Tensor, backend::Backend};
+use serde::{Deserialize, Serialize};
+
+/// TRL's `loss_type` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// DPO (Rafailov et al. 2023, arXiv:2305.18290): -log σ(β·Δ).
+    Sigmoid,
+    /// SLiC (Zhao et al. 2023, arXiv:2305.10425): max(0, 1 - β·Δ).
+    Hinge,
+    /// IPO (Azar et al. 2023, arXiv:2310.12036): (Δ/len - 1/(2β))², log-ratios length-averaged.
+    Ipo,
+    /// EXO (Ji et al. 2024, arXiv:2402.00856), pairwise form with ε = label_smoothing.
+    ExoPair,
+    /// NCA (Chen et al. 2024, arXiv:2402.05369), pairwise form.
+    NcaPair,
+    /// Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409): unbiased under label noise ε.
+    Robust,
+    /// BCO (Jung et al. 2024, arXiv:2404.04656), pairwise form with a running reward mean δ.
+    BcoPair,
+    /// SPPO (Wu et al. 2024, arXiv:2405.00675), hard-label form.
+    SppoHard,
+    /// AOT (Melnyk et al. 2024, arXiv:2406.05882): sorted paired log-ratio margins.
+    Aot,
+    /// AOT on unpaired data: chosen and rejected log-ratios sorted independently.
+    AotUnpaired,
+    /// APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266).
+    ApoZero,
+    /// APO-down (same paper).
+    ApoDown,
+    /// DiscoPOP (Chris Lu et al. 2024, arXiv:2406.08414): log-ratio-modulated logistic/exponential mix.
+    Discopop,
+    /// Negative log-likelihood of the chosen completions (token mean).
+    Sft,
+    /// DPO on length-averaged log-ratios.
+    SigmoidNorm,
+    /// The original KTO-pair loss (removed from TRL in 0.9.6), kept for users of the seed list.
+    KtoPair,
+}
+
+impl LossType {
+    pub const ALL: [LossType; 16] = [
+        LossType::Sigmoid,
+        LossType::Hinge,
+        LossType::Ipo,
+        LossType::ExoPair,
+        LossType::NcaPair,
+        LossType::Robust,
+        LossType::BcoPair,
+        LossType::SppoHard,
+        LossType::Aot,
+        LossType::AotUnpaired,
+        LossType::ApoZero,
+        LossType::ApoDown,
+        LossType::Discopop,
+        LossType::Sft,
+        LossType::SigmoidNorm,
+        LossType::KtoPair,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LossType::Sigmoid => "sigmoid",
+            LossType::Hinge => "hinge",
+            LossType::Ipo => "ipo",
+            LossType::ExoPair => "exo_pair",
+            LossType::NcaPair => "nca_pair",
+            LossType::Robust => "robust",
+            LossType::BcoPair => "bco_pair",
+            LossType::SppoHard => "sppo_hard",
+            LossType::Aot => "aot",
+            LossType::AotUnpaired => "aot_unpaired",
+            LossType::ApoZero => "apo_zero",
+            LossType::ApoDown => "apo_down",
+            LossType::Discopop => "discopop",
+            LossType::Sft => "sft",
+            LossType::SigmoidNorm => "sigmoid_norm",
+            LossType::KtoPair => "kto_pair",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Self::ALL.iter().copied().find(|t| t.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
+            format!("unknown loss type {s:?}; expected one of {}", names.join(", "))
+        })
+    }
+}
+
+/// How the policy/reference log-ratios become the preference logit (TRL's `f_divergence_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FDivergence {
+    #[default]
+    ReverseKl,
+    ForwardKl,
+    JsDivergence,
+    AlphaDivergence,
+}
+
+/// Hyper-parameters of the preference objective; names follow TRL's `DPOConfig`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveConfig {
+    pub loss_type: Vec<LossType>,
+    /// One weight per loss type (all 1 when empty).
+    pub loss_weights: Vec<f64>,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub f_divergence_type: FDivergence,
+    pub f_alpha_divergence_coef: f64,
+    /// WPO: weight each pair by its length-normalised policy probability.
+    pub use_weighting: bool,
+    /// LD-DPO: weight of the log-probs beyond the shorter completion's length.
+    pub ld_alpha: Option<f64>,
+    pub discopop_tau: f64,
+    /// RPO: add `rpo_alpha` × the chosen completions' NLL.
+    pub rpo_alpha: Option<f64>,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        Self {
+            loss_type: vec![LossType::Sigmoid],
+            loss_weights: Vec::new(),
+            beta: 0.1,
+            label_smoothing: 0.0,
+            f_divergence_type: FDivergence::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
+            use_weighting: false,
+            ld_alpha: None,
+            discopop_tau: 0.05,
+            rpo_alpha: None,
+        }
+    }
+}
+
+impl ObjectiveConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.loss_type.is_empty() {
+            return Err("loss_type is empty".into());
+        }
+        if !self.loss_weights.is_empty() && self.loss_weights.len() != self.loss_type.len() {
+            return Err(format!(
+                "loss_weights has {} entries but loss_type has {}",
+                self.loss_weights.len(),
+                self.loss_type.len()
+            ));
+        }
+        if !(self.beta > 0.0) {
+            return Err(format!("beta must be positive, got {}", self.beta));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!("label_smoothing must be in [0, 0.5), got {}", self.label_smoothing));
+        }
+        if let Some(a) = self.ld_alpha {
+            if !(0.0..=1.0).contains(&a) {
+                return Err(format!("ld_alpha must be in [0, 1], got {a}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn weight(&self, i: usize) -> f64 {
+        self.loss_weights.get(i).copied().unwrap_or(1.0)
+    }
+}
+
+/// Per-pair inputs of an objective. `ref_*` are `None` for reference-free training.
+#[derive(Clone, Debug)]
+pub struct PairInputs<B: Backend> {
+    pub chosen_logps: Tensor<B, 1>,
+    pub rejected_logps: Tensor<B, 1>,
+    pub ref_chosen_logps: Option<Tensor<B, 1>>,
+    pub ref_rejected_logps: Option<Tensor<B, 1>>,
+    /// Completion tokens per sequence (as floats).
+    pub chosen_lengths: Tensor<B, 1>,
+    pub rejected_lengths: Tensor<B, 1>,
+    /// WPO weights per sequence, when `use_weighting`.
+    pub chosen_weights: Option<Tensor<B, 1>>,
+    pub rejected_weights: Option<Tensor<B, 1>>,
+}
+
+/// State kept across batches by objectives that need it (BCO's running reward mean).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ObjectiveState {
+    /// Running mean of `β·log-ratio` over every chosen and rejected completion seen (RunningMoments).
+    pub bco_mean: f64,
+    pub bco_count: f64,
+}
+
+/// Loss and the reward tensors TRL's metrics are computed from.
+#[derive(Clone, Debug)]
+pub struct ObjectiveOutput<B: Backend> {
+    /// Scalar `[1]`.
+    pub loss: Tensor<B, 1>,
+    /// `β·(logp - ref_logp)` per pair, detached.
+    pub chosen_rewards: Tensor<B, 1>,
+    pub rejected_rewards: Tensor<B, 1>,
+}
+
+/// softplus(x) = log(1 + eˣ) = -log σ(-x), via the stable log-sigmoid.
+fn softplus<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    log_sigmoid(x.neg()).neg()
+}
+
+/// `exp` with the argument capped below f32 overflow (TRL's `cap_exp`).
+fn cap_exp<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    x.clamp_max(f32::MAX.ln() as f64).exp()
+}
+
+/// Sorts a small host vector and rebuilds the tensor; gradient flows through `select`.
+fn sort_1d<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let values: Vec<f32> = x.clone().detach().into_data().convert::<f32>().to_vec().expect("f32");
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
+    let idx: Vec<i64> = order.iter().map(|&i| i as i64).collect();
+    let device = x.device();
+    let idx = Tensor::<B, 1, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(idx, [values.len()]), &device);
+    x.select(0, idx)
+}
+
+/// Computes the combined objective for one batch.
+pub fn preference_loss<B: Backend>(
+    config: &ObjectiveConfig,
+    inputs: &PairInputs<B>,
+    state: &mut ObjectiveState,
+) -> ObjectiveOutput<B> {
+    let beta = config.beta;
+    let ls = config.label_smoothing;
+    let zeros = || inputs.chosen_logps.zeros_like();
+    let ref_c = inputs.ref_chosen_logps.clone().unwrap_or_else(zeros);
+    let ref_r = inputs.ref_rejected_logps.clone().unwrap_or_else(zeros);
+    let (pc, pr) = (inputs.chosen_logps.clone(), inputs.rejected_logps.clone());
+    let chosen_logratios = pc.clone() - ref_c.clone();
+    let rejected_logratios = pr.clone() - ref_r.clone();
+
+    // The preference logit Δ under the chosen f-divergence.
+    let delta = match config.f_divergence_type {
+        FDivergence::AlphaDivergence => {
+            let a = config.f_alpha_divergence_coef;
+            (cap_exp(rejected_logratios.clone().mul_scalar(-a)) - cap_exp(chosen_logratios.clone().mul_scalar(-a))).div_scalar(a)
+        }
+        FDivergence::ReverseKl | FDivergence::ForwardKl | FDivergence::JsDivergence => {
+            let logits = (pc.clone() - pr.clone()) - (ref_c.clone() - ref_r.clone());
+            match config.f_divergence_type {
+                FDivergence::JsDivergence => {
+                    logits - (softplus(chosen_logratios.clone()) - softplus(rejected_logratios.clone()))
+                }
+                // f(u) = -log u: f'(u_w) - f'(u_l) = 1/u_l - 1/u_w.
+                FDivergence::ForwardKl => cap_exp(rejected_logratios.clone().neg()) - cap_exp(chosen_logratios.clone().neg()),
+                _ => logits,
+            }
+        }
+    };
+
+    let (lc, lr) = (inputs.chosen_lengths.clone(), inputs.rejected_lengths.clone());
+    let mut loss = Tensor::<B, 1>::zeros([1], &pc.device());
+    for (i, &kind) in config.loss_type.iter().enumerate() {
+        let per_pair = match kind {
+            LossType::Sigmoid => log_sigmoid(delta.clone().mul_scalar(beta)).neg(),
+            LossType::Robust => (log_sigmoid(delta.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls)
+                + log_sigmoid(delta.clone().mul_scalar(-beta)).mul_scalar(ls))
+            .div_scalar(1.0 - 2.0 * ls),
+            LossType::ExoPair => {
+                let eps = if ls == 0.0 { 1e-3 } else { ls };
+                let x = delta.clone().mul_scalar(beta);
+                sigmoid(x.clone()) * (log_sigmoid(x.clone()).sub_scalar((1.0 - eps).ln()))
+                    + sigmoid(x.clone().neg()) * (log_sigmoid(x.neg()).sub_scalar(eps.ln()))
+            }
+            LossType::Hinge => delta.clone().mul_scalar(-beta).add_scalar(1.0).clamp_min(0.0),
+            LossType::Ipo => {
+                let d = chosen_logratios.clone() / lc.clone().clamp_min(1.0) - rejected_logratios.clone() / lr.clone().clamp_min(1.0);
+                d.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2)
+            }
+            LossType::BcoPair => {
+                let cr = chosen_logratios.clone().mul_scalar(beta);
+                let rr = rejected_logratios.clone().mul_scalar(beta);
+                let batch_mean: f64 = Tensor::cat(vec![cr.clone().detach(), rr.clone().detach()], 0)
+                    .mean()
+                    .into_scalar()
+                    .elem_f64();
+                // RunningMoments.update with a single scalar observation per batch.
+                let total = state.bco_count + 1.0;
+                state.bco_mean += (batch_mean - state.bco_mean) / total;
+                state.bco_count = total;
+                let d = state.bco_mean;
+                log_sigmoid(cr.sub_scalar(d)).neg() - log_sigmoid(rr.sub_scalar(d).neg())
+            }
+            LossType::SppoHard => {
+                chosen_logratios.clone().sub_scalar(0.5 / beta).powi_scalar(2)
+                    + rejected_logratios.clone().add_scalar(0.5 / beta).powi_scalar(2)
+            }
+            LossType::NcaPair => {
+                let cr = chosen_logratios.clone().mul_scalar(beta);
+                let rr = rejected_logratios.clone().mul_scalar(beta);
+                log_sigmoid(cr.clone()).neg() - log_sigmoid(cr.neg()).mul_scalar(0.5) - log_sigmoid(rr.neg()).mul_scalar(0.5)
+            }
+            LossType::AotUnpaired => {
+                let d = sort_1d(chosen_logratios.clone()) - sort_1d(rejected_logratios.clone());
+                log_sigmoid(d.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(d.mul_scalar(-beta)).mul_scalar(ls)
+            }
+            LossType::Aot => {
+                let d = sort_1d(pc.clone() - pr.clone()) - sort_1d(ref_c.clone() - ref_r.clone());
+                log_sigmoid(d.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(d.mul_scalar(-beta)).mul_scalar(ls)
+            }
+            LossType::ApoZero => {
+                sigmoid(chosen_logratios.clone().mul_scalar(beta)).neg().add_scalar(1.0)
+                    + sigmoid(rejected_logratios.clone().mul_scalar(beta))
+            }
+            LossType::ApoDown => {
+                sigmoid(chosen_logratios.clone().mul_scalar(beta))
+                    + sigmoid(delta.clone().mul_scalar(beta)).neg().add_scalar(1.0)
+            }
+            LossType::Discopop => {
+                let logits = delta.clone().mul_scalar(beta);
+                let modulation = sigmoid(logits.clone().div_scalar(config.discopop_tau));
+                log_sigmoid(logits.clone()).neg() * modulation.clone().neg().add_scalar(1.0) + logits.neg().exp() * modulation
+            }
+            LossType::Sft => {
+                let nll = pc.clone().sum().neg() / lc.clone().sum().clamp_min(1.0);
+                nll.expand([pc.dims()[0]])
+            }
+            LossType::SigmoidNorm => {
+                let d = chosen_logratios.clone() / lc.clone().clamp_min(1.0) - rejected_logratios.clone() / lr.clone().clamp_min(1.0);
+                log_sigmoid(d.mul_scalar(beta)).neg()
+            }
+            LossType::KtoPair => kto_pair(chosen_logratios.clone(), rejected_logratios.clone(), beta),
+        };
+        let per_pair = match (&inputs.chosen_weights, &inputs.rejected_weights, config.use_weighting) {
+            (Some(wc), Some(wr), true) => per_pair * (wc.clone() * wr.clone()).detach(),
+            _ => per_pair,
+        };
+        loss = loss + per_pair.mean().mul_scalar(config.weight(i));
+    }
+    if let Some(alpha) = config.rpo_alpha {
+        let nll = (pc.clone().neg() / lc.clone().clamp_min(1.0)).mean();
+        loss = loss + nll.mul_scalar(alpha);
+    }
+    ObjectiveOutput {
+        loss,
+        chosen_rewards: chosen_logratios.mul_scalar(beta).detach(),
+        rejected_rewards: rejected_logratios.mul_scalar(beta).detach(),
+    }
+}
+
+/// KTO-pair (Ethayarajh et al. 2024, arXiv:2402.01306, as in TRL < 0.9.6): each side compared to
+/// the clamped batch-mean log-ratio of the other side; chosen and rejected losses concatenated.
+pub fn kto_pair<B: Backend>(chosen_logratios: Tensor<B, 1>, rejected_logratios: Tensor<B, 1>, beta: f64) -> Tensor<B, 1> {
+    let chosen_kl = chosen_logratios.clone().mean().clamp_min(0.0).detach();
+    let rejected_kl = rejected_logratios.clone().mean().clamp_min(0.0).detach();
+    let n = chosen_logratios.dims()[0];
+    let chosen_losses = sigmoid((chosen_logratios - rejected_kl.expand([n])).mul_scalar(beta)).neg().add_scalar(1.0);
+    let rejected_losses = sigmoid((chosen_kl.expand([n]) - rejected_logratios).mul_scalar(beta)).neg().add_scalar(1.0);
+    Tensor::cat(vec![chosen_losses, rejected_losses], 0)
+}
+
+trait ElemF64 {
+    fn elem_f64(self) -> f64;
+}
+
+impl<E: burn::tensor::ElementConversion> ElemF64 for E {
+    fn elem_f64(self) -> f64 {
+        self.elem::<f64>()
+    }
+}
