@@ -8,5 +8,5 @@ pub mod token_stats;
 
 pub use objectives::{FDivergence, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, preference_loss};
 pub use metrics::preference_metrics;
-pub use logps::{SequenceLogps, sequence_logps};
+pub use logps::{SequenceLogps, ld_weights, sequence_logps, wpo_weights};
 pub use token_stats::{TokenStats, token_stats};

@@ -37,8 +37,66 @@ pub fn sequence_logps<B: Backend>(
     }
 }
 
+/// LD-DPO (Liu et al. 2024, arXiv:2409.06411) per-token weights: 1 for the first
+/// `min(len_chosen, len_rejected)` completion tokens of each pair, `ld_alpha` for the excess of the
+/// longer side. `completion_mask` rows are `[chosen.., rejected..]`, aligned with `per_token`.
+pub fn ld_weights(completion_mask: &[Vec<u8>], ld_alpha: f64) -> Vec<Vec<f32>> {
+    let rows = completion_mask.len();
+    let b = rows / 2;
+    let len = |r: usize| completion_mask[r].iter().filter(|&&m| m == 1).count();
+    (0..rows)
+        .map(|r| {
+            let public = len(r % b).min(len(r % b + b));
+            let mut rank = 0;
+            completion_mask[r]
+                .iter()
+                .map(|&m| {
+                    if m == 0 {
+                        return 0.0;
+                    }
+                    rank += 1;
+                    if rank <= public { 1.0 } else { ld_alpha as f32 }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// WPO (Zhou et al. 2024, arXiv:2406.11827) pair weights, without gradient:
+/// `min(1, exp(w_chosen + w_rejected))` where `w` is a sequence's mean over completion tokens of
+/// `log p(token) - log Σ_v p(v)²`. Rows of `logits` are `[chosen.., rejected..]`.
+pub fn wpo_weights<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    completion_mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [rows, len, vocab] = logits.dims();
+    let logits = logits.detach().slice([0..rows, 0..len - 1, 0..vocab]);
+    let labels = input_ids.slice([0..rows, 1..len]);
+    let mask = completion_mask.detach().slice([0..rows, 1..len]);
+    let logp = log_softmax(logits, 2);
+    let token = logp.clone().gather(2, labels.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    // log Σ_v p(v)² = logsumexp(2 log p)
+    let twice = logp.mul_scalar(2.0);
+    let max = twice.clone().max_dim(2);
+    let lse = (twice - max.clone()).exp().sum_dim(2).log() + max;
+    let adjusted = (token - lse.squeeze_dim::<2>(2)) * mask.clone();
+    let per_row = adjusted.sum_dim(1).squeeze_dim::<1>(1) / mask.sum_dim(1).squeeze_dim::<1>(1).clamp_min(1.0);
+    let b = rows / 2;
+    (per_row.clone().narrow(0, 0, b) + per_row.narrow(0, b, b)).exp().clamp_max(1.0)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ld_weights_split_at_the_shorter_completion() {
+        let mask = vec![vec![0, 1, 1, 1, 0], vec![0, 0, 1, 1, 1], vec![0, 1, 1, 0, 0], vec![0, 0, 1, 1, 1]];
+        let w = super::ld_weights(&mask, 0.5);
+        assert_eq!(w[0], vec![0.0, 1.0, 1.0, 0.5, 0.0]);
+        assert_eq!(w[2], vec![0.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(w[1], vec![0.0, 0.0, 1.0, 1.0, 1.0]);
+    }
+
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::TensorData;

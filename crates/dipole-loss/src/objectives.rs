@@ -182,9 +182,8 @@ pub struct PairInputs<B: Backend> {
     /// Completion tokens per sequence (as floats).
     pub chosen_lengths: Tensor<B, 1>,
     pub rejected_lengths: Tensor<B, 1>,
-    /// WPO weights per sequence, when `use_weighting`.
-    pub chosen_weights: Option<Tensor<B, 1>>,
-    pub rejected_weights: Option<Tensor<B, 1>>,
+    /// WPO weight per pair (see [`crate::wpo_weights`]), used when `use_weighting`.
+    pub weights: Option<Tensor<B, 1>>,
 }
 
 /// State kept across batches by objectives that need it (BCO's running reward mean).
@@ -226,11 +225,13 @@ fn sort_1d<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     x.select(0, idx)
 }
 
-/// Computes the combined objective for one batch.
+/// Computes the combined objective for one batch. `training` lets stateful objectives (BCO's
+/// running reward mean) learn from the batch; evaluation leaves the state unchanged.
 pub fn preference_loss<B: Backend>(
     config: &ObjectiveConfig,
     inputs: &PairInputs<B>,
     state: &mut ObjectiveState,
+    training: bool,
 ) -> ObjectiveOutput<B> {
     let beta = config.beta;
     let ls = config.label_smoothing;
@@ -282,14 +283,16 @@ pub fn preference_loss<B: Backend>(
             LossType::BcoPair => {
                 let cr = chosen_logratios.clone().mul_scalar(beta);
                 let rr = rejected_logratios.clone().mul_scalar(beta);
-                let batch_mean: f64 = Tensor::cat(vec![cr.clone().detach(), rr.clone().detach()], 0)
-                    .mean()
-                    .into_scalar()
-                    .elem_f64();
-                // RunningMoments.update with a single scalar observation per batch.
-                let total = state.bco_count + 1.0;
-                state.bco_mean += (batch_mean - state.bco_mean) / total;
-                state.bco_count = total;
+                if training {
+                    let batch_mean: f64 = Tensor::cat(vec![cr.clone().detach(), rr.clone().detach()], 0)
+                        .mean()
+                        .into_scalar()
+                        .elem_f64();
+                    // TRL's RunningMoments fed one scalar (the batch's mean reward) per step.
+                    let total = state.bco_count + 1.0;
+                    state.bco_mean += (batch_mean - state.bco_mean) / total;
+                    state.bco_count = total;
+                }
                 let d = state.bco_mean;
                 log_sigmoid(cr.sub_scalar(d)).neg() - log_sigmoid(rr.sub_scalar(d).neg())
             }
@@ -333,8 +336,9 @@ pub fn preference_loss<B: Backend>(
             }
             LossType::KtoPair => kto_pair(chosen_logratios.clone(), rejected_logratios.clone(), beta),
         };
-        let per_pair = match (&inputs.chosen_weights, &inputs.rejected_weights, config.use_weighting) {
-            (Some(wc), Some(wr), true) => per_pair * (wc.clone() * wr.clone()).detach(),
+        let per_pair = match (&inputs.weights, config.use_weighting) {
+            (Some(w), true) => per_pair * w.clone().detach(),
+            (None, true) => panic!("use_weighting is set but no WPO weights were computed for the batch"),
             _ => per_pair,
         };
         loss = loss + per_pair.mean().mul_scalar(config.weight(i));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
-use dipole_loss::{FDivergence, LossType, ObjectiveConfig, ObjectiveState, PairInputs, preference_loss, preference_metrics, sequence_logps, token_stats};
+use dipole_loss::{FDivergence, LossType, ObjectiveConfig, ObjectiveState, PairInputs, ld_weights, preference_loss, preference_metrics, token_stats, wpo_weights};
 use dipole_models::CausalLm;
 use dipole_train::BatchTensors;
 use serde_json::Value;
@@ -36,40 +36,79 @@ fn config_from(golden: &Value) -> ObjectiveConfig {
 struct BatchData {
     indices: Vec<usize>,
     inputs: PairInputs<B>,
+    /// The same with LD-DPO (`ld_alpha` 0.5) sums of TRL's per-token log-probs.
+    ld_inputs: PairInputs<B>,
     stats: dipole_loss::TokenStats,
 }
 
+/// Per batch: the objective's inputs from TRL's own per-example log-probs (`examples.json`), so the
+/// objective is checked on exactly the numbers TRL fed it, and the token statistics from our policy
+/// forward pass (their inputs are logits, which only our model produces).
 fn batches(model_name: &str, format: &str) -> Vec<BatchData> {
     let root = fixtures();
     let device = Default::default();
+    let examples: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join(format!("goldens/{model_name}/{format}/examples.json"))).unwrap(),
+    )
+    .unwrap();
+    let examples = examples["examples"].as_array().unwrap();
     let tokenizer = Tokenizer::from_dir(root.join(model_name)).unwrap();
     let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
     let prepared = load_pairs(&root.join(format!("data/prefs_{format}.jsonl")), &tokenizer, lengths).unwrap();
-    let (reference, _) = CausalLm::<B>::load(root.join(model_name), &device).unwrap();
     let (policy, _) = CausalLm::<B>::load(root.join(format!("{model_name}-perturbed")), &device).unwrap();
     let mut out = Vec::new();
-    for chunk in prepared.pairs.chunks(4) {
+    for (chunk, golden) in prepared.pairs.chunks(4).zip(examples.chunks(4)) {
         let batch = PreferenceBatch::new(chunk, tokenizer.pad_id());
         let t = BatchTensors::<B>::new(&batch, &device);
-        let b = chunk.len();
         let logits = policy.forward(t.input_ids.clone(), Some(t.attention_mask.clone()));
         let stats = token_stats(logits.clone(), t.input_ids.clone(), t.completion_mask.clone());
-        let pol = exact_sums(sequence_logps(logits, t.input_ids.clone(), t.completion_mask.clone()).per_token);
-        let ref_logits = reference.forward(t.input_ids.clone(), Some(t.attention_mask.clone()));
-        let rf = exact_sums(sequence_logps(ref_logits, t.input_ids.clone(), t.completion_mask.clone()).per_token);
-        let lens: Vec<f32> = batch.completion_lengths().iter().map(|&l| l as f32).collect();
-        let lens = Tensor::<B, 1>::from_data(TensorData::new(lens, [2 * b]), &device);
+        let weights = wpo_weights(logits, t.input_ids.clone(), t.completion_mask.clone());
+        let field = |key: &str| -> Tensor<B, 1> {
+            let v: Vec<f32> = golden.iter().map(|e| e[key].as_f64().unwrap() as f32).collect();
+            Tensor::from_data(TensorData::new(v, [golden.len()]), &device)
+        };
+        let count = |key: &str| -> Tensor<B, 1> {
+            let v: Vec<f32> = golden.iter().map(|e| e[key].as_array().unwrap().iter().filter(|m| m.as_u64() == Some(1)).count() as f32).collect();
+            Tensor::from_data(TensorData::new(v, [golden.len()]), &device)
+        };
+        // LD-DPO sums of TRL's per-token values, with our weights from the batch's masks.
+        let ld = ld_weights(&batch.completion_mask, 0.5);
+        let ld_sum = |prefix: &str| -> Vec<f32> {
+            let mut sums = Vec::new();
+            for side in ["chosen", "rejected"] {
+                for (k, e) in golden.iter().enumerate() {
+                    let row = if side == "chosen" { k } else { golden.len() + k };
+                    let w: Vec<f32> = ld[row].iter().copied().filter(|&x| x > 0.0).collect();
+                    let tokens = e[format!("{prefix}_{side}_token_logps")].as_array().unwrap();
+                    assert_eq!(w.len(), tokens.len());
+                    sums.push(tokens.iter().zip(&w).map(|(t, w)| t.as_f64().unwrap() * *w as f64).sum::<f64>() as f32);
+                }
+            }
+            sums
+        };
+        let (pol_ld, ref_ld) = (ld_sum("policy"), ld_sum("ref"));
+        let n = golden.len();
+        let t1 = |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
+        let ld_inputs = PairInputs {
+            chosen_logps: t1(&pol_ld[..n]),
+            rejected_logps: t1(&pol_ld[n..]),
+            ref_chosen_logps: Some(t1(&ref_ld[..n])),
+            ref_rejected_logps: Some(t1(&ref_ld[n..])),
+            chosen_lengths: count("chosen_completion_mask"),
+            rejected_lengths: count("rejected_completion_mask"),
+            weights: None,
+        };
         out.push(BatchData {
             indices: batch.indices.clone(),
+            ld_inputs,
             inputs: PairInputs {
-                chosen_logps: pol.clone().narrow(0, 0, b),
-                rejected_logps: pol.narrow(0, b, b),
-                ref_chosen_logps: Some(rf.clone().narrow(0, 0, b)),
-                ref_rejected_logps: Some(rf.narrow(0, b, b)),
-                chosen_lengths: lens.clone().narrow(0, 0, b),
-                rejected_lengths: lens.narrow(0, b, b),
-                chosen_weights: None,
-                rejected_weights: None,
+                chosen_logps: field("policy_chosen_logps"),
+                rejected_logps: field("policy_rejected_logps"),
+                ref_chosen_logps: Some(field("ref_chosen_logps")),
+                ref_rejected_logps: Some(field("ref_rejected_logps")),
+                chosen_lengths: count("chosen_completion_mask"),
+                rejected_lengths: count("rejected_completion_mask"),
+                weights: Some(weights),
             },
             stats,
         });
@@ -77,24 +116,10 @@ fn batches(model_name: &str, format: &str) -> Vec<BatchData> {
     out
 }
 
-/// Row sums of per-token log-probs taken in f64 (see `dipole_train::PairLogps`), back as f32.
-fn exact_sums(per_token: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [rows, width] = per_token.dims();
-    let v: Vec<f32> = per_token.into_data().to_vec().unwrap();
-    let sums: Vec<f32> = (0..rows).map(|r| v[r * width..(r + 1) * width].iter().map(|&x| x as f64).sum::<f64>() as f32).collect();
-    Tensor::from_data(TensorData::new(sums, [rows]), &Default::default())
-}
-
 fn close(got: f64, want: f64) -> bool {
     (got - want).abs() <= 1e-5 * want.abs() || (got - want).abs() <= 1e-6
 }
 
-/// `rewards/*` are β times differences of summed log-probs near -700; the goldens' own f32 sums
-/// carry up to 9.3e-5 of rounding (against the exact sum of their per-token values), so a reward
-/// is only defined to about β·1e-4 = 1e-5 absolute.
-fn close_reward(got: f64, want: f64) -> bool {
-    close(got, want) || (got - want).abs() <= 1e-5
-}
 
 fn check(model_name: &str, format: &str) {
     let golden: Value = serde_json::from_str(
@@ -109,18 +134,21 @@ fn check(model_name: &str, format: &str) {
         for (k, (gb, ours)) in entry["batches"].as_array().unwrap().iter().zip(&data).enumerate() {
             let indices: Vec<usize> = gb["indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
             assert_eq!(indices, ours.indices, "{name} batch {k}: indices");
-            let out = preference_loss(&config, &ours.inputs, &mut state);
+            let inputs = if config.ld_alpha.is_some() { &ours.ld_inputs } else { &ours.inputs };
+            let out = preference_loss(&config, inputs, &mut state, false);
             let loss: f64 = out.loss.clone().into_scalar() as f64;
             let want = gb["loss"].as_f64().unwrap();
             if !close(loss, want) {
                 failures.push(format!("{name} batch {k}: loss {loss} vs {want}"));
             }
-            let metrics = preference_metrics(&out, &ours.inputs, Some(&ours.stats));
+            let metrics = preference_metrics(&out, inputs, Some(&ours.stats));
             for (key, want) in gb["metrics"].as_object().unwrap() {
                 let want = want.as_f64().unwrap();
                 match metrics.get(key) {
                     Some(&got) if close(got, want) => {}
-                    Some(&got) if key.starts_with("rewards/") && close_reward(got, want) => {}
+                    // LD-DPO sums are recomputed here from TRL's per-token values; TRL's own f32 sums
+                    // differ from the exact ones by up to ~1e-4, i.e. β·1e-4 = 1e-5 in a reward.
+                    Some(&got) if config.ld_alpha.is_some() && key.starts_with("rewards/") && (got - want).abs() <= 1e-5 => {}
                     Some(&got) => failures.push(format!("{name} batch {k}: {key} {got} vs {want}")),
                     None => failures.push(format!("{name} batch {k}: metric {key} missing")),
                 }
