@@ -202,3 +202,27 @@ impl<B: Backend> CausalLm<B> {
         count.0
     }
 }
+
+impl<B: Backend> CausalLm<B> {
+    /// Every float parameter with its HF name (adapters under PEFT's `lora_A`/`lora_B` names),
+    /// its id (to find its gradient) and its rank.
+    pub fn named_params(&self) -> Vec<(String, burn::module::ParamId, usize)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.id, 2)];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((format!("model.layers.{i}.input_layernorm.weight"), layer.input_layernorm.weight.id, 1));
+            out.push((format!("model.layers.{i}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.id, 1));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.id, 1));
+        for (name, linear) in self.linears() {
+            out.push((format!("{name}.weight"), linear.weight.id, 2));
+            if let Some(b) = &linear.bias {
+                out.push((format!("{name}.bias"), b.id, 1));
+            }
+            if let Some(a) = &linear.adapter {
+                out.push((format!("{name}.lora_A.weight"), a.a.id, 2));
+                out.push((format!("{name}.lora_B.weight"), a.b.id, 2));
+            }
+        }
+        out
+    }
+}

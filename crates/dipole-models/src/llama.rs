@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, embedding, linear};
+use burn::tensor::module::{attention_fallback, embedding, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 use dipole_lora::{AdapterMode, LoraLinear};
@@ -109,7 +109,10 @@ impl<B: Backend> Attention<B> {
             let [b, _, t, s] = m.dims();
             m.expand([b, h, t, s])
         });
-        let out = attention(q, k, v, mask, None, options);
+        // The decomposed kernel (QKᵀ, softmax, ·V) is what autodiff differentiates; using it for
+        // inference too makes a frozen reference bit-identical to an equal policy (step 0 of DPO
+        // has rewards exactly 0, as in TRL) instead of one rounding step apart.
+        let out = attention_fallback(q, k, v, mask, None, options);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, len, h * d]))
     }
 }
