@@ -226,3 +226,43 @@ impl<B: Backend> CausalLm<B> {
         out
     }
 }
+
+/// A parameter id derived from its HF name, so optimizer state saved in one process finds its
+/// parameters in the next (burn's default ids are random per construction).
+fn stable_id(name: &str) -> burn::module::ParamId {
+    // FNV-1a, 64 bit.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    burn::module::ParamId::from(h)
+}
+
+fn with_id<B: Backend, const D: usize>(p: &mut Param<Tensor<B, D>>, name: &str) {
+    let tensor = p.val();
+    let trainable = tensor.is_require_grad();
+    *p = Param::initialized(stable_id(name), tensor).set_require_grad(trainable);
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Gives every parameter an id derived from its HF name (see [`CausalLm::named_params`]).
+    pub fn assign_stable_param_ids(&mut self) {
+        with_id(&mut self.embed_tokens, "model.embed_tokens.weight");
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            with_id(&mut layer.input_layernorm.weight, &format!("model.layers.{i}.input_layernorm.weight"));
+            with_id(&mut layer.post_attention_layernorm.weight, &format!("model.layers.{i}.post_attention_layernorm.weight"));
+        }
+        with_id(&mut self.norm.weight, "model.norm.weight");
+        for (name, linear) in self.linears_mut() {
+            with_id(&mut linear.weight, &format!("{name}.weight"));
+            if let Some(b) = &mut linear.bias {
+                with_id(b, &format!("{name}.bias"));
+            }
+            if let Some(a) = &mut linear.adapter {
+                with_id(&mut a.a, &format!("{name}.lora_A.weight"));
+                with_id(&mut a.b, &format!("{name}.lora_B.weight"));
+            }
+        }
+    }
+}

@@ -1,10 +1,15 @@
-//! Training and scoring over any burn backend: dataset log-probs today; SFT and the DPO family
-//! build on the same batch path.
+//! Training and scoring over any burn backend: SFT and every preference objective of dipole-loss,
+//! LoRA or full fine-tuning, with TRL's optimisation semantics.
 
-pub mod logps;
-pub mod step;
-
-pub use logps::{BatchTensors, PairLogps, pair_logps};
+pub mod config;
 pub mod grads;
+pub mod logps;
+pub mod precompute;
 pub mod schedule;
-pub use step::{Reference, StepOutput, preference_step};
+pub mod step;
+pub mod trainer;
+
+pub use config::{ReferenceStrategy, Stage, TrainConfig};
+pub use logps::{BatchTensors, PairLogps, pair_logps};
+pub use step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps};
+pub use trainer::{Resume, RunOptions, TrainSummary, train};

@@ -53,10 +53,48 @@ fn host_pairs<B: Backend>(sums: Tensor<B, 1>, b: usize) -> Vec<(f32, f32)> {
     (0..b).map(|i| (v[i], v[b + i])).collect()
 }
 
-/// Runs the objective on one batch. `training` updates stateful objectives.
-pub fn preference_step<B: AutodiffBackend>(
+/// Reference log-probs of a batch under `reference` (no autodiff), `None` for reference-free runs.
+pub fn reference_logps<B: AutodiffBackend>(
     policy: &CausalLm<B>,
     reference: Reference<'_, B>,
+    batch: &PreferenceBatch,
+    ld_alpha: Option<f64>,
+    device: &B::Device,
+) -> Option<Vec<(f32, f32)>> {
+    let b = batch.num_pairs();
+    let run = |model: &CausalLm<B::InnerBackend>| {
+        let t = BatchTensors::<B::InnerBackend>::new(batch, device);
+        let ld = ld_alpha.map(|a| ld_tensor::<B::InnerBackend>(batch, a, device));
+        let (_, s) = batch_logps(model, &t, ld.as_ref());
+        host_pairs(s, b)
+    };
+    match reference {
+        Reference::Precomputed(pairs) => {
+            assert_eq!(pairs.len(), b, "precomputed reference log-probs for {} pairs, batch has {b}", pairs.len());
+            Some(pairs.to_vec())
+        }
+        Reference::Model(model) => Some(run(model)),
+        Reference::Policy(mode) => {
+            let mut frozen = burn::module::AutodiffModule::valid(policy);
+            frozen.set_adapter_mode(mode);
+            Some(run(&frozen))
+        }
+        Reference::None => None,
+    }
+}
+
+/// LD-DPO weights of a batch as a `[2B, T-1]` tensor aligned with per-token log-probs.
+fn ld_tensor<B: Backend>(batch: &PreferenceBatch, alpha: f64, device: &B::Device) -> Tensor<B, 2> {
+    let w = ld_weights(&batch.completion_mask, alpha);
+    let flat: Vec<f32> = w.iter().flat_map(|r| r[1..].to_vec()).collect();
+    Tensor::from_data(TensorData::new(flat, [w.len(), batch.seq_len - 1]), device)
+}
+
+/// The objective and TRL's metrics for `policy` on one batch, given reference log-probs. Works on
+/// any backend: under autodiff the loss carries gradients, elsewhere it is evaluation.
+pub fn objective_on_batch<B: Backend>(
+    policy: &CausalLm<B>,
+    ref_pairs: Option<Vec<(f32, f32)>>,
     batch: &PreferenceBatch,
     config: &ObjectiveConfig,
     state: &mut ObjectiveState,
@@ -65,39 +103,12 @@ pub fn preference_step<B: AutodiffBackend>(
 ) -> StepOutput<B> {
     let b = batch.num_pairs();
     let t = BatchTensors::<B>::new(batch, device);
-    let ld_host = config.ld_alpha.map(|a| ld_weights(&batch.completion_mask, a));
-    let ld_tensor = |rows: &Vec<Vec<f32>>| -> Vec<f32> { rows.iter().flat_map(|r| r[1..].to_vec()).collect() };
-    let shape = [2 * b, batch.seq_len - 1];
-    let ld_policy = ld_host.as_ref().map(|w| Tensor::<B, 2>::from_data(TensorData::new(ld_tensor(w), shape), device));
-
-    let (logits, sums) = batch_logps(policy, &t, ld_policy.as_ref());
+    let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, device));
+    let (logits, sums) = batch_logps(policy, &t, ld.as_ref());
     let stats = token_stats(logits.clone(), t.input_ids.clone(), t.completion_mask.clone());
     let weights = config
         .use_weighting
-        .then(|| wpo_weights(logits.clone(), t.input_ids.clone(), t.completion_mask.clone()));
-
-    let inner_device = device.clone();
-    let ref_pairs: Option<Vec<(f32, f32)>> = match reference {
-        Reference::Precomputed(pairs) => {
-            assert_eq!(pairs.len(), b, "precomputed reference log-probs for {} pairs, batch has {b}", pairs.len());
-            Some(pairs.to_vec())
-        }
-        Reference::Model(model) => {
-            let ti = BatchTensors::<B::InnerBackend>::new(batch, &inner_device);
-            let ld = ld_host.as_ref().map(|w| Tensor::from_data(TensorData::new(ld_tensor(w), shape), &inner_device));
-            let (_, s) = batch_logps(model, &ti, ld.as_ref());
-            Some(host_pairs(s, b))
-        }
-        Reference::Policy(mode) => {
-            let mut frozen = burn::module::AutodiffModule::valid(policy);
-            frozen.set_adapter_mode(mode);
-            let ti = BatchTensors::<B::InnerBackend>::new(batch, &inner_device);
-            let ld = ld_host.as_ref().map(|w| Tensor::from_data(TensorData::new(ld_tensor(w), shape), &inner_device));
-            let (_, s) = batch_logps(&frozen, &ti, ld.as_ref());
-            Some(host_pairs(s, b))
-        }
-        Reference::None => None,
-    };
+        .then(|| wpo_weights(logits, t.input_ids.clone(), t.completion_mask.clone()));
     let lens: Vec<f32> = batch.completion_lengths().iter().map(|&l| l as f32).collect();
     let lens = Tensor::<B, 1>::from_data(TensorData::new(lens, [2 * b]), device);
     let ref_tensor = |f: fn(&(f32, f32)) -> f32| -> Option<Tensor<B, 1>> {
@@ -119,4 +130,18 @@ pub fn preference_step<B: AutodiffBackend>(
         metrics,
         reference_logps: ref_pairs,
     }
+}
+
+/// Reference pass, then the objective on the policy: one training micro-step's forward.
+pub fn preference_step<B: AutodiffBackend>(
+    policy: &CausalLm<B>,
+    reference: Reference<'_, B>,
+    batch: &PreferenceBatch,
+    config: &ObjectiveConfig,
+    state: &mut ObjectiveState,
+    training: bool,
+    device: &B::Device,
+) -> StepOutput<B> {
+    let ref_pairs = reference_logps(policy, reference, batch, config.ld_alpha, device);
+    objective_on_batch(policy, ref_pairs, batch, config, state, training, device)
 }

@@ -1,0 +1,361 @@
+//! A training run, as a TOML file (`configs/*.toml`) with `--set key=value` overrides. Unknown keys
+//! and bad values are errors that name the key and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use dipole_lora::{LoraConfig, LoraInit, TargetModules};
+use dipole_loss::ObjectiveConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::SchedulerKind;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Sft,
+    #[default]
+    Dpo,
+}
+
+/// Where reference log-probs come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReferenceStrategy {
+    /// `adapter-off` with LoRA, `frozen-copy` for full fine-tuning, `none` for reference-free losses.
+    #[default]
+    Auto,
+    /// One pass over the training data before training, cached on disk and reused by later runs.
+    Precompute,
+    /// LoRA: the policy with its adapters disabled (no second copy of the model).
+    AdapterOff,
+    /// Full fine-tuning: a frozen copy of the initial weights.
+    FrozenCopy,
+    /// LoRA from an SFT adapter: base + that adapter, frozen.
+    RefAdapter,
+    /// Reference-free objectives (SimPO-style, `sft`).
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Hugging Face model folder.
+    pub path: PathBuf,
+    /// Which decoder layers stay frozen in full fine-tuning (indices).
+    pub freeze_layers: Vec<usize>,
+    /// Freeze the token embeddings in full fine-tuning.
+    pub freeze_embeddings: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            freeze_layers: Vec::new(),
+            freeze_embeddings: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Training pairs (JSONL; standard or conversational).
+    pub train: PathBuf,
+    /// Held-out pairs; when absent, `eval_fraction` of `train` is held out.
+    pub eval: Option<PathBuf>,
+    pub eval_fraction: f64,
+    pub max_length: usize,
+    /// `keep_start` or `keep_end`.
+    pub truncation: String,
+    pub shuffle: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            eval: None,
+            eval_fraction: 0.0,
+            max_length: 1024,
+            truncation: "keep_start".into(),
+            shuffle: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSection {
+    pub enabled: bool,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names (`["q_proj", "v_proj"]`), `["all-linear"]`, or use `target_regex`.
+    pub target_modules: Vec<String>,
+    pub target_regex: Option<String>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub use_rslora: bool,
+    /// `kaiming` (PEFT's default) or `gaussian`.
+    pub init: String,
+    /// Start from this PEFT adapter instead of a fresh one.
+    pub init_adapter: Option<PathBuf>,
+    /// The frozen reference adapter (`reference = "ref-adapter"`).
+    pub reference_adapter: Option<PathBuf>,
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            target_regex: None,
+            layers_to_transform: None,
+            use_rslora: false,
+            init: "kaiming".into(),
+            init_adapter: None,
+            reference_adapter: None,
+        }
+    }
+}
+
+impl LoraSection {
+    pub fn lora_config(&self, base: &Path) -> Result<LoraConfig, String> {
+        let init = match self.init.as_str() {
+            "kaiming" | "kaiming_uniform" => LoraInit::KaimingUniform,
+            "gaussian" => LoraInit::Gaussian,
+            other => return Err(format!("lora.init = {other:?}: expected \"kaiming\" or \"gaussian\"")),
+        };
+        let config = LoraConfig {
+            r: self.r,
+            lora_alpha: self.alpha,
+            lora_dropout: self.dropout,
+            target_modules: match &self.target_regex {
+                Some(re) => TargetModules::Regex(re.clone()),
+                None => TargetModules::List(self.target_modules.clone()),
+            },
+            layers_to_transform: self.layers_to_transform.clone(),
+            use_rslora: self.use_rslora,
+            init,
+            base_model_name_or_path: Some(base.display().to_string()),
+        };
+        config.validate().map_err(|e| format!("lora: {e}"))?;
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub learning_rate: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub weight_decay: f64,
+    /// Global-norm clipping; `0` disables it.
+    pub max_grad_norm: f64,
+    pub lr_scheduler_type: SchedulerKind,
+    pub warmup_ratio: f64,
+    pub warmup_steps: Option<usize>,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        // transformers' TrainingArguments defaults (TRL's DPOConfig sets lr 1e-6).
+        Self {
+            learning_rate: 1e-6,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            lr_scheduler_type: SchedulerKind::Linear,
+            warmup_ratio: 0.0,
+            warmup_steps: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub stage: Stage,
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub num_train_epochs: f64,
+    /// Overrides epochs when set.
+    pub max_steps: Option<usize>,
+    pub logging_steps: usize,
+    /// 0 evaluates only at the end.
+    pub eval_steps: usize,
+    /// 0 saves only at the end.
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    pub seed: u64,
+    pub output_dir: PathBuf,
+    pub reference: ReferenceStrategy,
+    /// Folder of precomputed reference log-probs (`reference = "precompute"`).
+    pub cache_dir: Option<PathBuf>,
+    /// Skip a step whose loss or gradients are not finite instead of stopping.
+    pub skip_nonfinite: bool,
+    /// Show the progress bar.
+    pub progress: bool,
+    /// Turn LoRA dropout off, as TRL's `disable_dropout` (default on) does for every dropout.
+    pub disable_dropout: bool,
+    /// `cpu`, `wgpu`, `cuda`, ... (read by `cargo xtask`).
+    pub backend: String,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            stage: Stage::Dpo,
+            batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 1.0,
+            max_steps: None,
+            logging_steps: 10,
+            eval_steps: 0,
+            save_steps: 0,
+            save_total_limit: None,
+            seed: 42,
+            output_dir: PathBuf::from("runs/dipole"),
+            reference: ReferenceStrategy::Auto,
+            cache_dir: None,
+            skip_nonfinite: false,
+            progress: true,
+            disable_dropout: true,
+            backend: "cpu".into(),
+        }
+    }
+}
+
+/// The whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub lora: LoraSection,
+    pub objective: ObjectiveConfig,
+    pub optim: OptimSection,
+    pub train: TrainSection,
+}
+
+impl TrainConfig {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        config.validate().map_err(|e| format!("{origin}: {e}"))?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Applies `section.key=value` overrides (the value is TOML: `0.1`, `"cosine"`, `["q_proj"]`;
+    /// a bare word is taken as a string).
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, String> {
+        let mut doc: toml::Table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
+        for item in overrides {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("--set {item:?}: expected section.key=value"))?;
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .map(|t| t["v"].clone())
+                .unwrap_or_else(|_| toml::Value::String(value.to_string()));
+            let mut parts = key.split('.').collect::<Vec<_>>();
+            let last = parts.pop().ok_or_else(|| format!("--set {item:?}: empty key"))?;
+            let mut table = &mut doc;
+            for part in parts {
+                table = table
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| format!("--set {key}: {part} is not a section"))?;
+            }
+            table.insert(last.to_string(), parsed);
+        }
+        let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
+        Self::from_toml(&text, "--set")
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.objective.validate().map_err(|e| format!("objective: {e}"))?;
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err("train.batch_size must be at least 1".into());
+        }
+        if t.gradient_accumulation_steps == 0 {
+            return Err("train.gradient_accumulation_steps must be at least 1".into());
+        }
+        if t.logging_steps == 0 {
+            return Err("train.logging_steps must be at least 1".into());
+        }
+        if !(self.optim.learning_rate >= 0.0) {
+            return Err(format!("optim.learning_rate must be >= 0, got {}", self.optim.learning_rate));
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            return Err(format!("data.eval_fraction must be in [0, 1), got {}", self.data.eval_fraction));
+        }
+        if !["keep_start", "keep_end"].contains(&self.data.truncation.as_str()) {
+            return Err(format!("data.truncation = {:?}: expected \"keep_start\" or \"keep_end\"", self.data.truncation));
+        }
+        let lora = self.lora.enabled;
+        match self.train.reference {
+            ReferenceStrategy::AdapterOff | ReferenceStrategy::RefAdapter if !lora => {
+                return Err(format!("train.reference = {:?} needs lora.enabled = true", self.train.reference));
+            }
+            ReferenceStrategy::RefAdapter if self.lora.reference_adapter.is_none() => {
+                return Err("train.reference = \"ref-adapter\" needs lora.reference_adapter".into());
+            }
+            _ => {}
+        }
+        if lora {
+            self.lora.lora_config(&self.model.path)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = TrainConfig::from_toml("[optim]\nlearning_rat = 1e-5\n", "x.toml").unwrap_err();
+        assert!(err.contains("learning_rat") && err.contains("x.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_enum_value_lists_the_allowed_ones() {
+        let err = TrainConfig::from_toml("[optim]\nlr_scheduler_type = \"cosin\"\n", "x.toml").unwrap_err();
+        assert!(err.contains("cosin") && err.contains("cosine"), "{err}");
+        let err = TrainConfig::from_toml("[objective]\nloss_type = [\"sigmoidd\"]\n", "x.toml").unwrap_err();
+        assert!(err.contains("sigmoidd") && err.contains("hinge"), "{err}");
+    }
+
+    #[test]
+    fn overrides_apply_typed_values() {
+        let c = TrainConfig::default()
+            .with_overrides(&["objective.beta=0.5".into(), "optim.lr_scheduler_type=cosine".into(), "lora.target_modules=[\"q_proj\"]".into()])
+            .unwrap();
+        assert_eq!(c.objective.beta, 0.5);
+        assert_eq!(c.optim.lr_scheduler_type, SchedulerKind::Cosine);
+        assert_eq!(c.lora.target_modules, vec!["q_proj".to_string()]);
+        let err = TrainConfig::default().with_overrides(&["train.batch_size=0".into()]).unwrap_err();
+        assert!(err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn reference_strategy_needs_lora() {
+        let err = TrainConfig::from_toml("[train]\nreference = \"adapter-off\"\n", "x.toml").unwrap_err();
+        assert!(err.contains("lora.enabled"), "{err}");
+    }
+}

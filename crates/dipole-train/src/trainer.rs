@@ -1,0 +1,573 @@
+//! The training loop: SFT or any preference objective, LoRA or full fine-tuning, on any autodiff
+//! backend. One readable function; every step is a plain call (see DESIGN.md, "One DPO step").
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use dipole_data::{LengthOptions, PairInputs, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
+use dipole_lora::AdapterMode;
+use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
+use dipole_models::{CausalLm, ExportDtype};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ReferenceStrategy, Stage, TrainConfig};
+use crate::grads::{accumulate, clip_global_norm};
+use crate::precompute::{ReferenceCache, cache_key};
+use crate::schedule::Schedule;
+use crate::step::{Reference, objective_on_batch, reference_logps};
+
+/// Everything a run needs besides its config.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint folder (or the latest in `output_dir` with `Latest`).
+    pub resume: Option<Resume>,
+    /// Stop (as if killed) after this many optimizer steps; checkpoints are what survives.
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Resume {
+    Latest,
+    Path(PathBuf),
+}
+
+/// What the loop keeps between steps, saved in every checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Micro-batches consumed (the data cursor across epochs).
+    pub batches_seen: usize,
+    pub num_tokens: u64,
+    pub objective: ObjectiveState,
+    pub skipped_steps: usize,
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, Default)]
+pub struct TrainSummary {
+    pub steps: usize,
+    /// Loss of every optimizer step (mean over its micro-batches), in order.
+    pub step_losses: Vec<f64>,
+    /// Pre-clip global gradient norm of every step.
+    pub grad_norms: Vec<f64>,
+    /// One entry per logging step, TRL's names.
+    pub log_history: Vec<BTreeMap<String, f64>>,
+    /// Metrics of the final evaluation (`eval_*`), when there is an eval set.
+    pub final_eval: Option<BTreeMap<String, f64>>,
+    /// Where the final adapter or model was written.
+    pub final_dir: PathBuf,
+}
+
+pub type TrainResult<T> = Result<T, String>;
+
+/// Deterministic batch order: epoch `e` is a seeded permutation of the pairs (or file order).
+pub struct DataOrder {
+    pub num_pairs: usize,
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+}
+
+impl DataOrder {
+    pub fn batches_per_epoch(&self) -> usize {
+        self.num_pairs.div_ceil(self.batch_size)
+    }
+
+    /// Pair indices of micro-batch number `k` counted from the start of training.
+    pub fn batch(&self, k: usize) -> Vec<usize> {
+        let per_epoch = self.batches_per_epoch();
+        let (epoch, within) = (k / per_epoch, k % per_epoch);
+        let mut order: Vec<usize> = (0..self.num_pairs).collect();
+        if self.shuffle {
+            let mut rng = dipole_models::rng::SplitMix64::new(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for i in (1..order.len()).rev() {
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+                order.swap(i, j);
+            }
+        }
+        let start = within * self.batch_size;
+        order[start..(start + self.batch_size).min(self.num_pairs)].to_vec()
+    }
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for m in window {
+        for (k, v) in m {
+            *out.entry(k.clone()).or_insert(0.0) += v / window.len() as f64;
+        }
+    }
+    out
+}
+
+fn reference_free(objective: &ObjectiveConfig) -> bool {
+    objective.loss_type.iter().all(|t| matches!(t, LossType::Sft))
+}
+
+/// The objective a stage trains: SFT is the NLL of the chosen completions.
+fn stage_objective(config: &TrainConfig) -> ObjectiveConfig {
+    match config.train.stage {
+        Stage::Dpo => config.objective.clone(),
+        Stage::Sft => ObjectiveConfig {
+            loss_type: vec![LossType::Sft],
+            loss_weights: Vec::new(),
+            ..config.objective.clone()
+        },
+    }
+}
+
+/// Resolves `auto` and checks the strategy fits the run.
+pub fn resolve_reference(config: &TrainConfig) -> TrainResult<ReferenceStrategy> {
+    let objective = stage_objective(config);
+    Ok(match config.train.reference {
+        ReferenceStrategy::Auto if reference_free(&objective) => ReferenceStrategy::None,
+        ReferenceStrategy::Auto if config.lora.enabled && config.lora.reference_adapter.is_some() => ReferenceStrategy::RefAdapter,
+        ReferenceStrategy::Auto if config.lora.enabled => ReferenceStrategy::AdapterOff,
+        ReferenceStrategy::Auto => ReferenceStrategy::FrozenCopy,
+        ReferenceStrategy::None if !reference_free(&objective) => {
+            return Err(format!(
+                "train.reference = \"none\" but loss_type {:?} needs reference log-probs",
+                objective.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>()
+            ));
+        }
+        other => other,
+    })
+}
+
+/// Builds the policy the config describes, from the base model or from a checkpoint.
+fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Path>, device: &B::Device) -> TrainResult<CausalLm<B>> {
+    let base = &config.model.path;
+    let full_weights = match checkpoint {
+        Some(dir) if !config.lora.enabled => dir.join("model"),
+        _ => base.clone(),
+    };
+    let (mut model, _) = CausalLm::<B>::load(&full_weights, device).map_err(|e| e.to_string())?;
+    if config.lora.enabled {
+        let lora = config.lora.lora_config(base)?;
+        if let Some(dir) = checkpoint {
+            model.load_adapter(&dir.join("adapter")).map_err(|e| e.to_string())?;
+        } else if let Some(init) = &config.lora.init_adapter {
+            model.load_adapter(init).map_err(|e| format!("lora.init_adapter: {e}"))?;
+        } else {
+            model.add_lora(&lora, config.train.seed).map_err(|e| e.to_string())?;
+        }
+        if let Some(reference) = &config.lora.reference_adapter {
+            model.load_reference_adapter(reference).map_err(|e| format!("lora.reference_adapter: {e}"))?;
+        }
+        if config.train.disable_dropout {
+            for (_, l) in model.linears_mut() {
+                if let Some(a) = &mut l.adapter {
+                    a.dropout = 0.0;
+                }
+            }
+        }
+    } else {
+        model.set_embeddings_trainable(!config.model.freeze_embeddings);
+        for &layer in &config.model.freeze_layers {
+            if layer >= model.layers.len() {
+                return Err(format!("model.freeze_layers: layer {layer} does not exist (the model has {})", model.layers.len()));
+            }
+            model.set_layer_trainable(layer, false);
+        }
+    }
+    model.assign_stable_param_ids();
+    Ok(model)
+}
+
+fn checkpoint_dirs(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").exists().then_some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Saves the trainable weights of `policy` into `dir` (PEFT adapter, or an f32 HF folder).
+fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> TrainResult<()> {
+    if config.lora.enabled {
+        let lora = config.lora.lora_config(&config.model.path)?;
+        policy.save_adapter(&dir.join("adapter"), &lora).map_err(|e| e.to_string())
+    } else {
+        policy
+            .save_hf(&dir.join("model"), ExportDtype::F32, usize::MAX, Some(&config.model.path))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs the configured training. Prints a progress bar (when enabled) and writes
+/// `metrics.jsonl`, checkpoints and the final adapter or model under `train.output_dir`.
+pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, device: &B::Device) -> TrainResult<TrainSummary> {
+    config.validate()?;
+    let objective = stage_objective(config);
+    let strategy = resolve_reference(config)?;
+    let out_dir = config.train.output_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+
+    // Data.
+    let tokenizer = Tokenizer::from_dir(&config.model.path).map_err(|e| e.to_string())?;
+    let lengths = LengthOptions {
+        max_length: Some(config.data.max_length),
+        truncation: if config.data.truncation == "keep_end" { TruncationMode::KeepEnd } else { TruncationMode::KeepStart },
+    };
+    let prepared = load_pairs(&config.data.train, &tokenizer, lengths).map_err(|e| e.to_string())?;
+    if !prepared.dropped.is_empty() {
+        eprintln!(
+            "{} of {} training records dropped: prompt alone reaches max_length {} (records {:?})",
+            prepared.dropped.len(),
+            prepared.tokenized.len(),
+            config.data.max_length,
+            prepared.dropped
+        );
+    }
+    let (train_pairs, eval_pairs) = match &config.data.eval {
+        Some(path) => (prepared.pairs, load_pairs(path, &tokenizer, lengths).map_err(|e| e.to_string())?.pairs),
+        None => split_pairs(prepared.pairs, config.data.eval_fraction, config.train.seed),
+    };
+    if train_pairs.is_empty() {
+        return Err(format!("{}: no training pairs left after length filtering", config.data.train.display()));
+    }
+    let pad = tokenizer.pad_id();
+
+    // Resume point.
+    let resume_dir = match &options.resume {
+        None => None,
+        Some(Resume::Path(p)) => Some(p.clone()),
+        Some(Resume::Latest) => checkpoint_dirs(&out_dir).pop().map(|(_, p)| p),
+    };
+    let mut state: TrainerState = match &resume_dir {
+        Some(dir) => {
+            let text = std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| format!("{}: {e}", dir.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}/trainer_state.json: {e}", dir.display()))?
+        }
+        None => TrainerState::default(),
+    };
+
+    // Models.
+    let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
+    let frozen_copy = match strategy {
+        ReferenceStrategy::FrozenCopy => {
+            Some(CausalLm::<B::InnerBackend>::load(&config.model.path, device).map_err(|e| e.to_string())?.0)
+        }
+        _ => None,
+    };
+    // The reference of a precomputed run: the initial policy with adapters off (LoRA) or the base.
+    let precomputed: Option<ReferenceCache> = match strategy {
+        ReferenceStrategy::Precompute => {
+            let key = cache_key(config, &train_pairs, &eval_pairs)?;
+            let dir = config.train.cache_dir.clone().unwrap_or_else(|| out_dir.join("reference-cache"));
+            Some(ReferenceCache::load_or_compute(&dir, &key, || {
+                let initial = build_policy::<B>(config, None, device)?;
+                let mode = if config.lora.reference_adapter.is_some() { AdapterMode::Reference } else { AdapterMode::Disabled };
+                let all: Vec<PairInputs> = train_pairs.iter().chain(&eval_pairs).cloned().collect();
+                let mut values = Vec::with_capacity(all.len());
+                for chunk in all.chunks(config.train.batch_size) {
+                    let batch = PreferenceBatch::new(chunk, pad);
+                    let r = reference_logps(&initial, Reference::Policy(mode), &batch, objective.ld_alpha, device).expect("reference");
+                    values.extend(r);
+                }
+                Ok(values)
+            })?)
+        }
+        _ => None,
+    };
+
+    let order = DataOrder {
+        num_pairs: train_pairs.len(),
+        batch_size: config.train.batch_size,
+        shuffle: config.data.shuffle,
+        seed: config.train.seed,
+    };
+    let accum = config.train.gradient_accumulation_steps;
+    let steps_per_epoch = (order.batches_per_epoch() / accum).max(1);
+    let total_steps = config
+        .train
+        .max_steps
+        .unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+    let schedule = Schedule {
+        kind: config.optim.lr_scheduler_type,
+        peak_lr: config.optim.learning_rate,
+        warmup_steps: Schedule::warmup_from(config.optim.warmup_steps, config.optim.warmup_ratio, total_steps),
+        total_steps,
+    };
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_1(config.optim.adam_beta1 as f32)
+        .with_beta_2(config.optim.adam_beta2 as f32)
+        .with_epsilon(config.optim.adam_epsilon as f32)
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .init::<B, CausalLm<B>>();
+    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+    if let Some(dir) = &resume_dir {
+        let record = recorder
+            .load(dir.join("optimizer"), device)
+            .map_err(|e| format!("{}/optimizer.mpk: {e}", dir.display()))?;
+        optimizer = optimizer.load_record(record);
+        eprintln!("resumed from {} at step {}", dir.display(), state.step);
+    }
+
+    let reference_for = |policy: &CausalLm<B>, batch: &PreferenceBatch, indices: &[usize], eval: bool| -> Option<Vec<(f32, f32)>> {
+        match strategy {
+            ReferenceStrategy::Precompute => {
+                let cache = precomputed.as_ref().expect("computed above");
+                let offset = if eval { train_pairs.len() } else { 0 };
+                Some(indices.iter().map(|&i| cache.values[offset + i]).collect())
+            }
+            ReferenceStrategy::FrozenCopy => reference_logps(policy, Reference::Model(frozen_copy.as_ref().expect("loaded")), batch, objective.ld_alpha, device),
+            ReferenceStrategy::AdapterOff => reference_logps(policy, Reference::Policy(AdapterMode::Disabled), batch, objective.ld_alpha, device),
+            ReferenceStrategy::RefAdapter => reference_logps(policy, Reference::Policy(AdapterMode::Reference), batch, objective.ld_alpha, device),
+            ReferenceStrategy::None => None,
+            ReferenceStrategy::Auto => unreachable!("resolved above"),
+        }
+    };
+
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    let progress = config.train.progress.then(|| {
+        let bar = indicatif::ProgressBar::new(total_steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("template"),
+        );
+        bar.set_position(state.step as u64);
+        bar
+    });
+
+    let mut summary = TrainSummary::default();
+    let mut window: Vec<BTreeMap<String, f64>> = Vec::new();
+    let mut window_losses: Vec<f64> = Vec::new();
+    let mut window_tokens = 0u64;
+    let mut window_start = Instant::now();
+    let mut steps_this_run = 0;
+
+    while state.step < total_steps {
+        if options.stop_after.is_some_and(|n| steps_this_run >= n) {
+            break;
+        }
+        let lr = schedule.lr(state.step);
+        let mut grads: Option<GradientsParams> = None;
+        let mut step_loss = 0.0;
+        let mut step_batches = Vec::new();
+        for _ in 0..accum {
+            let indices = order.batch(state.batches_seen);
+            let pairs: Vec<PairInputs> = indices.iter().map(|&i| train_pairs[i].clone()).collect();
+            let batch = PreferenceBatch::new(&pairs, pad);
+            let ref_pairs = reference_for(&policy, &batch, &indices, false);
+            let out = objective_on_batch(&policy, ref_pairs, &batch, &objective, &mut state.objective, true, device);
+            let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
+            if !loss.is_finite() {
+                let records: Vec<usize> = batch.indices.clone();
+                if config.train.skip_nonfinite {
+                    eprintln!("step {}: loss is {loss} on records {records:?}; step skipped", state.step + 1);
+                    grads = None;
+                    step_batches.clear();
+                    state.batches_seen += 1;
+                    break;
+                }
+                return Err(format!(
+                    "step {} (micro-batch {}): loss is {loss} on records {records:?}; no checkpoint was written for this step",
+                    state.step + 1,
+                    state.batches_seen
+                ));
+            }
+            // Accumulation averages, as PyTorch's loss / accumulation_steps does.
+            let g = GradientsParams::from_grads(out.loss.div_scalar(accum as f64).backward(), &policy);
+            match &mut grads {
+                Some(acc) => accumulate::<B, CausalLm<B>>(&policy, acc, g),
+                None => grads = Some(g),
+            }
+            step_loss += loss / accum as f64;
+            window_tokens += batch.attention_mask.iter().flatten().map(|&m| m as u64).sum::<u64>();
+            window.push(out.metrics);
+            step_batches.push(indices);
+            state.batches_seen += 1;
+        }
+        let Some(mut grads) = grads else {
+            state.skipped_steps += 1;
+            state.step += 1;
+            continue;
+        };
+        let max_norm = (config.optim.max_grad_norm > 0.0).then_some(config.optim.max_grad_norm);
+        let grad_norm = clip_global_norm::<B, CausalLm<B>>(&policy, &mut grads, max_norm);
+        if !grad_norm.is_finite() {
+            if config.train.skip_nonfinite {
+                eprintln!("step {}: gradient norm is {grad_norm}; step skipped", state.step + 1);
+                state.skipped_steps += 1;
+                state.step += 1;
+                continue;
+            }
+            return Err(format!(
+                "step {}: gradient norm is {grad_norm} (batches {step_batches:?}); no checkpoint was written for this step",
+                state.step + 1
+            ));
+        }
+        policy = optimizer.step(lr, policy, grads);
+        state.step += 1;
+        steps_this_run += 1;
+        state.num_tokens += window_tokens;
+        summary.step_losses.push(step_loss);
+        summary.grad_norms.push(grad_norm);
+        window_losses.push(step_loss);
+
+        if state.step % config.train.logging_steps == 0 || state.step == total_steps {
+            let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+            let mut line = mean_metrics(&window);
+            line.insert("loss".into(), window_losses.iter().sum::<f64>() / window_losses.len() as f64);
+            line.insert("grad_norm".into(), grad_norm);
+            line.insert("learning_rate".into(), lr);
+            line.insert("epoch".into(), state.batches_seen as f64 / order.batches_per_epoch() as f64);
+            line.insert("step".into(), state.step as f64);
+            line.insert("num_tokens".into(), state.num_tokens as f64);
+            line.insert("tokens_per_second".into(), window_tokens as f64 / elapsed);
+            if let Some(rss) = peak_rss_mb() {
+                line.insert("peak_rss_mb".into(), rss);
+            }
+            writeln!(metrics_file, "{}", serde_json::to_string(&line).expect("json")).map_err(|e| e.to_string())?;
+            if let Some(bar) = &progress {
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2} {:.0} tok/s",
+                    line["loss"],
+                    line.get("rewards/accuracies").copied().unwrap_or(0.0),
+                    line["tokens_per_second"]
+                ));
+            }
+            summary.log_history.push(line);
+            window.clear();
+            window_losses.clear();
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+        if let Some(bar) = &progress {
+            bar.set_position(state.step as u64);
+        }
+        if config.train.eval_steps > 0 && state.step % config.train.eval_steps == 0 && !eval_pairs.is_empty() {
+            let eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
+        }
+        if config.train.save_steps > 0 && state.step % config.train.save_steps == 0 {
+            save_checkpoint(config, &policy, &optimizer, &state, &recorder)?;
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish();
+    }
+    summary.steps = state.step;
+    if state.step >= total_steps {
+        if !eval_pairs.is_empty() {
+            let eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
+            summary.final_eval = Some(eval);
+        }
+        let final_dir = out_dir.join("final");
+        save_weights(config, &policy, &final_dir)?;
+        summary.final_dir = final_dir;
+    }
+    Ok(summary)
+}
+
+/// Loss and metrics over the eval pairs (no gradients), as `eval_*` keys.
+#[allow(clippy::too_many_arguments)]
+fn evaluate<B: AutodiffBackend>(
+    policy: &CausalLm<B>,
+    pairs: &[PairInputs],
+    pad: u32,
+    config: &TrainConfig,
+    objective: &ObjectiveConfig,
+    objective_state: &ObjectiveState,
+    reference_for: &dyn Fn(&CausalLm<B>, &PreferenceBatch, &[usize], bool) -> Option<Vec<(f32, f32)>>,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let inner = policy.valid();
+    let mut state = objective_state.clone();
+    let mut all = Vec::new();
+    let mut losses = Vec::new();
+    for (k, chunk) in pairs.chunks(config.train.batch_size).enumerate() {
+        let batch = PreferenceBatch::new(chunk, pad);
+        let indices: Vec<usize> = (k * config.train.batch_size..k * config.train.batch_size + chunk.len()).collect();
+        let ref_pairs = reference_for(policy, &batch, &indices, true);
+        let out = objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, device);
+        losses.push(out.loss.into_scalar().elem::<f64>());
+        all.push(out.metrics);
+    }
+    let mut out: BTreeMap<String, f64> = mean_metrics(&all).into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect();
+    out.insert("eval_loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
+    out
+}
+
+/// Holds out `fraction` of the pairs (seeded) for evaluation.
+pub fn split_pairs(pairs: Vec<PairInputs>, fraction: f64, seed: u64) -> (Vec<PairInputs>, Vec<PairInputs>) {
+    if fraction <= 0.0 {
+        return (pairs, Vec::new());
+    }
+    let n_eval = ((pairs.len() as f64) * fraction).round().max(1.0) as usize;
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    let mut rng = dipole_models::rng::SplitMix64::new(seed ^ 0x5EED_E7A1);
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    let eval_set: std::collections::BTreeSet<usize> = order[..n_eval].iter().copied().collect();
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, p) in pairs.into_iter().enumerate() {
+        if eval_set.contains(&i) { eval.push(p) } else { train.push(p) }
+    }
+    (train, eval)
+}
+
+/// Writes `checkpoint-<step>` atomically (temporary folder, then rename) and prunes old ones.
+fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
+    config: &TrainConfig,
+    policy: &CausalLm<B>,
+    optimizer: &O,
+    state: &TrainerState,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
+) -> TrainResult<()> {
+    let out_dir = &config.train.output_dir;
+    let final_dir = out_dir.join(format!("checkpoint-{}", state.step));
+    let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    save_weights(config, policy, &tmp)?;
+    recorder
+        .record(optimizer.to_record(), tmp.join("optimizer"))
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    write_json(&tmp.join("trainer_state.json"), state)?;
+    write_json(&tmp.join("config.json"), config)?;
+    let _ = std::fs::remove_dir_all(&final_dir);
+    std::fs::rename(&tmp, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;
+    if let Some(limit) = config.train.save_total_limit {
+        let dirs = checkpoint_dirs(out_dir);
+        for (_, dir) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    Ok(())
+}

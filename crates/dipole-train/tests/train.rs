@@ -1,0 +1,211 @@
+//! The trainer against TRL's 3-step goldens (full fine-tuning with and without clipping, LoRA from
+//! PEFT's init), exact resume, accumulation, the reference cache, bad configs and NaN handling.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use dipole_train::{ReferenceStrategy, Resume, RunOptions, TrainConfig, train};
+use serde_json::Value;
+
+type AD = Autodiff<Flex>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn goldens() -> PathBuf {
+    fixtures().join("goldens/tiny-llama/standard")
+}
+
+/// TRL's golden setup: tiny-llama, batches 0..2 in dataset order, AdamW lr 1e-3 constant.
+fn golden_config(out: &Path) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.model.path = fixtures().join("tiny-llama");
+    c.data.train = fixtures().join("data/prefs_standard.jsonl");
+    c.data.max_length = 128;
+    c.data.shuffle = false;
+    c.train.batch_size = 4;
+    c.train.max_steps = Some(3);
+    c.train.logging_steps = 1;
+    c.train.output_dir = out.to_path_buf();
+    c.train.progress = false;
+    c.optim.learning_rate = 1e-3;
+    c.optim.lr_scheduler_type = dipole_train::schedule::SchedulerKind::Constant;
+    c.optim.max_grad_norm = 1.0;
+    c
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(goldens().join(name)).unwrap()).unwrap()
+}
+
+fn assert_steps_match(summary: &dipole_train::TrainSummary, golden: &Value) {
+    let losses: Vec<f64> = golden["step_losses_exact"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(summary.step_losses.len(), losses.len(), "steps run");
+    assert_eq!(summary.grad_norms.len(), losses.len(), "grad norms logged");
+    for (k, (got, want)) in summary.step_losses.iter().zip(&losses).enumerate() {
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-2), "step {k}: loss {got} vs {want}");
+    }
+    for (k, (got, entry)) in summary.grad_norms.iter().zip(golden["log_history"].as_array().unwrap()).enumerate() {
+        let want = entry["grad_norm"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-4 * want, "step {k}: grad_norm {got} vs {want}");
+    }
+}
+
+fn assert_tensors_close(got: &Path, want: &Path, names: impl Fn(&str) -> String) {
+    let read = |path: &Path| -> Vec<(String, Vec<f32>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (ours, theirs) = (read(got), read(want));
+    assert_eq!(ours.len(), theirs.len(), "tensor count");
+    for (name, values) in &theirs {
+        let key = names(name);
+        let (_, mine) = ours.iter().find(|(n, _)| *n == key).unwrap_or_else(|| panic!("{key} missing"));
+        let worst = mine.iter().zip(values).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{name}: differs from TRL by {worst}");
+    }
+}
+
+#[test]
+fn full_finetune_with_clipping_matches_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = train::<AD>(&golden_config(dir.path()), &RunOptions::default(), &Default::default()).unwrap();
+    assert_steps_match(&summary, &golden("train_full_clip1.json"));
+    assert_tensors_close(&summary.final_dir.join("model/model.safetensors"), &goldens().join("full_after3/model.safetensors"), |n| n.to_string());
+    // logged metrics carry TRL's names
+    let first = &summary.log_history[0];
+    for key in ["loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/accuracies", "logps/chosen", "entropy", "num_tokens"] {
+        assert!(first.contains_key(key), "{key} not logged");
+    }
+    let want_tokens = golden("train_full_clip1.json")["log_history"][0]["num_tokens"].as_f64().unwrap();
+    assert_eq!(first["num_tokens"], want_tokens);
+    assert!(dir.path().join("metrics.jsonl").exists());
+}
+
+#[test]
+fn full_finetune_without_clipping_matches_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.optim.max_grad_norm = 0.0;
+    let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert_steps_match(&summary, &golden("train_full_noclip.json"));
+}
+
+#[test]
+fn lora_from_peft_init_matches_trl() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.lora.enabled = true;
+    config.lora.init_adapter = Some(goldens().join("lora_init"));
+    let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert_steps_match(&summary, &golden("train_lora.json"));
+    assert_tensors_close(
+        &summary.final_dir.join("adapter/adapter_model.safetensors"),
+        &goldens().join("lora_after3/adapter_model.safetensors"),
+        |n| n.to_string(),
+    );
+}
+
+fn final_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("final/model/model.safetensors")).unwrap()
+}
+
+#[test]
+fn resumed_run_is_bit_identical() {
+    let full = tempfile::tempdir().unwrap();
+    let mut config = golden_config(full.path());
+    config.train.max_steps = Some(4);
+    config.data.shuffle = true;
+    config.optim.lr_scheduler_type = dipole_train::schedule::SchedulerKind::Cosine;
+    config.optim.warmup_steps = Some(1);
+    train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+
+    let parts = tempfile::tempdir().unwrap();
+    let mut config2 = config.clone();
+    config2.train.output_dir = parts.path().to_path_buf();
+    config2.train.save_steps = 2;
+    let first = train::<AD>(&config2, &RunOptions { stop_after: Some(2), ..Default::default() }, &Default::default()).unwrap();
+    assert_eq!(first.steps, 2);
+    assert!(parts.path().join("checkpoint-2/trainer_state.json").exists());
+    train::<AD>(&config2, &RunOptions { resume: Some(Resume::Latest), ..Default::default() }, &Default::default()).unwrap();
+    assert!(final_bytes(full.path()) == final_bytes(parts.path()), "resumed weights differ from the uninterrupted run");
+}
+
+#[test]
+fn accumulation_equals_a_larger_batch() {
+    let a = tempfile::tempdir().unwrap();
+    let mut big = golden_config(a.path());
+    big.train.max_steps = Some(2);
+    let big_run = train::<AD>(&big, &RunOptions::default(), &Default::default()).unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let mut small = big.clone();
+    small.train.output_dir = b.path().to_path_buf();
+    small.train.batch_size = 2;
+    small.train.gradient_accumulation_steps = 2;
+    let small_run = train::<AD>(&small, &RunOptions::default(), &Default::default()).unwrap();
+    for (x, y) in big_run.step_losses.iter().zip(&small_run.step_losses) {
+        assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    }
+    for (x, y) in big_run.grad_norms.iter().zip(&small_run.grad_norms) {
+        assert!((x - y).abs() < 1e-5 * x, "grad norm {x} vs {y}");
+    }
+}
+
+#[test]
+fn precomputed_reference_gives_the_same_losses_and_is_reused() {
+    let a = tempfile::tempdir().unwrap();
+    let mut config = golden_config(a.path());
+    config.lora.enabled = true;
+    config.lora.init_adapter = Some(goldens().join("lora_init"));
+    let live = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+
+    let cache = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    config.train.output_dir = b.path().to_path_buf();
+    config.train.reference = ReferenceStrategy::Precompute;
+    config.train.cache_dir = Some(cache.path().to_path_buf());
+    let pre = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    for (x, y) in live.step_losses.iter().zip(&pre.step_losses) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    let files: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "one cache file");
+    let stamp = files[0].metadata().unwrap().modified().unwrap();
+    let c = tempfile::tempdir().unwrap();
+    config.train.output_dir = c.path().to_path_buf();
+    let again = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert_eq!(again.step_losses, pre.step_losses);
+    assert_eq!(files[0].metadata().unwrap().modified().unwrap(), stamp, "the cache was reused, not rewritten");
+}
+
+#[test]
+fn nan_loss_stops_with_the_step_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.optim.learning_rate = 1e30; // the first update destroys the weights
+    config.train.save_steps = 1;
+    let err = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap_err();
+    assert!(err.contains("step") && err.contains("records"), "{err}");
+    assert!(err.contains("NaN") || err.contains("inf"), "{err}");
+    // the poisoned step wrote no checkpoint; the one before it is intact
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("checkpoint-")).collect();
+    assert_eq!(checkpoints, vec!["checkpoint-1".to_string()], "{checkpoints:?}");
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let err = TrainConfig::from_toml("[train]\nbatch_size = 0\n", "run.toml").unwrap_err();
+    assert!(err.contains("train.batch_size"), "{err}");
+    let err = TrainConfig::from_toml("[lora]\nenabled = true\ndropout = 2.0\n", "run.toml").unwrap_err();
+    assert!(err.contains("lora_dropout"), "{err}");
+    let err = TrainConfig::from_toml("[objective]\nbeta = -1.0\n", "run.toml").unwrap_err();
+    assert!(err.contains("beta"), "{err}");
+}
