@@ -3,6 +3,8 @@
 mod backend;
 mod export;
 mod logps;
+mod score;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,11 +22,20 @@ enum Command {
     Logps(logps::LogpsArgs),
     /// Merge a PEFT LoRA adapter into its base model and write a Hugging Face model folder.
     Export(export::ExportArgs),
+    /// Train (SFT or DPO-family, LoRA or full) from a TOML config.
+    Train(train::TrainArgs),
+    /// `train` with `train.stage = "sft"`.
+    Sft(train::TrainArgs),
+    /// Objectives and TRL's metrics over a preference file, batch by batch (JSON).
+    Score(score::ScoreArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Logps(args) => logps::run(args),
         Command::Export(args) => export::run(args),
+        Command::Train(args) => train::run(args, None),
+        Command::Sft(args) => train::run(args, Some(dipole_train::Stage::Sft)),
+        Command::Score(args) => score::run(args),
     }
 }

@@ -1,0 +1,120 @@
+//! `cargo xtask score`: run objectives over a preference file in dataset order and write each batch's
+//! loss and TRL-named metrics plus each pair's log-probs (JSON). Flags and output are stable.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::Backend;
+use clap::Args;
+use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
+use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
+use dipole_models::CausalLm;
+use dipole_train::{objective_on_batch, pair_logps};
+
+use crate::backend::BackendKind;
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Policy model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter to apply to the policy.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Reference model folder (default: the policy without its adapter, or none for reference-free losses).
+    #[arg(long = "ref")]
+    pub reference: Option<PathBuf>,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// One or more loss types, comma separated (TRL's names).
+    #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
+    pub loss: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub loss_weights: Vec<f64>,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[arg(long)]
+    pub ld_alpha: Option<f64>,
+    #[arg(long)]
+    pub use_weighting: bool,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    crate::with_backend!(args.backend, run_on(&args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
+    let loss_type = args.loss.iter().map(|l| LossType::parse(l)).collect::<Result<Vec<_>, _>>().map_err(|e| anyhow!("--loss: {e}"))?;
+    let config = ObjectiveConfig {
+        loss_type,
+        loss_weights: args.loss_weights.clone(),
+        beta: args.beta,
+        label_smoothing: args.label_smoothing,
+        ld_alpha: args.ld_alpha,
+        use_weighting: args.use_weighting,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| anyhow!("{e}"))?;
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart };
+    let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
+    let (mut policy, _) = CausalLm::<B>::load(&args.model, device)?;
+    if let Some(adapter) = &args.adapter {
+        policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
+    }
+    let reference_free = config.loss_type.iter().all(|t| *t == LossType::Sft);
+    let reference: Option<CausalLm<B>> = match (&args.reference, &args.adapter) {
+        (Some(dir), _) => Some(CausalLm::<B>::load(dir, device)?.0),
+        (None, Some(_)) => {
+            let mut base = policy.clone();
+            base.set_adapter_mode(dipole_lora::AdapterMode::Disabled);
+            Some(base)
+        }
+        (None, None) if reference_free => None,
+        (None, None) => return Err(anyhow!("--ref is required for loss types that compare with a reference")),
+    };
+    let pad = tokenizer.pad_id();
+    let ld = config.ld_alpha;
+    let mut state = ObjectiveState::default();
+    let mut batches = Vec::new();
+    let mut examples = Vec::new();
+    for chunk in prepared.pairs.chunks(args.batch_size) {
+        let batch = PreferenceBatch::new(chunk, pad);
+        let ref_pairs = reference.as_ref().map(|r| {
+            let lp = pair_logps(r, chunk, chunk.len(), pad, device);
+            lp.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect::<Vec<_>>()
+        });
+        if ld.is_some() && ref_pairs.is_some() {
+            return Err(anyhow!("--ld-alpha with a reference is computed by the trainer; score supports it reference-free only"));
+        }
+        let policy_lp = pair_logps(&policy, chunk, chunk.len(), pad, device);
+        let out = objective_on_batch(&policy, ref_pairs.clone(), &batch, &config, &mut state, false, device);
+        let loss: f64 = out.loss.into_scalar().elem::<f64>();
+        batches.push(serde_json::json!({"indices": batch.indices, "loss": loss, "metrics": out.metrics}));
+        for (k, p) in policy_lp.iter().enumerate() {
+            let (rc, rr) = ref_pairs.as_ref().map(|r| (Some(r[k].0), Some(r[k].1))).unwrap_or((None, None));
+            examples.push(serde_json::json!({
+                "index": p.index,
+                "policy_chosen_logps": p.chosen,
+                "policy_rejected_logps": p.rejected,
+                "ref_chosen_logps": rc,
+                "ref_rejected_logps": rr,
+            }));
+        }
+    }
+    let out = serde_json::json!({"batches": batches, "examples": examples, "dropped_indices": prepared.dropped});
+    std::fs::write(&args.out, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("scored {} pairs in {} batches; wrote {}", examples.len(), batches.len(), args.out.display());
+    Ok(())
+}
