@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: dipole's command line.
 
 mod backend;
+mod data;
 mod export;
 mod logps;
 mod score;
@@ -28,6 +29,9 @@ enum Command {
     Sft(train::TrainArgs),
     /// Objectives and TRL's metrics over a preference file, batch by batch (JSON).
     Score(score::ScoreArgs),
+    /// Check, describe, convert and build preference datasets.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 fn main() -> Result<()> {
@@ -37,5 +41,6 @@ fn main() -> Result<()> {
         Command::Train(args) => train::run(args, None),
         Command::Sft(args) => train::run(args, Some(dipole_train::Stage::Sft)),
         Command::Score(args) => score::run(args),
+        Command::Data(command) => data::run(command),
     }
 }

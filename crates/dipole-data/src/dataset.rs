@@ -1,10 +1,11 @@
-//! A preference file turned into model-ready pairs, with what TRL's length rules removed.
+//! A preference dataset turned into model-ready pairs, with what validation skipped and what TRL's
+//! length rules removed, both counted and reported.
 
 use std::path::Path;
 
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
-use crate::record::{PreferenceRecord, read_jsonl};
+use crate::record::{PreferenceRecord, ReadOptions, read_preferences};
 use crate::tokenize::{PairInputs, TokenizedPair, TruncationMode, prepare_pair, tokenize_pair};
 use crate::tokenizer::Tokenizer;
 
@@ -25,34 +26,53 @@ impl Default for LengthOptions {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PreparedPairs {
-    /// Every record's tokens, in file order.
+    /// Every valid record's tokens, in dataset order (`tokenized[i].index == i`).
     pub tokenized: Vec<TokenizedPair>,
-    /// The pairs kept, truncated, in file order.
+    /// The pairs kept, truncated, in dataset order.
     pub pairs: Vec<PairInputs>,
     /// Record indices removed because the prompt alone reaches `max_length`.
     pub dropped: Vec<usize>,
+    /// Rows skipped as invalid (only with `skip_invalid`), each with file, location and reason.
+    pub skipped: Vec<DataError>,
+    /// Pairs whose prompt + completion was cut to `max_length`.
+    pub truncated: usize,
 }
 
-/// Tokenises and length-filters records; a record that cannot be tokenised is an error naming its line.
+/// Tokenises and length-filters records. A record that cannot be tokenised is an error naming its
+/// file and line, or, with `skip_invalid`, a reported skip.
 pub fn prepare_records(
-    path: &Path,
     records: &[PreferenceRecord],
     tokenizer: &Tokenizer,
     lengths: LengthOptions,
+    skip_invalid: bool,
 ) -> Result<PreparedPairs> {
     let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| DataError::at(&tokenizer.dir, None, e))?;
-    let mut out = PreparedPairs {
-        tokenized: Vec::with_capacity(records.len()),
-        pairs: Vec::with_capacity(records.len()),
-        dropped: Vec::new(),
-    };
+    let mut out = PreparedPairs::default();
     for record in records {
-        let pair = tokenize_pair(tokenizer, template.as_ref(), record)
-            .map_err(|reason| DataError::at(path, Some(record.line), reason))?;
+        let pair = match tokenize_pair(tokenizer, template.as_ref(), record) {
+            Ok(mut pair) => {
+                pair.index = out.tokenized.len();
+                pair
+            }
+            Err(reason) => {
+                let err = DataError::located(&record.path, Some(record.location), reason);
+                if skip_invalid {
+                    out.skipped.push(err);
+                    continue;
+                }
+                return Err(err);
+            }
+        };
         match prepare_pair(&pair, lengths.max_length, lengths.truncation) {
-            Some(inputs) => out.pairs.push(inputs),
+            Some(inputs) => {
+                let full = pair.prompt_ids.len() + pair.chosen_ids.len().max(pair.rejected_ids.len());
+                if lengths.max_length.is_some_and(|m| full > m) {
+                    out.truncated += 1;
+                }
+                out.pairs.push(inputs)
+            }
             None => out.dropped.push(pair.index),
         }
         out.tokenized.push(pair);
@@ -60,8 +80,18 @@ pub fn prepare_records(
     Ok(out)
 }
 
-/// Reads a JSONL preference file and prepares it.
+/// Reads a preference dataset (JSONL, JSON, Parquet, or a folder of them) and prepares it; the first
+/// bad row is an error naming its file and line.
 pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, lengths: LengthOptions) -> Result<PreparedPairs> {
-    let records = read_jsonl(path)?;
-    prepare_records(path, &records, tokenizer, lengths)
+    load_pairs_with(path, tokenizer, lengths, ReadOptions::default())
+}
+
+/// [`load_pairs`] with read options (format, `skip_invalid`).
+pub fn load_pairs_with(path: &Path, tokenizer: &Tokenizer, lengths: LengthOptions, options: ReadOptions) -> Result<PreparedPairs> {
+    let (records, skipped) = read_preferences(path, options)?;
+    let mut prepared = prepare_records(&records, tokenizer, lengths, options.skip_invalid)?;
+    let mut all = skipped;
+    all.append(&mut prepared.skipped);
+    prepared.skipped = all;
+    Ok(prepared)
 }

@@ -69,6 +69,8 @@ pub struct DataSection {
     /// `keep_start` or `keep_end`.
     pub truncation: String,
     pub shuffle: bool,
+    /// Skip invalid rows (each reported) instead of stopping at the first.
+    pub skip_invalid: bool,
 }
 
 impl Default for DataSection {
@@ -80,6 +82,7 @@ impl Default for DataSection {
             max_length: 1024,
             truncation: "keep_start".into(),
             shuffle: true,
+            skip_invalid: false,
         }
     }
 }

@@ -11,7 +11,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use dipole_data::{LengthOptions, PairInputs, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
+use dipole_data::{LengthOptions, PairInputs, PreferenceBatch, ReadOptions, Tokenizer, TruncationMode, load_pairs_with};
 use dipole_lora::AdapterMode;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, ExportDtype};
@@ -236,7 +236,14 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         max_length: Some(config.data.max_length),
         truncation: if config.data.truncation == "keep_end" { TruncationMode::KeepEnd } else { TruncationMode::KeepStart },
     };
-    let prepared = load_pairs(&config.data.train, &tokenizer, lengths).map_err(|e| e.to_string())?;
+    let read = ReadOptions { format: None, skip_invalid: config.data.skip_invalid };
+    let prepared = load_pairs_with(&config.data.train, &tokenizer, lengths, read).map_err(|e| e.to_string())?;
+    if !prepared.skipped.is_empty() {
+        eprintln!("{} invalid training rows skipped:", prepared.skipped.len());
+        for e in &prepared.skipped {
+            eprintln!("  {e}");
+        }
+    }
     if !prepared.dropped.is_empty() {
         eprintln!(
             "{} of {} training records dropped: prompt alone reaches max_length {} (records {:?})",
@@ -247,7 +254,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         );
     }
     let (train_pairs, eval_pairs) = match &config.data.eval {
-        Some(path) => (prepared.pairs, load_pairs(path, &tokenizer, lengths).map_err(|e| e.to_string())?.pairs),
+        Some(path) => (prepared.pairs, load_pairs_with(path, &tokenizer, lengths, read).map_err(|e| e.to_string())?.pairs),
         None => split_pairs(prepared.pairs, config.data.eval_fraction, config.train.seed),
     };
     if train_pairs.is_empty() {
