@@ -73,7 +73,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
     if let Some(adapter) = &args.adapter {
         policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
     }
-    let reference_free = config.loss_type.iter().all(|t| *t == LossType::Sft);
+    let reference_free = config.reference_free();
     let reference: Option<CausalLm<B>> = match (&args.reference, &args.adapter) {
         (Some(dir), _) => Some(CausalLm::<B>::load(dir, device)?.0),
         (None, Some(_)) => {

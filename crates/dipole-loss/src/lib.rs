@@ -8,5 +8,5 @@ pub mod token_stats;
 
 pub use objectives::{FDivergence, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, preference_loss};
 pub use metrics::preference_metrics;
-pub use logps::{SequenceLogps, ld_weights, sequence_logps, wpo_weights};
-pub use token_stats::{TokenStats, token_stats};
+pub use logps::{SequenceLogps, ld_weights, prediction_window, sequence_logps, sequence_logps_window, token_logps, wpo_weights, wpo_weights_aligned};
+pub use token_stats::{TokenStats, token_stats, token_stats_aligned};

@@ -15,8 +15,52 @@ pub struct SequenceLogps<B: Backend> {
     pub mask: Tensor<B, 2>,
 }
 
+/// `log p(label)` per position from `logits` `[rows, L, vocab]` and `labels` `[rows, L]`, as
+/// `logit[label] − logsumexp(logits)` with a detached max shift. Under autodiff this keeps one
+/// `[rows, L, vocab]` intermediate (the `exp`) instead of the several of a full log-softmax.
+pub fn token_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    let max = logits.clone().detach().max_dim(2);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(2).log() + max;
+    let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
+    (picked - lse).squeeze_dim::<2>(2)
+}
+
+/// The positions that can hold a completion token: from the first completion token of any row to
+/// the end. Log-probs need logits only there, so the `lm_head` and the vocabulary-sized tensors skip
+/// the shared prompt part. Returns `start` such that predictions `start..T-1` cover every scored
+/// token (prediction `t` scores token `t + 1`).
+pub fn prediction_window(completion_mask: &[Vec<u8>]) -> usize {
+    completion_mask
+        .iter()
+        .filter_map(|row| row.iter().position(|&m| m == 1))
+        .min()
+        .map(|first| first.saturating_sub(1))
+        .unwrap_or(0)
+}
+
+/// Per-sequence log-probs from logits of the predictions `start..T-1` only (`logits` is
+/// `[rows, T-1-start, vocab]`); `input_ids` and `completion_mask` are the full `[rows, T]`.
+pub fn sequence_logps_window<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    completion_mask: Tensor<B, 2>,
+    start: usize,
+) -> SequenceLogps<B> {
+    let [rows, len] = input_ids.dims();
+    let width = len - 1 - start;
+    assert_eq!(logits.dims()[..2], [rows, width], "logits must cover predictions {start}..{}", len - 1);
+    let labels = input_ids.slice([0..rows, start + 1..len]);
+    let mask = completion_mask.slice([0..rows, start + 1..len]);
+    let per_token = token_logps(logits, labels) * mask.clone();
+    SequenceLogps {
+        sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
+        per_token,
+        mask,
+    }
+}
+
 /// `logits` `[rows, T, vocab]`, `input_ids` `[rows, T]`, `completion_mask` `[rows, T]` (1 where the
-/// token is scored). The token at position `t` is scored by the log-softmax at position `t - 1`.
+/// token is scored). The token at position `t` is scored by the logits at position `t - 1`.
 pub fn sequence_logps<B: Backend>(
     logits: Tensor<B, 3>,
     input_ids: Tensor<B, 2, Int>,
@@ -25,16 +69,7 @@ pub fn sequence_logps<B: Backend>(
     let [rows, len, vocab] = logits.dims();
     assert_eq!(input_ids.dims(), [rows, len], "input_ids must be [rows, T] like the logits");
     assert_eq!(completion_mask.dims(), [rows, len], "completion_mask must be [rows, T] like the logits");
-    let logits = logits.slice([0..rows, 0..len - 1, 0..vocab]);
-    let labels = input_ids.slice([0..rows, 1..len]);
-    let mask = completion_mask.slice([0..rows, 1..len]);
-    let logp = log_softmax(logits, 2).gather(2, labels.unsqueeze_dim::<3>(2));
-    let per_token = logp.squeeze_dim::<2>(2) * mask.clone();
-    SequenceLogps {
-        sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
-        per_token,
-        mask,
-    }
+    sequence_logps_window(logits.slice([0..rows, 0..len - 1, 0..vocab]), input_ids, completion_mask, 0)
 }
 
 /// LD-DPO (Liu et al. 2024, arXiv:2409.06411) per-token weights: 1 for the first
@@ -71,9 +106,16 @@ pub fn wpo_weights<B: Backend>(
     completion_mask: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
     let [rows, len, vocab] = logits.dims();
-    let logits = logits.detach().slice([0..rows, 0..len - 1, 0..vocab]);
+    let logits = logits.slice([0..rows, 0..len - 1, 0..vocab]);
     let labels = input_ids.slice([0..rows, 1..len]);
-    let mask = completion_mask.detach().slice([0..rows, 1..len]);
+    let mask = completion_mask.slice([0..rows, 1..len]);
+    wpo_weights_aligned(logits, labels, mask)
+}
+
+/// [`wpo_weights`] on predictions already aligned with their labels and mask (`[rows, L, ..]`).
+pub fn wpo_weights_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [rows, _, _] = logits.dims();
+    let (logits, mask) = (logits.detach(), mask.detach());
     let logp = log_softmax(logits, 2);
     let token = logp.clone().gather(2, labels.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
     // log Σ_v p(v)² = logsumexp(2 log p)

@@ -32,6 +32,9 @@ pub fn preference_metrics<B: Backend>(
     m.insert("rewards/margins".to_string(), mean(&margins));
     m.insert("logps/chosen".to_string(), mean(&host(inputs.chosen_logps.clone())));
     m.insert("logps/rejected".to_string(), mean(&host(inputs.rejected_logps.clone())));
+    for (k, v) in &output.extra {
+        m.insert(k.clone(), *v);
+    }
     if let Some(t) = tokens {
         m.insert("logits/chosen".to_string(), t.logits_chosen);
         m.insert("logits/rejected".to_string(), t.logits_rejected);

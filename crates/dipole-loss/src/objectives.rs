@@ -42,10 +42,19 @@ pub enum LossType {
     SigmoidNorm,
     /// The original KTO-pair loss (removed from TRL in 0.9.6), kept for users of the seed list.
     KtoPair,
+    /// SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free: -log σ(β(avg_w − avg_l) − γ)
+    /// on length-averaged log-probs, margin γ = `simpo_gamma`.
+    Simpo,
+    /// CPO (Xu et al. 2024, arXiv:2401.08417), reference-free: -log σ(β(logp_w − logp_l)) plus
+    /// `cpo_alpha` × the chosen NLL.
+    Cpo,
+    /// ORPO (Hong et al. 2024, arXiv:2403.07691), reference-free: chosen NLL − β·log σ(log-odds ratio)
+    /// on length-averaged log-probs.
+    Orpo,
 }
 
 impl LossType {
-    pub const ALL: [LossType; 16] = [
+    pub const ALL: [LossType; 19] = [
         LossType::Sigmoid,
         LossType::Hinge,
         LossType::Ipo,
@@ -62,6 +71,9 @@ impl LossType {
         LossType::Sft,
         LossType::SigmoidNorm,
         LossType::KtoPair,
+        LossType::Simpo,
+        LossType::Cpo,
+        LossType::Orpo,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,7 +94,15 @@ impl LossType {
             LossType::Sft => "sft",
             LossType::SigmoidNorm => "sigmoid_norm",
             LossType::KtoPair => "kto_pair",
+            LossType::Simpo => "simpo",
+            LossType::Cpo => "cpo",
+            LossType::Orpo => "orpo",
         }
+    }
+
+    /// Objectives that compare the policy with itself only (no reference log-probs needed).
+    pub fn reference_free(self) -> bool {
+        matches!(self, LossType::Sft | LossType::Simpo | LossType::Cpo | LossType::Orpo)
     }
 
     pub fn parse(s: &str) -> Result<Self, String> {
@@ -122,6 +142,10 @@ pub struct ObjectiveConfig {
     pub discopop_tau: f64,
     /// RPO: add `rpo_alpha` × the chosen completions' NLL.
     pub rpo_alpha: Option<f64>,
+    /// SimPO's target margin γ.
+    pub simpo_gamma: f64,
+    /// CPO's weight of the chosen NLL.
+    pub cpo_alpha: f64,
 }
 
 impl Default for ObjectiveConfig {
@@ -137,6 +161,8 @@ impl Default for ObjectiveConfig {
             ld_alpha: None,
             discopop_tau: 0.05,
             rpo_alpha: None,
+            simpo_gamma: 0.5,
+            cpo_alpha: 1.0,
         }
     }
 }
@@ -165,6 +191,11 @@ impl ObjectiveConfig {
             }
         }
         Ok(())
+    }
+
+    /// True when no loss type needs reference log-probs.
+    pub fn reference_free(&self) -> bool {
+        self.loss_type.iter().all(|t| t.reference_free())
     }
 
     fn weight(&self, i: usize) -> f64 {
@@ -199,9 +230,11 @@ pub struct ObjectiveState {
 pub struct ObjectiveOutput<B: Backend> {
     /// Scalar `[1]`.
     pub loss: Tensor<B, 1>,
-    /// `β·(logp - ref_logp)` per pair, detached.
+    /// `β·(logp - ref_logp)` per pair, detached (`β·avg logp` for SimPO/ORPO, as TRL's CPO/ORPO log).
     pub chosen_rewards: Tensor<B, 1>,
     pub rejected_rewards: Tensor<B, 1>,
+    /// Objective-specific metrics (ORPO's `log_odds_ratio`, `log_odds_chosen`, `nll_loss`).
+    pub extra: Vec<(String, f64)>,
 }
 
 /// softplus(x) = log(1 + eˣ) = -log σ(-x), via the stable log-sigmoid.
@@ -262,6 +295,11 @@ pub fn preference_loss<B: Backend>(
     };
 
     let (lc, lr) = (inputs.chosen_lengths.clone(), inputs.rejected_lengths.clone());
+    let avg_c = pc.clone() / lc.clone().clamp_min(1.0);
+    let avg_r = pr.clone() / lr.clone().clamp_min(1.0);
+    // token-mean NLL of the chosen completions over the batch
+    let chosen_nll = || pc.clone().sum().neg() / lc.clone().sum().clamp_min(1.0);
+    let mut extra = Vec::new();
     let mut loss = Tensor::<B, 1>::zeros([1], &pc.device());
     for (i, &kind) in config.loss_type.iter().enumerate() {
         let per_pair = match kind {
@@ -335,6 +373,27 @@ pub fn preference_loss<B: Backend>(
                 log_sigmoid(d.mul_scalar(beta)).neg()
             }
             LossType::KtoPair => kto_pair(chosen_logratios.clone(), rejected_logratios.clone(), beta),
+            LossType::Simpo => {
+                let logits = (avg_c.clone() - avg_r.clone()).sub_scalar(config.simpo_gamma / beta);
+                log_sigmoid(logits.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(logits.mul_scalar(-beta)).mul_scalar(ls)
+            }
+            LossType::Cpo => {
+                let logits = pc.clone() - pr.clone();
+                let pref = log_sigmoid(logits.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(logits.mul_scalar(-beta)).mul_scalar(ls);
+                pref + chosen_nll().mul_scalar(config.cpo_alpha).expand([pc.dims()[0]])
+            }
+            LossType::Orpo => {
+                // log odds(p) = log p - log(1 - p), p the length-averaged sequence probability
+                let log1m = |x: Tensor<B, 1>| x.exp().neg().add_scalar(1.0).clamp_min(1e-30).log();
+                let log_odds = (avg_c.clone() - avg_r.clone()) - (log1m(avg_c.clone()) - log1m(avg_r.clone()));
+                let ratio = log_sigmoid(log_odds.clone());
+                let nll = chosen_nll();
+                let scalar = |t: Tensor<B, 1>| -> f64 { t.detach().mean().into_scalar().elem_f64() };
+                extra.push(("log_odds_ratio".to_string(), scalar(ratio.clone())));
+                extra.push(("log_odds_chosen".to_string(), scalar(log_odds)));
+                extra.push(("nll_loss".to_string(), scalar(nll.clone())));
+                nll.expand([pc.dims()[0]]) - ratio.mul_scalar(beta)
+            }
         };
         let per_pair = match (&inputs.weights, config.use_weighting) {
             (Some(w), true) => per_pair * w.clone().detach(),
@@ -347,10 +406,13 @@ pub fn preference_loss<B: Backend>(
         let nll = (pc.clone().neg() / lc.clone().clamp_min(1.0)).mean();
         loss = loss + nll.mul_scalar(alpha);
     }
+    let averaged = matches!(config.loss_type.first(), Some(LossType::Simpo | LossType::Orpo));
+    let (rc, rr) = if averaged { (avg_c, avg_r) } else { (chosen_logratios, rejected_logratios) };
     ObjectiveOutput {
         loss,
-        chosen_rewards: chosen_logratios.mul_scalar(beta).detach(),
-        rejected_rewards: rejected_logratios.mul_scalar(beta).detach(),
+        chosen_rewards: rc.mul_scalar(beta).detach(),
+        rejected_rewards: rr.mul_scalar(beta).detach(),
+        extra,
     }
 }
 
@@ -372,5 +434,76 @@ trait ElemF64 {
 impl<E: burn::tensor::ElementConversion> ElemF64 for E {
     fn elem_f64(self) -> f64 {
         self.elem::<f64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    fn t(v: &[f32]) -> Tensor<Flex, 1> {
+        Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), &Default::default())
+    }
+
+    fn inputs(pc: &[f32], pr: &[f32], lc: &[f32], lr: &[f32]) -> PairInputs<Flex> {
+        PairInputs {
+            chosen_logps: t(pc),
+            rejected_logps: t(pr),
+            ref_chosen_logps: None,
+            ref_rejected_logps: None,
+            chosen_lengths: t(lc),
+            rejected_lengths: t(lr),
+            weights: None,
+        }
+    }
+
+    fn run(kind: LossType, i: &PairInputs<Flex>) -> (f64, ObjectiveOutput<Flex>) {
+        let config = ObjectiveConfig { loss_type: vec![kind], beta: 2.0, ..Default::default() };
+        let out = preference_loss(&config, i, &mut ObjectiveState::default(), false);
+        (out.loss.clone().into_scalar() as f64, out)
+    }
+
+    fn ls(x: f64) -> f64 {
+        -(1.0 + (-x).exp()).ln()
+    }
+
+    #[test]
+    fn simpo_matches_its_formula() {
+        let i = inputs(&[-4.0], &[-9.0], &[2.0], &[3.0]);
+        let (loss, out) = run(LossType::Simpo, &i);
+        // avg -2 vs -3; β = 2, γ = 0.5: -log σ(2·(1 − 0.25))
+        assert!((loss - -ls(2.0 * (1.0 - 0.25))).abs() < 1e-6, "{loss}");
+        let rc: f32 = out.chosen_rewards.into_scalar();
+        assert!((rc - -4.0).abs() < 1e-6, "rewards are β·avg logp: {rc}");
+    }
+
+    #[test]
+    fn cpo_adds_the_chosen_nll() {
+        let i = inputs(&[-4.0, -2.0], &[-5.0, -6.0], &[2.0, 2.0], &[1.0, 1.0]);
+        let (loss, _) = run(LossType::Cpo, &i);
+        let pref = (-ls(2.0) - ls(8.0)) / 2.0;
+        let nll = 6.0 / 4.0;
+        assert!((loss - (pref + nll)).abs() < 1e-6, "{loss} vs {}", pref + nll);
+    }
+
+    #[test]
+    fn orpo_matches_its_formula_and_logs_its_metrics() {
+        let i = inputs(&[-1.0], &[-4.0], &[2.0], &[2.0]);
+        let (loss, out) = run(LossType::Orpo, &i);
+        let (ac, ar) = (-0.5f64, -2.0f64);
+        let odds = |a: f64| a - (1.0 - a.exp()).ln();
+        let log_odds = odds(ac) - odds(ar);
+        let want = 0.5 - 2.0 * ls(log_odds);
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+        let names: Vec<&str> = out.extra.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, vec!["log_odds_ratio", "log_odds_chosen", "nll_loss"]);
+    }
+
+    #[test]
+    fn reference_free_types() {
+        assert!(ObjectiveConfig { loss_type: vec![LossType::Simpo, LossType::Sft], ..Default::default() }.reference_free());
+        assert!(!ObjectiveConfig::default().reference_free());
     }
 }

@@ -23,10 +23,17 @@ pub fn token_stats<B: Backend>(
     completion_mask: Tensor<B, 2>,
 ) -> TokenStats {
     let [rows, len, vocab] = logits.dims();
-    let b = rows / 2;
-    let logits = logits.detach().slice([0..rows, 0..len - 1, 0..vocab]);
+    let logits = logits.slice([0..rows, 0..len - 1, 0..vocab]);
     let labels = input_ids.slice([0..rows, 1..len]);
-    let mask = completion_mask.detach().slice([0..rows, 1..len]);
+    let mask = completion_mask.slice([0..rows, 1..len]);
+    token_stats_aligned(logits, labels, mask)
+}
+
+/// [`token_stats`] on predictions already aligned with their labels and mask (`[rows, L, ..]`).
+pub fn token_stats_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> TokenStats {
+    let [rows, width, _] = logits.dims();
+    let b = rows / 2;
+    let (logits, mask) = (logits.detach(), mask.detach());
 
     let vocab_mean = logits.clone().mean_dim(2).squeeze_dim::<2>(2) * mask.clone();
     let logp = log_softmax(logits.clone(), 2);
@@ -38,7 +45,7 @@ pub fn token_stats<B: Backend>(
         t.into_data().convert::<f64>().to_vec().expect("f64")
     };
     let (vm, ent, cor, m) = (host(vocab_mean), host(entropy), host(correct), host(mask));
-    let w = len - 1;
+    let w = width;
     let sum_rows = |v: &[f64], range: std::ops::Range<usize>| -> f64 { v[range.start * w..range.end * w].iter().sum() };
     let (n_chosen, n_rejected) = (sum_rows(&m, 0..b), sum_rows(&m, b..rows));
     let ratio = |num: f64, den: f64| if den > 0.0 { num / den } else { 0.0 };

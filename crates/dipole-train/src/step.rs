@@ -7,7 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::PreferenceBatch;
 use dipole_lora::AdapterMode;
-use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, ld_weights, preference_loss, preference_metrics, sequence_logps, token_stats, wpo_weights};
+use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, token_stats_aligned, wpo_weights_aligned};
 use dipole_models::CausalLm;
 
 use crate::logps::BatchTensors;
@@ -33,19 +33,34 @@ pub struct StepOutput<B: Backend> {
     pub reference_logps: Option<Vec<(f32, f32)>>,
 }
 
-/// Summed completion log-probs of `model` on a batch, with LD-DPO weights when configured.
-fn batch_logps<B: Backend>(
-    model: &CausalLm<B>,
-    t: &BatchTensors<B>,
-    ld: Option<&Tensor<B, 2>>,
-) -> (Tensor<B, 3>, Tensor<B, 1>) {
-    let logits = model.forward(t.input_ids.clone(), Some(t.attention_mask.clone()));
-    let seq = sequence_logps(logits.clone(), t.input_ids.clone(), t.completion_mask.clone());
+/// Policy outputs on a batch, over the prediction window only (see `prediction_window`).
+struct WindowOutput<B: Backend> {
+    /// `[2B, L, vocab]`
+    logits: Tensor<B, 3>,
+    /// `[2B]`
+    sums: Tensor<B, 1>,
+    /// `[2B, L]` labels and completion mask aligned with `logits`.
+    labels: Tensor<B, 2, burn::tensor::Int>,
+    mask: Tensor<B, 2>,
+}
+
+/// Summed completion log-probs of `model` on a batch, with LD-DPO weights when configured. The
+/// `lm_head` runs only from the first completion position on.
+fn batch_logps<B: Backend>(model: &CausalLm<B>, t: &BatchTensors<B>, start: usize, ld: Option<&Tensor<B, 2>>) -> WindowOutput<B> {
+    let hidden = model.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+    let [rows, len, h] = hidden.dims();
+    let logits = model.logits(hidden.slice([0..rows, start..len - 1, 0..h]));
+    let seq = sequence_logps_window(logits.clone(), t.input_ids.clone(), t.completion_mask.clone(), start);
     let sums = match ld {
         Some(w) => (seq.per_token * w.clone()).sum_dim(1).squeeze_dim::<1>(1),
         None => seq.sum,
     };
-    (logits, sums)
+    WindowOutput {
+        logits,
+        sums,
+        labels: t.input_ids.clone().slice([0..rows, start + 1..len]),
+        mask: seq.mask,
+    }
 }
 
 fn host_pairs<B: Backend>(sums: Tensor<B, 1>, b: usize) -> Vec<(f32, f32)> {
@@ -64,9 +79,9 @@ pub fn reference_logps<B: AutodiffBackend>(
     let b = batch.num_pairs();
     let run = |model: &CausalLm<B::InnerBackend>| {
         let t = BatchTensors::<B::InnerBackend>::new(batch, device);
-        let ld = ld_alpha.map(|a| ld_tensor::<B::InnerBackend>(batch, a, device));
-        let (_, s) = batch_logps(model, &t, ld.as_ref());
-        host_pairs(s, b)
+        let start = prediction_window(&batch.completion_mask);
+        let ld = ld_alpha.map(|a| ld_tensor::<B::InnerBackend>(batch, a, start, device));
+        host_pairs(batch_logps(model, &t, start, ld.as_ref()).sums, b)
     };
     match reference {
         Reference::Precomputed(pairs) => {
@@ -83,11 +98,11 @@ pub fn reference_logps<B: AutodiffBackend>(
     }
 }
 
-/// LD-DPO weights of a batch as a `[2B, T-1]` tensor aligned with per-token log-probs.
-fn ld_tensor<B: Backend>(batch: &PreferenceBatch, alpha: f64, device: &B::Device) -> Tensor<B, 2> {
+/// LD-DPO weights of a batch as a `[2B, T-1-start]` tensor aligned with the windowed log-probs.
+fn ld_tensor<B: Backend>(batch: &PreferenceBatch, alpha: f64, start: usize, device: &B::Device) -> Tensor<B, 2> {
     let w = ld_weights(&batch.completion_mask, alpha);
-    let flat: Vec<f32> = w.iter().flat_map(|r| r[1..].to_vec()).collect();
-    Tensor::from_data(TensorData::new(flat, [w.len(), batch.seq_len - 1]), device)
+    let flat: Vec<f32> = w.iter().flat_map(|r| r[start + 1..].to_vec()).collect();
+    Tensor::from_data(TensorData::new(flat, [w.len(), batch.seq_len - 1 - start]), device)
 }
 
 /// The objective and TRL's metrics for `policy` on one batch, given reference log-probs. Works on
@@ -103,12 +118,14 @@ pub fn objective_on_batch<B: Backend>(
 ) -> StepOutput<B> {
     let b = batch.num_pairs();
     let t = BatchTensors::<B>::new(batch, device);
-    let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, device));
-    let (logits, sums) = batch_logps(policy, &t, ld.as_ref());
-    let stats = token_stats(logits.clone(), t.input_ids.clone(), t.completion_mask.clone());
+    let start = prediction_window(&batch.completion_mask);
+    let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
+    let out = batch_logps(policy, &t, start, ld.as_ref());
+    let sums = out.sums;
+    let stats = token_stats_aligned(out.logits.clone(), out.labels.clone(), out.mask.clone());
     let weights = config
         .use_weighting
-        .then(|| wpo_weights(logits, t.input_ids.clone(), t.completion_mask.clone()));
+        .then(|| wpo_weights_aligned(out.logits, out.labels, out.mask));
     let lens: Vec<f32> = batch.completion_lengths().iter().map(|&l| l as f32).collect();
     let lens = Tensor::<B, 1>::from_data(TensorData::new(lens, [2 * b]), device);
     let ref_tensor = |f: fn(&(f32, f32)) -> f32| -> Option<Tensor<B, 1>> {

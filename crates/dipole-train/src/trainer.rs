@@ -116,7 +116,7 @@ fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
 }
 
 fn reference_free(objective: &ObjectiveConfig) -> bool {
-    objective.loss_type.iter().all(|t| matches!(t, LossType::Sft))
+    objective.reference_free()
 }
 
 /// The objective a stage trains: SFT is the NLL of the chosen completions.

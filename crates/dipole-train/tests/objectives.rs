@@ -29,7 +29,7 @@ fn config_from(golden: &Value) -> ObjectiveConfig {
         use_weighting: c["use_weighting"].as_bool().unwrap(),
         ld_alpha: c["ld_alpha"].as_f64(),
         discopop_tau: c["discopop_tau"].as_f64().unwrap(),
-        rpo_alpha: None,
+        ..Default::default()
     }
 }
 
