@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: dipole's command line.
 
 mod backend;
+mod bench;
 mod data;
 mod export;
 mod logps;
@@ -32,6 +33,8 @@ enum Command {
     /// Check, describe, convert and build preference datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// DPO step throughput and memory on the benchmark shape (see benches/ and the README).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -42,5 +45,6 @@ fn main() -> Result<()> {
         Command::Sft(args) => train::run(args, Some(dipole_train::Stage::Sft)),
         Command::Score(args) => score::run(args),
         Command::Data(command) => data::run(command),
+        Command::Bench(args) => bench::run(args),
     }
 }

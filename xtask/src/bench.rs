@@ -1,0 +1,222 @@
+//! `cargo xtask bench`: DPO (sigmoid) training throughput and memory on a fixed, weight-free shape,
+//! comparable with `fixtures/tools/bench_trl.py` (TRL + PyTorch on the same shape).
+//!
+//! Shape: Llama, hidden 384, 6 layers, 6 heads (6 kv), intermediate 1024, vocab 8000, random init
+//! (seed 0); 4 pairs per step of 256 tokens (64 prompt + 192 completion), random ids; fp32.
+//! Each configuration runs in its own process so peak RSS is its own.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use burn::backend::Autodiff;
+
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::Backend;
+use clap::Args;
+use dipole_data::{PairInputs, PreferenceBatch, Sequence};
+use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
+use dipole_loss::{ObjectiveConfig, ObjectiveState};
+use dipole_models::rng::SplitMix64;
+use dipole_models::{CausalLm, ModelConfig};
+use dipole_train::grads::clip_global_norm;
+use dipole_train::{Reference, objective_on_batch, reference_logps};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BackendKind;
+
+pub const CONFIGS: [&str; 6] = ["full", "lora", "full_precompute", "lora_precompute", "full_t1024", "lora_t1024"];
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+    /// CPU threads (sets RAYON_NUM_THREADS for each measured process).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Configurations to run (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
+    /// Where the JSON results go.
+    #[arg(long, default_value = "bench_results.json")]
+    pub out: PathBuf,
+    /// Run exactly one configuration in this process (used by the parent run).
+    #[arg(long, hide = true)]
+    pub only: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchResult {
+    pub config: String,
+    pub backend: String,
+    pub threads: Option<usize>,
+    pub params: usize,
+    pub trainable_params: usize,
+    pub seq_len: usize,
+    pub steps: usize,
+    pub seconds_per_step: f64,
+    /// Chosen + rejected tokens (prompt included) per second.
+    pub tokens_per_second: f64,
+    pub completion_tokens_per_second: f64,
+    /// 6N per trained token + 2N per reference token (N = parameters).
+    pub achieved_flops: f64,
+    pub peak_rss_mib: f64,
+    /// Seconds of the one-off reference pass (precompute configurations).
+    pub precompute_seconds: Option<f64>,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// `pairs` random pairs sharing a prompt of `prompt` tokens, completions of `completion` tokens.
+fn random_batch(pairs: usize, prompt: usize, completion: usize, vocab: u32, seed: u64) -> PreferenceBatch {
+    let mut rng = SplitMix64::new(seed);
+    let mut token = || 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
+    let items: Vec<PairInputs> = (0..pairs)
+        .map(|index| {
+            let p: Vec<u32> = std::iter::once(1).chain((1..prompt).map(|_| token())).collect();
+            let mut seq = |_: ()| {
+                let mut ids = p.clone();
+                ids.extend((1..completion).map(|_| token()));
+                ids.push(2);
+                let mask = (0..ids.len()).map(|i| (i >= prompt) as u8).collect();
+                Sequence { input_ids: ids, completion_mask: mask }
+            };
+            PairInputs { index, chosen: seq(()), rejected: seq(()) }
+        })
+        .collect();
+    PreferenceBatch::new(&items, 0)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(only) = args.only.clone() {
+        let result = crate::with_backend!(args.backend, run_one(&args, &only))?;
+        println!("{}", serde_json::to_string(&result)?);
+        return Ok(());
+    }
+    let configs: Vec<String> = if args.configs.is_empty() { CONFIGS.iter().map(|s| s.to_string()).collect() } else { args.configs.clone() };
+    for c in &configs {
+        if !CONFIGS.contains(&c.as_str()) {
+            return Err(anyhow!("--configs: unknown {c:?}; expected {}", CONFIGS.join(", ")));
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    println!("{:<16} {:>10} {:>10} {:>12} {:>10} {:>11}", "config", "tok/s", "s/step", "GFLOP/s", "peak MiB", "trainable");
+    for c in &configs {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
+        cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase()]);
+        if let Some(t) = args.threads {
+            cmd.env("RAYON_NUM_THREADS", t.to_string());
+            cmd.args(["--threads", &t.to_string()]);
+        }
+        let out = cmd.output().with_context(|| format!("running bench {c}"))?;
+        if !out.status.success() {
+            return Err(anyhow!("bench {c} failed:\n{}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        let r: BenchResult = serde_json::from_str(line.lines().last().unwrap_or("")).with_context(|| format!("bench {c} output"))?;
+        println!(
+            "{:<16} {:>10.1} {:>10.3} {:>12.2} {:>10.1} {:>11}",
+            r.config,
+            r.tokens_per_second,
+            r.seconds_per_step,
+            r.achieved_flops / 1e9,
+            r.peak_rss_mib,
+            r.trainable_params
+        );
+        results.push(r);
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn run_one<B: Backend>(device: &B::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
+    type AD<B> = Autodiff<B>;
+    let lora = name.starts_with("lora");
+    let precompute = name.ends_with("precompute");
+    let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
+    let config = ModelConfig::llama(8000, 384, 1024, 6, 6, 6, 2048);
+    let params = config.num_parameters();
+    let mut policy = CausalLm::<AD<B>>::init(config.clone(), 0, device);
+    if lora {
+        let lc = LoraConfig {
+            r: 16,
+            lora_alpha: 32.0,
+            target_modules: TargetModules::List(vec!["q_proj".into(), "v_proj".into()]),
+            ..Default::default()
+        };
+        policy.add_lora(&lc, 0).map_err(|e| anyhow!(e.to_string()))?;
+    }
+    policy.assign_stable_param_ids();
+    let trainable = policy.num_trainable_params();
+    let frozen = (!lora && !precompute).then(|| CausalLm::<B>::init(config, 0, device));
+    let objective = ObjectiveConfig::default();
+    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, prompt, completion, 8000, k)).collect();
+    let mut precompute_seconds = None;
+    let cached: Vec<Vec<(f32, f32)>> = if precompute {
+        let t = Instant::now();
+        let mode = if lora { AdapterMode::Disabled } else { AdapterMode::Active };
+        let v = batches.iter().map(|b| reference_logps(&policy, Reference::Policy(mode), b, None, device).expect("reference")).collect();
+        precompute_seconds = Some(t.elapsed().as_secs_f64());
+        v
+    } else {
+        Vec::new()
+    };
+    let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AD<B>, CausalLm<AD<B>>>();
+    let mut state = ObjectiveState::default();
+    let mut timed = 0.0;
+    for step in 0..args.warmup + args.steps {
+        let k = step % batches.len();
+        let batch = &batches[k];
+        let started = Instant::now();
+        let reference = if precompute {
+            Some(cached[k].clone())
+        } else if lora {
+            reference_logps(&policy, Reference::Policy(AdapterMode::Disabled), batch, None, device)
+        } else {
+            reference_logps(&policy, Reference::Model(frozen.as_ref().expect("frozen copy")), batch, None, device)
+        };
+        let out = objective_on_batch(&policy, reference, batch, &objective, &mut state, true, device);
+        let mut grads = GradientsParams::from_grads(out.loss.backward(), &policy);
+        clip_global_norm::<AD<B>, CausalLm<AD<B>>>(&policy, &mut grads, Some(1.0));
+        policy = optimizer.step(1e-6, policy, grads);
+        // reading a value waits for the device
+        let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
+        if step >= args.warmup {
+            timed += started.elapsed().as_secs_f64();
+        }
+    }
+    let seq = prompt + completion;
+    let tokens_per_step = (2 * 4 * seq) as f64;
+    let seconds_per_step = timed / args.steps as f64;
+    let reference_tokens = if precompute { 0.0 } else { tokens_per_step };
+    let flops_per_step = 6.0 * params as f64 * tokens_per_step + 2.0 * params as f64 * reference_tokens;
+    Ok(BenchResult {
+        config: name.to_string(),
+        backend: format!("{:?}", args.backend).to_lowercase(),
+        threads: args.threads,
+        params,
+        trainable_params: trainable,
+        seq_len: seq,
+        steps: args.steps,
+        seconds_per_step,
+        tokens_per_second: tokens_per_step / seconds_per_step,
+        completion_tokens_per_second: (2 * 4 * completion) as f64 / seconds_per_step,
+        achieved_flops: flops_per_step / seconds_per_step,
+        peak_rss_mib: peak_rss_mib(),
+        precompute_seconds,
+    })
+}
