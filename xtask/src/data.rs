@@ -18,6 +18,26 @@ pub enum DataCommand {
     Convert(ConvertArgs),
     /// Rated responses -> preference pairs; thumbs up/down -> unpaired KTO rows.
     Pairs(PairsArgs),
+    /// Seeded train/test split by a fraction: writes `train.<ext>` and `test.<ext>`.
+    Split(SplitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Fraction of rows for the test split.
+    #[arg(long, default_value_t = 0.1)]
+    pub test_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Folder for train.<ext> and test.<ext> (extension of the input unless --to).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+    #[arg(long)]
+    pub to: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +116,7 @@ pub fn run(command: DataCommand) -> Result<()> {
         DataCommand::Stats(a) => check(&a, true),
         DataCommand::Convert(a) => convert(&a),
         DataCommand::Pairs(a) => pairs(&a),
+        DataCommand::Split(a) => split(&a),
     }
 }
 
@@ -131,7 +152,7 @@ fn check(args: &CheckArgs, stats: bool) -> Result<()> {
         return Ok(());
     };
     let tokenizer = Tokenizer::from_dir(model)?;
-    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = prepare_records(&rows.preference, &tokenizer, lengths, args.skip_invalid)?;
     println!("  tokenised with {}: {} pairs", model.display(), prepared.tokenized.len());
     for e in &prepared.skipped {
@@ -256,6 +277,27 @@ fn pairs(args: &PairsArgs) -> Result<()> {
                 report.prompts_without_pair
             );
         }
+    }
+    Ok(())
+}
+
+fn split(args: &SplitArgs) -> Result<()> {
+    if !(0.0..1.0).contains(&args.test_fraction) || args.test_fraction == 0.0 {
+        bail!("--test-fraction must be in (0, 1), got {}", args.test_fraction);
+    }
+    let values: Vec<serde_json::Value> = read_values(&args.data, format_arg(&args.format)?)?.into_iter().map(|(_, _, v)| v).collect();
+    let to = match &args.to {
+        Some(t) => Format::parse(t).ok_or_else(|| anyhow!("--to {t:?}: expected jsonl, json or parquet"))?,
+        None => Format::of(&args.data).unwrap_or(Format::Jsonl),
+    };
+    let (train, test) = dipole_data::split::split_indices(values.len(), args.test_fraction, args.seed);
+    std::fs::create_dir_all(&args.out_dir)?;
+    let ext = match to { Format::Jsonl => "jsonl", Format::Json => "json", Format::Parquet => "parquet" };
+    for (name, idx) in [("train", &train), ("test", &test)] {
+        let rows: Vec<_> = idx.iter().map(|&i| values[i].clone()).collect();
+        let path = args.out_dir.join(format!("{name}.{ext}"));
+        write_rows(&path, to, &rows)?;
+        println!("{}: {} rows", path.display(), rows.len());
     }
     Ok(())
 }

@@ -32,6 +32,9 @@ pub struct LogpsArgs {
     pub max_length: usize,
     #[arg(long, value_enum, default_value_t = Truncation::KeepStart)]
     pub truncation: Truncation,
+    /// Cut prompts to their last N tokens first (older TRL; off by default).
+    #[arg(long)]
+    pub max_prompt_length: Option<usize>,
     /// Pairs per forward pass (results do not depend on it).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -54,6 +57,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &LogpsArgs) -> Result<()> {
             Truncation::KeepStart => TruncationMode::KeepStart,
             Truncation::KeepEnd => TruncationMode::KeepEnd,
         },
+        max_prompt_length: args.max_prompt_length,
     };
     let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
     let (model, report) = CausalLm::<B>::load(&args.model, device)?;

@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod data;
+mod eval;
 mod export;
 mod logps;
 mod score;
@@ -35,6 +36,8 @@ enum Command {
     Data(data::DataCommand),
     /// DPO step throughput and memory on the benchmark shape (see benches/ and the README).
     Bench(bench::BenchArgs),
+    /// Held-out preference metrics of a model or adapter, and generations vs the reference.
+    Eval(eval::EvalArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +49,6 @@ fn main() -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Data(command) => data::run(command),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

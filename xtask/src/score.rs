@@ -67,7 +67,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
     };
     config.validate().map_err(|e| anyhow!("{e}"))?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
     let (mut policy, _) = CausalLm::<B>::load(&args.model, device)?;
     if let Some(adapter) = &args.adapter {

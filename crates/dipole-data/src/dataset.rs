@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
 use crate::record::{PreferenceRecord, ReadOptions, read_preferences};
-use crate::tokenize::{PairInputs, TokenizedPair, TruncationMode, prepare_pair, tokenize_pair};
+use crate::tokenize::{PairInputs, TokenizedPair, TruncationMode, prepare_pair_with_prompt_limit, tokenize_pair};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Clone, Copy, Debug)]
@@ -14,6 +14,8 @@ pub struct LengthOptions {
     /// Maximum tokens of prompt + completion; `None` keeps everything.
     pub max_length: Option<usize>,
     pub truncation: TruncationMode,
+    /// Cut prompts to their last N tokens before `max_length` applies (off by default, as in TRL 1.16).
+    pub max_prompt_length: Option<usize>,
 }
 
 impl Default for LengthOptions {
@@ -22,6 +24,7 @@ impl Default for LengthOptions {
         Self {
             max_length: Some(1024),
             truncation: TruncationMode::KeepStart,
+            max_prompt_length: None,
         }
     }
 }
@@ -65,9 +68,10 @@ pub fn prepare_records(
                 return Err(err);
             }
         };
-        match prepare_pair(&pair, lengths.max_length, lengths.truncation) {
+        match prepare_pair_with_prompt_limit(&pair, lengths.max_prompt_length, lengths.max_length, lengths.truncation) {
             Some(inputs) => {
-                let full = pair.prompt_ids.len() + pair.chosen_ids.len().max(pair.rejected_ids.len());
+                let prompt = lengths.max_prompt_length.map_or(pair.prompt_ids.len(), |m| pair.prompt_ids.len().min(m));
+                let full = prompt + pair.chosen_ids.len().max(pair.rejected_ids.len());
                 if lengths.max_length.is_some_and(|m| full > m) {
                     out.truncated += 1;
                 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod parquet_io;
 pub mod ratings;
 pub mod record;
+pub mod split;
 pub mod tokenize;
 pub mod tokenizer;
 
@@ -17,5 +18,5 @@ pub use chat::ChatTemplate;
 pub use dataset::{LengthOptions, PreparedPairs, load_pairs, load_pairs_with, prepare_records};
 pub use error::{DataError, Location, Result};
 pub use record::{Content, Format, Message, PreferenceRecord, ReadOptions, Row, Rows, UnpairedRecord, read_jsonl, read_preferences, read_rows};
-pub use tokenize::{PairInputs, Sequence, TokenizedPair, TruncationMode, prepare_pair, tokenize_pair};
+pub use tokenize::{PairInputs, Sequence, TokenizedPair, TruncationMode, prepare_pair, prepare_pair_with_prompt_limit, tokenize_pair};
 pub use tokenizer::{SpecialToken, Tokenizer};

@@ -126,14 +126,28 @@ fn build_sequence(prompt: &[u32], completion: &[u32], max_length: Option<usize>,
 /// Applies TRL's length rules: `None` when the prompt alone reaches `max_length` (TRL removes such
 /// examples), else the truncated chosen and rejected sequences.
 pub fn prepare_pair(pair: &TokenizedPair, max_length: Option<usize>, mode: TruncationMode) -> Option<PairInputs> {
-    if let Some(max) = max_length
-        && pair.prompt_ids.len() >= max {
-            return None;
-        }
+    prepare_pair_with_prompt_limit(pair, None, max_length, mode)
+}
+
+/// [`prepare_pair`] after cutting the prompt to its last `max_prompt_length` tokens (the older TRL
+/// rule, off by default in TRL 1.16).
+pub fn prepare_pair_with_prompt_limit(
+    pair: &TokenizedPair,
+    max_prompt_length: Option<usize>,
+    max_length: Option<usize>,
+    mode: TruncationMode,
+) -> Option<PairInputs> {
+    let prompt = match max_prompt_length {
+        Some(m) if pair.prompt_ids.len() > m => &pair.prompt_ids[pair.prompt_ids.len() - m..],
+        _ => &pair.prompt_ids[..],
+    };
+    if max_length.is_some_and(|max| prompt.len() >= max) {
+        return None;
+    }
     Some(PairInputs {
         index: pair.index,
-        chosen: build_sequence(&pair.prompt_ids, &pair.chosen_ids, max_length, mode),
-        rejected: build_sequence(&pair.prompt_ids, &pair.rejected_ids, max_length, mode),
+        chosen: build_sequence(prompt, &pair.chosen_ids, max_length, mode),
+        rejected: build_sequence(prompt, &pair.rejected_ids, max_length, mode),
     })
 }
 
@@ -156,5 +170,9 @@ mod tests {
         let p = prepare_pair(&pair, Some(5), TruncationMode::KeepEnd).unwrap();
         assert_eq!(p.chosen.input_ids, vec![2, 3, 4, 5, 6]);
         assert!(prepare_pair(&pair, Some(3), TruncationMode::KeepStart).is_none());
+        // a prompt limit cuts the prompt from the left first, which can save a pair from dropping
+        let p = prepare_pair_with_prompt_limit(&pair, Some(1), Some(3), TruncationMode::KeepStart).unwrap();
+        assert_eq!(p.chosen.input_ids, vec![3, 4, 5]);
+        assert_eq!(p.chosen.completion_mask, vec![0, 1, 1]);
     }
 }

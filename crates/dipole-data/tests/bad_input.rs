@@ -50,7 +50,7 @@ const CASES: &[(&str, &str, &str, &str, &str)] = &[
 fn every_bad_input_names_its_place_and_reason() {
     assert!(CASES.len() >= 20);
     let tok = tokenizer();
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     for (case, name, text, location, reason) in CASES {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), name, &text.replace("GOOD", GOOD));
@@ -77,7 +77,7 @@ fn completion_empty_after_tokenisation_is_reported() {
     let row = r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
     let path = write(dir.path(), "c.jsonl", &format!("{row}
 "));
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let err = load_pairs(&path, &tok, lengths).unwrap_err().to_string();
     assert!(err.contains("c.jsonl:1:") && err.contains("empty after tokenisation"), "{err}");
 }
@@ -89,7 +89,7 @@ fn skip_invalid_counts_every_skipped_row() {
         "{GOOD}\nnot json\n{GOOD}\n{{\"prompt\": \"x\", \"chosen\": \"y\"}}\n\n{GOOD}\r\n{{\"prompt\": \"x\", \"chosen\": \"s\", \"rejected\": \"s\"}}\n"
     );
     let path = write(dir.path(), "mixed.jsonl", &text);
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let options = ReadOptions { skip_invalid: true, ..Default::default() };
     let prepared = load_pairs_with(&path, &tokenizer(), lengths, options).unwrap();
     assert_eq!(prepared.pairs.len(), 3);
@@ -102,7 +102,7 @@ fn unicode_and_crlf_files_work() {
     let dir = tempfile::tempdir().unwrap();
     let text = "{\"prompt\": \"東京は\", \"chosen\": \" 日本の首都です。🎌\", \"rejected\": \" e\\u0301 combining\"}\r\n{\"prompt\": \"Ünïcödé?\", \"chosen\": \" ✅ yes\", \"rejected\": \" ❌ no\"}\r\n";
     let path = write(dir.path(), "u.jsonl", text);
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&path, &tokenizer(), lengths).unwrap();
     assert_eq!(prepared.pairs.len(), 2);
     let decoded = tokenizer().decode(&prepared.tokenized[0].chosen_ids, true).unwrap();

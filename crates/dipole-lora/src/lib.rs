@@ -10,4 +10,4 @@ pub mod peft;
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use error::{LoraError, Result};
 pub use linear::{AdapterMode, LoraAdapter, LoraLinear, transpose};
-pub use peft::{PeftAdapter, PeftMatrices, write_atomic};
+pub use peft::{PeftAdapter, PeftMatrices, decode_f32, write_atomic};

@@ -50,7 +50,7 @@ impl PeftAdapter {
             } else {
                 return Err(unexpected());
             };
-            let values = decode(view.data(), view.dtype())
+            let values = decode_f32(view.data(), view.dtype())
                 .ok_or_else(|| LoraError::File(path.clone(), format!("tensor {key:?} has dtype {:?}", view.dtype())))?;
             if view.shape().len() != 2 {
                 return Err(LoraError::File(path.clone(), format!("tensor {key:?} has shape {:?}, expected 2-D", view.shape())));
@@ -110,11 +110,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| LoraError::io(path, e))
 }
 
-fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+/// Little-endian safetensors data of `dtype` (F32, BF16, F16 or F64) as f32 values.
+pub fn decode_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect(),
         _ => return None,
     })
 }

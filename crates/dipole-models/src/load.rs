@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData, backend::Backend};
+pub use dipole_lora::transpose;
 use dipole_lora::LoraLinear;
 
 use crate::config::ModelConfig;
@@ -187,15 +188,4 @@ fn load_norm<B: Backend>(
         weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [c.hidden_size]), device)),
         eps: c.rms_norm_eps,
     })
-}
-
-/// Row-major `[rows, cols]` -> `[cols, rows]`.
-pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
 }

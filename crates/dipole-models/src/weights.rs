@@ -6,7 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use safetensors::tensor::{Metadata, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
@@ -119,7 +119,7 @@ impl Checkpoint {
         }
         let (begin, end) = info.data_offsets;
         let bytes = &shard.map[shard.data_start + begin..shard.data_start + end];
-        let values = decode(bytes, info.dtype).ok_or_else(|| ModelError::Dtype {
+        let values = dipole_lora::peft::decode_f32(bytes, info.dtype).ok_or_else(|| ModelError::Dtype {
             name: name.to_string(),
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
@@ -162,27 +162,4 @@ fn open_shard(path: &Path) -> Result<Shard> {
         map,
         metadata,
     })
-}
-
-fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
-    let out = match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        _ => return None,
-    };
-    Some(out)
 }

@@ -71,6 +71,10 @@ pub struct DataSection {
     pub shuffle: bool,
     /// Skip invalid rows (each reported) instead of stopping at the first.
     pub skip_invalid: bool,
+    /// Cut prompts to their last N tokens first (older TRL's `max_prompt_length`; off by default).
+    pub max_prompt_length: Option<usize>,
+    /// Batch pairs of similar length together (less padding).
+    pub group_by_length: bool,
 }
 
 impl Default for DataSection {
@@ -83,6 +87,8 @@ impl Default for DataSection {
             truncation: "keep_start".into(),
             shuffle: true,
             skip_invalid: false,
+            max_prompt_length: None,
+            group_by_length: false,
         }
     }
 }
@@ -208,6 +214,10 @@ pub struct TrainSection {
     pub progress: bool,
     /// Turn LoRA dropout off, as TRL's `disable_dropout` (default on) does for every dropout.
     pub disable_dropout: bool,
+    /// At the end, greedy generations of policy and reference for this many eval prompts
+    /// (`generations.jsonl`).
+    pub generations: usize,
+    pub max_new_tokens: usize,
     /// `cpu`, `wgpu`, `cuda`, ... (read by `cargo xtask`).
     pub backend: String,
 }
@@ -231,6 +241,8 @@ impl Default for TrainSection {
             skip_nonfinite: false,
             progress: true,
             disable_dropout: true,
+            generations: 0,
+            max_new_tokens: 128,
             backend: "cpu".into(),
         }
     }

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod grads;
 pub mod logps;
+pub mod plot;
 pub mod precompute;
 pub mod schedule;
 pub mod step;

@@ -74,6 +74,9 @@ pub struct DataOrder {
     pub batch_size: usize,
     pub shuffle: bool,
     pub seed: u64,
+    /// Length-grouped sampling: within windows of 50 batches of the permutation, pairs are sorted
+    /// by length (longest first), so batches hold similar lengths and pad less.
+    pub lengths: Option<Vec<usize>>,
 }
 
 impl DataOrder {
@@ -91,6 +94,11 @@ impl DataOrder {
             for i in (1..order.len()).rev() {
                 let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 order.swap(i, j);
+            }
+        }
+        if let Some(lengths) = &self.lengths {
+            for window in order.chunks_mut(self.batch_size * 50) {
+                window.sort_by(|a, b| lengths[*b].cmp(&lengths[*a]));
             }
         }
         let start = within * self.batch_size;
@@ -235,6 +243,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     let lengths = LengthOptions {
         max_length: Some(config.data.max_length),
         truncation: if config.data.truncation == "keep_end" { TruncationMode::KeepEnd } else { TruncationMode::KeepStart },
+        max_prompt_length: config.data.max_prompt_length,
     };
     let read = ReadOptions { format: None, skip_invalid: config.data.skip_invalid };
     let prepared = load_pairs_with(&config.data.train, &tokenizer, lengths, read).map_err(|e| e.to_string())?;
@@ -310,6 +319,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         batch_size: config.train.batch_size,
         shuffle: config.data.shuffle,
         seed: config.train.seed,
+        lengths: config.data.group_by_length.then(|| {
+            train_pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).collect()
+        }),
     };
     let accum = config.train.gradient_accumulation_steps;
     let steps_per_epoch = (order.batches_per_epoch() / accum).max(1);
@@ -476,8 +488,10 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
             bar.set_position(state.step as u64);
         }
         if config.train.eval_steps > 0 && state.step % config.train.eval_steps == 0 && !eval_pairs.is_empty() {
-            let eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            let mut eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            eval.insert("step".into(), state.step as f64);
             writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
+            summary.log_history.push(eval);
         }
         if config.train.save_steps > 0 && state.step % config.train.save_steps == 0 {
             save_checkpoint(config, &policy, &optimizer, &state, &recorder)?;
@@ -489,13 +503,19 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     summary.steps = state.step;
     if state.step >= total_steps {
         if !eval_pairs.is_empty() {
-            let eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            let mut eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+            eval.insert("step".into(), state.step as f64);
             writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
+            summary.log_history.push(eval.clone());
             summary.final_eval = Some(eval);
         }
+        crate::plot::write_run_plots(&out_dir.join("plots"), &summary.log_history).map_err(|e| format!("plots: {e}"))?;
         let final_dir = out_dir.join("final");
         save_weights(config, &policy, &final_dir)?;
         summary.final_dir = final_dir;
+        if config.train.generations > 0 && !eval_pairs.is_empty() {
+            write_generations(config, &policy, frozen_copy.as_ref(), &eval_pairs, &tokenizer, &out_dir.join("generations.jsonl"))?;
+        }
     }
     Ok(summary)
 }
@@ -529,22 +549,53 @@ fn evaluate<B: AutodiffBackend>(
     out
 }
 
+/// Greedy continuations of the first `train.generations` eval prompts by the policy and the reference.
+fn write_generations<B: AutodiffBackend>(
+    config: &TrainConfig,
+    policy: &CausalLm<B>,
+    frozen: Option<&CausalLm<B::InnerBackend>>,
+    pairs: &[PairInputs],
+    tokenizer: &Tokenizer,
+    path: &Path,
+) -> TrainResult<()> {
+    let policy = policy.valid();
+    let reference = match frozen {
+        Some(f) => f.clone(),
+        None => {
+            let mut r = policy.clone();
+            let mode = if config.lora.reference_adapter.is_some() { AdapterMode::Reference } else { AdapterMode::Disabled };
+            r.set_adapter_mode(mode);
+            r
+        }
+    };
+    let options = dipole_models::GenerateOptions {
+        max_new_tokens: config.train.max_new_tokens,
+        stop_tokens: tokenizer.eos.iter().map(|t| t.id).collect(),
+        ..Default::default()
+    };
+    let mut lines = String::new();
+    for pair in pairs.iter().take(config.train.generations) {
+        let prompt: Vec<u32> = pair.chosen.input_ids.iter().zip(&pair.chosen.completion_mask).take_while(|(_, m)| **m == 0).map(|(t, _)| *t).collect();
+        let text = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| e.to_string());
+        let line = serde_json::json!({
+            "index": pair.index,
+            "prompt": text(&prompt)?,
+            "policy": text(&policy.generate(&prompt, &options))?,
+            "reference": text(&reference.generate(&prompt, &options))?,
+        });
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    std::fs::write(path, lines).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Holds out `fraction` of the pairs (seeded) for evaluation.
 pub fn split_pairs(pairs: Vec<PairInputs>, fraction: f64, seed: u64) -> (Vec<PairInputs>, Vec<PairInputs>) {
-    if fraction <= 0.0 {
-        return (pairs, Vec::new());
-    }
-    let n_eval = ((pairs.len() as f64) * fraction).round().max(1.0) as usize;
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    let mut rng = dipole_models::rng::SplitMix64::new(seed ^ 0x5EED_E7A1);
-    for i in (1..order.len()).rev() {
-        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
-    let eval_set: std::collections::BTreeSet<usize> = order[..n_eval].iter().copied().collect();
+    let (_, test) = dipole_data::split::split_indices(pairs.len(), fraction, seed);
+    let test: std::collections::BTreeSet<usize> = test.into_iter().collect();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (i, p) in pairs.into_iter().enumerate() {
-        if eval_set.contains(&i) { eval.push(p) } else { train.push(p) }
+        if test.contains(&i) { eval.push(p) } else { train.push(p) }
     }
     (train, eval)
 }
@@ -577,4 +628,32 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_order_is_a_seeded_permutation_per_epoch() {
+        let order = DataOrder { num_pairs: 10, batch_size: 4, shuffle: true, seed: 3, lengths: None };
+        assert_eq!(order.batches_per_epoch(), 3);
+        let epoch: Vec<usize> = (0..3).flat_map(|k| order.batch(k)).collect();
+        let mut sorted = epoch.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        let next: Vec<usize> = (3..6).flat_map(|k| order.batch(k)).collect();
+        assert_ne!(epoch, next, "each epoch has its own order");
+        assert_eq!(order.batch(4), DataOrder { num_pairs: 10, batch_size: 4, shuffle: true, seed: 3, lengths: None }.batch(4));
+    }
+
+    #[test]
+    fn length_grouping_puts_similar_lengths_together() {
+        let lengths: Vec<usize> = (0..8).map(|i| if i % 2 == 0 { 10 } else { 100 }).collect();
+        let order = DataOrder { num_pairs: 8, batch_size: 4, shuffle: true, seed: 1, lengths: Some(lengths.clone()) };
+        for k in 0..2 {
+            let b = order.batch(k);
+            assert!(b.iter().all(|&i| lengths[i] == lengths[b[0]]), "{b:?}");
+        }
+    }
 }

@@ -24,7 +24,7 @@ fn copy_model_files(src: &Path) -> tempfile::TempDir {
 
 fn logps_of(dir: &Path) -> Vec<PairLogps> {
     let tokenizer = Tokenizer::from_dir(dir).unwrap();
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&fixtures().join("data/prefs_standard.jsonl"), &tokenizer, lengths).unwrap();
     let device = Default::default();
     let (model, _) = CausalLm::<Flex>::load(dir, &device).unwrap();

@@ -20,7 +20,7 @@ fn fixtures() -> PathBuf {
 
 fn batch0() -> PreferenceBatch {
     let tokenizer = Tokenizer::from_dir(fixtures().join("tiny-llama")).unwrap();
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&fixtures().join("data/prefs_standard.jsonl"), &tokenizer, lengths).unwrap();
     PreferenceBatch::new(&prepared.pairs[..4], tokenizer.pad_id())
 }

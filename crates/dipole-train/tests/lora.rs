@@ -20,7 +20,7 @@ fn goldens() -> PathBuf {
 
 fn batch0() -> (Vec<PairInputs>, u32) {
     let tokenizer = Tokenizer::from_dir(fixtures().join("tiny-llama")).unwrap();
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&fixtures().join("data/prefs_standard.jsonl"), &tokenizer, lengths).unwrap();
     (prepared.pairs[..4].to_vec(), tokenizer.pad_id())
 }

@@ -53,7 +53,7 @@ fn batches(model_name: &str, format: &str) -> Vec<BatchData> {
     .unwrap();
     let examples = examples["examples"].as_array().unwrap();
     let tokenizer = Tokenizer::from_dir(root.join(model_name)).unwrap();
-    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart };
+    let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&root.join(format!("data/prefs_{format}.jsonl")), &tokenizer, lengths).unwrap();
     let (policy, _) = CausalLm::<B>::load(root.join(format!("{model_name}-perturbed")), &device).unwrap();
     let mut out = Vec::new();

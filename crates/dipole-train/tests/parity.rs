@@ -32,6 +32,7 @@ fn check(model_name: &str, format: &str) {
     let lengths = LengthOptions {
         max_length: Some(128),
         truncation: TruncationMode::KeepStart,
+        ..Default::default()
     };
     let device = Default::default();
     for (variant, prefix) in [(model_name.to_string(), "ref"), (format!("{model_name}-perturbed"), "policy")] {

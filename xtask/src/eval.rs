@@ -1,0 +1,123 @@
+//! `cargo xtask eval`: held-out preference metrics of a model (optionally with an adapter) against a
+//! reference, and sampled generations of policy and reference on the held-out prompts.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow};
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::Backend;
+use clap::Args;
+use dipole_data::{ChatTemplate, Content, LengthOptions, PreferenceBatch, ReadOptions, Tokenizer, load_pairs, read_preferences};
+use dipole_lora::AdapterMode;
+use dipole_loss::{ObjectiveConfig, ObjectiveState};
+use dipole_models::{CausalLm, GenerateOptions};
+use dipole_train::{objective_on_batch, pair_logps};
+
+use crate::backend::BackendKind;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model folder (the policy, or the base its adapter applies to).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter: the policy is model + adapter, the reference the bare model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Reference model folder (default: the bare model with --adapter, else the model itself).
+    #[arg(long = "ref")]
+    pub reference: Option<PathBuf>,
+    /// Held-out preference pairs.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Generate for the first N prompts (policy and reference, greedy) into --generations-out.
+    #[arg(long, default_value_t = 0)]
+    pub generations: usize,
+    #[arg(long, default_value = "generations.jsonl")]
+    pub generations_out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    crate::with_backend!(args.backend, run_on(&args))
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
+    let tokenizer = Tokenizer::from_dir(&args.model)?;
+    let lengths = LengthOptions { max_length: Some(args.max_length), ..Default::default() };
+    let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
+    let (mut policy, _) = CausalLm::<B>::load(&args.model, device)?;
+    if let Some(adapter) = &args.adapter {
+        policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
+    }
+    let reference = match &args.reference {
+        Some(dir) => CausalLm::<B>::load(dir, device)?.0,
+        None => {
+            let mut r = policy.clone();
+            r.set_adapter_mode(AdapterMode::Disabled);
+            r
+        }
+    };
+    let objective = ObjectiveConfig { beta: args.beta, ..Default::default() };
+    let pad = tokenizer.pad_id();
+    let mut state = ObjectiveState::default();
+    let (mut sums, mut n, mut loss) = (std::collections::BTreeMap::<String, f64>::new(), 0usize, 0.0);
+    for chunk in prepared.pairs.chunks(args.batch_size) {
+        let batch = PreferenceBatch::new(chunk, pad);
+        let r = pair_logps(&reference, chunk, chunk.len(), pad, device);
+        let ref_pairs: Vec<(f32, f32)> = r.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect();
+        let out = objective_on_batch(&policy, Some(ref_pairs), &batch, &objective, &mut state, false, device);
+        loss += out.loss.into_scalar().elem::<f64>() * chunk.len() as f64;
+        for (k, v) in out.metrics {
+            *sums.entry(k).or_default() += v * chunk.len() as f64;
+        }
+        n += chunk.len();
+    }
+    if n == 0 {
+        return Err(anyhow!("{}: no pairs left to evaluate", args.data.display()));
+    }
+    println!("{} pairs from {} ({} dropped at max_length {})", n, args.data.display(), prepared.dropped.len(), args.max_length);
+    println!("  {:<24} {:>10.4}", "loss (sigmoid)", loss / n as f64);
+    for (k, v) in &sums {
+        println!("  {k:<24} {:>10.4}", v / n as f64);
+    }
+
+    if args.generations > 0 {
+        let (records, _) = read_preferences(&args.data, ReadOptions::default())?;
+        let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| anyhow!(e))?;
+        let stop: Vec<u32> = tokenizer.eos.iter().map(|t| t.id).collect();
+        let options = GenerateOptions { max_new_tokens: args.max_new_tokens, stop_tokens: stop, ..Default::default() };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&args.generations_out)?);
+        for record in records.iter().take(args.generations) {
+            let (prompt_text, ids) = match &record.prompt {
+                Content::Text(p) => (p.clone(), tokenizer.encode(p, true)?),
+                Content::Messages(m) => {
+                    let t = template.as_ref().ok_or_else(|| anyhow!("conversational prompts need a chat template"))?;
+                    let text = t.render(m, true).map_err(|e| anyhow!(e))?;
+                    let ids = tokenizer.encode(&text, false)?;
+                    (text, ids)
+                }
+            };
+            let policy_ids = policy.generate(&ids, &options);
+            let reference_ids = reference.generate(&ids, &options);
+            let line = serde_json::json!({
+                "index": record.index,
+                "prompt": prompt_text,
+                "policy": tokenizer.decode(&policy_ids, true)?,
+                "reference": tokenizer.decode(&reference_ids, true)?,
+            });
+            writeln!(out, "{line}")?;
+        }
+        println!("wrote {} generations to {}", args.generations.min(records.len()), args.generations_out.display());
+    }
+    Ok(())
+}
