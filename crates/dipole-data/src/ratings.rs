@@ -89,11 +89,10 @@ pub fn ratings_to_pairs(values: &[(Location, Value)], path: &Path, mode: PairMod
         let before = report.pairs.len();
         match mode {
             PairMode::BestWorst => {
-                if let (Some(best), Some(worst)) = (rated.first(), rated.last()) {
-                    if best.1 > worst.1 && best.0 != worst.0 {
+                if let (Some(best), Some(worst)) = (rated.first(), rated.last())
+                    && best.1 > worst.1 && best.0 != worst.0 {
                         report.pairs.push(serde_json::json!({"prompt": prompt, "chosen": best.0, "rejected": worst.0, "score_chosen": best.1, "score_rejected": worst.1}));
                     }
-                }
             }
             PairMode::AllPairs { min_gap } => {
                 for i in 0..rated.len() {

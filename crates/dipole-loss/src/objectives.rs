@@ -185,11 +185,10 @@ impl ObjectiveConfig {
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return Err(format!("label_smoothing must be in [0, 0.5), got {}", self.label_smoothing));
         }
-        if let Some(a) = self.ld_alpha {
-            if !(0.0..=1.0).contains(&a) {
+        if let Some(a) = self.ld_alpha
+            && !(0.0..=1.0).contains(&a) {
                 return Err(format!("ld_alpha must be in [0, 1], got {a}"));
             }
-        }
         Ok(())
     }
 

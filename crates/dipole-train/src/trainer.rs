@@ -456,7 +456,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         summary.grad_norms.push(grad_norm);
         window_losses.push(step_loss);
 
-        if state.step % config.train.logging_steps == 0 || state.step == total_steps {
+        if state.step.is_multiple_of(config.train.logging_steps) || state.step == total_steps {
             let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
             let mut line = mean_metrics(&window);
             line.insert("loss".into(), window_losses.iter().sum::<f64>() / window_losses.len() as f64);
@@ -487,13 +487,13 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         if let Some(bar) = &progress {
             bar.set_position(state.step as u64);
         }
-        if config.train.eval_steps > 0 && state.step % config.train.eval_steps == 0 && !eval_pairs.is_empty() {
+        if config.train.eval_steps > 0 && state.step.is_multiple_of(config.train.eval_steps) && !eval_pairs.is_empty() {
             let mut eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
             eval.insert("step".into(), state.step as f64);
             writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
             summary.log_history.push(eval);
         }
-        if config.train.save_steps > 0 && state.step % config.train.save_steps == 0 {
+        if config.train.save_steps > 0 && state.step.is_multiple_of(config.train.save_steps) {
             save_checkpoint(config, &policy, &optimizer, &state, &recorder)?;
         }
     }
