@@ -98,16 +98,15 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
         if ld.is_some() && ref_pairs.is_some() {
             return Err(anyhow!("--ld-alpha with a reference is computed by the trainer; score supports it reference-free only"));
         }
-        let policy_lp = pair_logps(&policy, chunk, chunk.len(), pad, device);
         let out = objective_on_batch(&policy, ref_pairs.clone(), &batch, &config, &mut state, false, device);
-        let loss: f64 = out.loss.into_scalar().elem::<f64>();
+        let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
         batches.push(serde_json::json!({"indices": batch.indices, "loss": loss, "metrics": out.metrics}));
-        for (k, p) in policy_lp.iter().enumerate() {
+        for (k, (pc, pr)) in out.policy_logps.iter().enumerate() {
             let (rc, rr) = ref_pairs.as_ref().map(|r| (Some(r[k].0), Some(r[k].1))).unwrap_or((None, None));
             examples.push(serde_json::json!({
-                "index": p.index,
-                "policy_chosen_logps": p.chosen,
-                "policy_rejected_logps": p.rejected,
+                "index": batch.indices[k],
+                "policy_chosen_logps": pc,
+                "policy_rejected_logps": pr,
                 "ref_chosen_logps": rc,
                 "ref_rejected_logps": rr,
             }));

@@ -31,6 +31,8 @@ pub struct StepOutput<B: Backend> {
     pub metrics: BTreeMap<String, f64>,
     /// Reference log-probs used, per pair (for caching).
     pub reference_logps: Option<Vec<(f32, f32)>>,
+    /// The policy's summed completion log-probs, per pair.
+    pub policy_logps: Vec<(f32, f32)>,
 }
 
 /// Policy outputs on a batch, over the prediction window only (see `prediction_window`).
@@ -122,6 +124,7 @@ pub fn objective_on_batch<B: Backend>(
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
     let out = batch_logps(policy, &t, start, ld.as_ref());
     let sums = out.sums;
+    let sums_detached = sums.clone().detach();
     let stats = token_stats_aligned(out.logits.clone(), out.labels.clone(), out.mask.clone());
     let weights = config
         .use_weighting
@@ -140,12 +143,14 @@ pub fn objective_on_batch<B: Backend>(
         rejected_lengths: lens.narrow(0, b, b),
         weights,
     };
+    let policy_logps = host_pairs(sums_detached, b);
     let out = preference_loss(config, &inputs, state, training);
     let metrics = preference_metrics(&out, &inputs, Some(&stats));
     StepOutput {
         loss: out.loss,
         metrics,
         reference_logps: ref_pairs,
+        policy_logps,
     }
 }
 
