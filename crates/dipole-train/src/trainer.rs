@@ -123,10 +123,6 @@ fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
     out
 }
 
-fn reference_free(objective: &ObjectiveConfig) -> bool {
-    objective.reference_free()
-}
-
 /// The objective a stage trains: SFT is the NLL of the chosen completions.
 fn stage_objective(config: &TrainConfig) -> ObjectiveConfig {
     match config.train.stage {
@@ -143,11 +139,11 @@ fn stage_objective(config: &TrainConfig) -> ObjectiveConfig {
 pub fn resolve_reference(config: &TrainConfig) -> TrainResult<ReferenceStrategy> {
     let objective = stage_objective(config);
     Ok(match config.train.reference {
-        ReferenceStrategy::Auto if reference_free(&objective) => ReferenceStrategy::None,
+        ReferenceStrategy::Auto if objective.reference_free() => ReferenceStrategy::None,
         ReferenceStrategy::Auto if config.lora.enabled && config.lora.reference_adapter.is_some() => ReferenceStrategy::RefAdapter,
         ReferenceStrategy::Auto if config.lora.enabled => ReferenceStrategy::AdapterOff,
         ReferenceStrategy::Auto => ReferenceStrategy::FrozenCopy,
-        ReferenceStrategy::None if !reference_free(&objective) => {
+        ReferenceStrategy::None if !objective.reference_free() => {
             return Err(format!(
                 "train.reference = \"none\" but loss_type {:?} needs reference log-probs",
                 objective.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>()
