@@ -13,7 +13,7 @@ use burn::backend::Autodiff;
 
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use clap::Args;
 use dipole_data::{PairInputs, PreferenceBatch, Sequence};
 use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
@@ -26,7 +26,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 
-pub const CONFIGS: [&str; 6] = ["full", "lora", "full_precompute", "lora_precompute", "full_t1024", "lora_t1024"];
+pub const CONFIGS: [&str; 8] = [
+    "full",
+    "lora",
+    "full_precompute",
+    "lora_precompute",
+    "full_t1024",
+    "lora_t1024",
+    // memory comparisons: burn's activation checkpointing, and the textbook log-probs (full
+    // [rows, T, vocab] log-softmax over every position, then gather) instead of dipole's
+    "full_checkpointed",
+    "full_naive_logps",
+];
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -144,13 +155,39 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn run_one<B: Backend>(device: &B::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
-    type AD<B> = Autodiff<B>;
+    if name == "full_checkpointed" {
+        run_with::<Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(device, args, name)
+    } else {
+        run_with::<Autodiff<B>>(device, args, name)
+    }
+}
+
+/// DPO sigmoid loss from log-probs computed the textbook way: logits at every position, the whole
+/// `[rows, T, vocab]` log-softmax, then the labels gathered.
+fn naive_dpo_loss<B: AutodiffBackend>(policy: &CausalLm<B>, reference: &[(f32, f32)], batch: &PreferenceBatch, device: &B::Device) -> burn::tensor::Tensor<B, 1> {
+    use burn::tensor::{Tensor, TensorData, activation::log_softmax};
+    let t = dipole_train::BatchTensors::<B>::new(batch, device);
+    let logits = policy.forward(t.input_ids.clone(), Some(t.attention_mask));
+    let [rows, len, vocab] = logits.dims();
+    let logp = log_softmax(logits.slice([0..rows, 0..len - 1, 0..vocab]), 2);
+    let labels = t.input_ids.slice([0..rows, 1..len]);
+    let picked = logp.gather(2, labels.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    let sums = (picked * t.completion_mask.slice([0..rows, 1..len])).sum_dim(1).squeeze_dim::<1>(1);
+    let b = rows / 2;
+    let refs: Vec<f32> = reference.iter().map(|r| r.0 - r.1).collect();
+    let ref_margin = Tensor::<B, 1>::from_data(TensorData::new(refs, [b]), device);
+    let logits = (sums.clone().narrow(0, 0, b) - sums.narrow(0, b, b) - ref_margin).mul_scalar(0.1);
+    burn::tensor::activation::log_sigmoid(logits).neg().mean()
+}
+
+fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
+    let naive = name == "full_naive_logps";
     let lora = name.starts_with("lora");
     let precompute = name.ends_with("precompute");
     let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
     let config = ModelConfig::llama(8000, 384, 1024, 6, 6, 6, 2048);
     let params = config.num_parameters();
-    let mut policy = CausalLm::<AD<B>>::init(config.clone(), 0, device);
+    let mut policy = CausalLm::<AB>::init(config.clone(), 0, device);
     if lora {
         let lc = LoraConfig {
             r: 16,
@@ -162,7 +199,7 @@ fn run_one<B: Backend>(device: &B::Device, args: &BenchArgs, name: &str) -> Resu
     }
     policy.assign_stable_param_ids();
     let trainable = policy.num_trainable_params();
-    let frozen = (!lora && !precompute).then(|| CausalLm::<B>::init(config, 0, device));
+    let frozen = (!lora && !precompute).then(|| CausalLm::<AB::InnerBackend>::init(config, 0, device));
     let objective = ObjectiveConfig::default();
     let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, prompt, completion, 8000, k)).collect();
     let mut precompute_seconds = None;
@@ -175,7 +212,7 @@ fn run_one<B: Backend>(device: &B::Device, args: &BenchArgs, name: &str) -> Resu
     } else {
         Vec::new()
     };
-    let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AD<B>, CausalLm<AD<B>>>();
+    let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
     let mut state = ObjectiveState::default();
     let mut timed = 0.0;
     for step in 0..args.warmup + args.steps {
@@ -189,9 +226,13 @@ fn run_one<B: Backend>(device: &B::Device, args: &BenchArgs, name: &str) -> Resu
         } else {
             reference_logps(&policy, Reference::Model(frozen.as_ref().expect("frozen copy")), batch, None, device)
         };
-        let out = objective_on_batch(&policy, reference, batch, &objective, &mut state, true, device);
-        let mut grads = GradientsParams::from_grads(out.loss.backward(), &policy);
-        clip_global_norm::<AD<B>, CausalLm<AD<B>>>(&policy, &mut grads, Some(1.0));
+        let loss = if naive {
+            naive_dpo_loss(&policy, reference.as_deref().expect("reference"), batch, device)
+        } else {
+            objective_on_batch(&policy, reference, batch, &objective, &mut state, true, device).loss
+        };
+        let mut grads = GradientsParams::from_grads(loss.backward(), &policy);
+        clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
         policy = optimizer.step(1e-6, policy, grads);
         // reading a value waits for the device
         let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();

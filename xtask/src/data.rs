@@ -20,6 +20,8 @@ pub enum DataCommand {
     Pairs(PairsArgs),
     /// Seeded train/test split by a fraction: writes `train.<ext>` and `test.<ext>`.
     Split(SplitArgs),
+    /// Generate the shipped customer-support task (SFT corpus, pairs, held-out set, tokenizer).
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Args, Debug)]
@@ -117,6 +119,7 @@ pub fn run(command: DataCommand) -> Result<()> {
         DataCommand::Convert(a) => convert(&a),
         DataCommand::Pairs(a) => pairs(&a),
         DataCommand::Split(a) => split(&a),
+        DataCommand::Demo(a) => crate::demo::run(a),
     }
 }
 
@@ -133,8 +136,10 @@ fn check(args: &CheckArgs, stats: bool) -> Result<()> {
     println!("{}: {} rows", args.data.display(), rows.total);
     println!("  preference pairs: {}", rows.preference.len());
     if !rows.unpaired.is_empty() {
-        let good = rows.unpaired.iter().filter(|r| r.label).count();
-        println!("  unpaired (KTO) rows: {} ({} desirable, {} undesirable)", rows.unpaired.len(), good, rows.unpaired.len() - good);
+        let good = rows.unpaired.iter().filter(|r| r.label == Some(true)).count();
+        let bad = rows.unpaired.iter().filter(|r| r.label == Some(false)).count();
+        let plain = rows.unpaired.len() - good - bad;
+        println!("  prompt-completion rows: {} ({good} desirable, {bad} undesirable, {plain} unlabelled (SFT))", rows.unpaired.len());
     }
     let conversational = rows.preference.iter().filter(|r| r.prompt.is_conversational()).count();
     println!("  conversational: {conversational}, standard: {}", rows.preference.len() - conversational);

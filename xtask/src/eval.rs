@@ -12,7 +12,7 @@ use dipole_data::{ChatTemplate, Content, LengthOptions, PreferenceBatch, ReadOpt
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, GenerateOptions};
-use dipole_train::{objective_on_batch, pair_logps};
+use dipole_train::{Generation, objective_on_batch, pair_logps};
 
 use crate::backend::BackendKind;
 
@@ -36,9 +36,20 @@ pub struct EvalArgs {
     pub max_length: usize,
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Generate for the first N prompts (policy and reference, greedy) into --generations-out.
+    /// Generate for the first N prompts (policy and reference) into --generations-out, judge them
+    /// and print the before/after table.
     #[arg(long, default_value_t = 0)]
     pub generations: usize,
+    /// Sampling temperature of the generations (0 = greedy).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Seed of the sampling (prompt i uses seed + record index, for both models).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub judge: crate::train::JudgeArgs,
     #[arg(long, default_value = "generations.jsonl")]
     pub generations_out: PathBuf,
     #[arg(long, default_value_t = 128)]
@@ -91,11 +102,12 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
         println!("  {k:<24} {:>10.4}", v / n as f64);
     }
 
+    let accuracy_after = sums.get("rewards/accuracies_ties_half").map(|v| v / n as f64);
     if args.generations > 0 {
         let (records, _) = read_preferences(&args.data, ReadOptions::default())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| anyhow!(e))?;
         let stop: Vec<u32> = tokenizer.eos.iter().map(|t| t.id).collect();
-        let options = GenerateOptions { max_new_tokens: args.max_new_tokens, stop_tokens: stop, ..Default::default() };
+        let mut generations = Vec::new();
         let mut out = std::io::BufWriter::new(std::fs::File::create(&args.generations_out)?);
         for record in records.iter().take(args.generations) {
             let (prompt_text, ids) = match &record.prompt {
@@ -107,17 +119,33 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
                     (text, ids)
                 }
             };
-            let policy_ids = policy.generate(&ids, &options);
-            let reference_ids = reference.generate(&ids, &options);
-            let line = serde_json::json!({
-                "index": record.index,
-                "prompt": prompt_text,
-                "policy": tokenizer.decode(&policy_ids, true)?,
-                "reference": tokenizer.decode(&reference_ids, true)?,
-            });
-            writeln!(out, "{line}")?;
+            let options = GenerateOptions {
+                max_new_tokens: args.max_new_tokens,
+                temperature: args.temperature,
+                top_p: args.top_p,
+                stop_tokens: stop.clone(),
+                seed: args.seed.wrapping_add(record.index as u64),
+            };
+            let generation = Generation {
+                index: record.index,
+                prompt: prompt_text,
+                policy: tokenizer.decode(&policy.generate(&ids, &options), true)?,
+                reference: tokenizer.decode(&reference.generate(&ids, &options), true)?,
+            };
+            writeln!(out, "{}", serde_json::to_string(&generation)?)?;
+            generations.push(generation);
         }
-        println!("wrote {} generations to {}", args.generations.min(records.len()), args.generations_out.display());
+        out.flush()?;
+        println!("wrote {} generations to {}", generations.len(), args.generations_out.display());
+        let rubrics = dipole_train::judge::rubrics_of(&args.data).map_err(|e| anyhow!(e))?;
+        let (report, _) = match args.judge.llm() {
+            Some(judge) => judge.judge(&generations, &rubrics).map_err(|e| anyhow!(e))?,
+            None => dipole_train::judge_with_rules(&generations, &rubrics),
+        };
+        // The base against itself: every reward margin is 0, a coin flip.
+        println!("\n{}", dipole_train::judge::format_table(Some(0.5), accuracy_after, Some(&report)));
+    } else {
+        println!("\n{}", dipole_train::judge::format_table(Some(0.5), accuracy_after, None));
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod data;
+mod demo;
 mod eval;
 mod export;
 mod logps;

@@ -66,6 +66,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
         ..Default::default()
     };
     config.validate().map_err(|e| anyhow!("{e}"))?;
+    if config.loss_type.iter().any(|t| t.unpaired()) {
+        return Err(anyhow!("--loss kto / apo_zero_unpaired: score works on preference pairs; KTO runs through `cargo xtask train` (unpaired rows, or pairs split into desirable and undesirable rows)"));
+    }
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart, ..Default::default() };
     let prepared = load_pairs(&args.data, &tokenizer, lengths)?;

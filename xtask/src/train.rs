@@ -24,6 +24,37 @@ pub struct TrainArgs {
     /// Backend (overrides `train.backend`).
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
+    #[command(flatten)]
+    pub judge: JudgeArgs,
+}
+
+/// How the generations of a run are judged.
+#[derive(Args, Debug, Clone)]
+pub struct JudgeArgs {
+    /// OpenAI-compatible chat endpoint for an LLM judge (`http://host:port/v1`); default: the
+    /// rule-based judge.
+    #[arg(long)]
+    pub judge_url: Option<String>,
+    /// Model name sent to the judge endpoint.
+    #[arg(long, default_value = "judge")]
+    pub judge_model: String,
+    /// Environment variable holding the judge's API key (sent as a bearer token when set).
+    #[arg(long, default_value = "DIPOLE_JUDGE_API_KEY")]
+    pub judge_key_env: String,
+    /// Seconds to wait for each judge reply.
+    #[arg(long, default_value_t = 120)]
+    pub judge_timeout: u64,
+}
+
+impl JudgeArgs {
+    pub fn llm(&self) -> Option<dipole_train::LlmJudge> {
+        self.judge_url.as_ref().map(|url| dipole_train::LlmJudge {
+            url: url.clone(),
+            model: self.judge_model.clone(),
+            api_key: std::env::var(&self.judge_key_env).ok().filter(|k| !k.is_empty()),
+            timeout: std::time::Duration::from_secs(self.judge_timeout),
+        })
+    }
 }
 
 pub fn load_config(args: &TrainArgs, stage: Option<Stage>) -> Result<TrainConfig> {
@@ -50,12 +81,18 @@ pub fn run(args: TrainArgs, stage: Option<Stage>) -> Result<()> {
         resume: args.resume.as_deref().map(|r| if r == "latest" { Resume::Latest } else { Resume::Path(PathBuf::from(r)) }),
         stop_after: None,
     };
-    crate::with_backend!(backend, run_on(&config, &options))
+    let judge = args.judge.llm();
+    crate::with_backend!(backend, run_on(&config, &options, judge.as_ref()))
 }
 
-fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOptions) -> Result<()> {
+fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOptions, judge: Option<&dipole_train::LlmJudge>) -> Result<()> {
     let started = std::time::Instant::now();
-    let summary = train::<Autodiff<B>>(config, options, device).map_err(|e| anyhow!(e))?;
+    let summary = if config.train.gradient_checkpointing {
+        train::<Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(config, options, device)
+    } else {
+        train::<Autodiff<B>>(config, options, device)
+    }
+    .map_err(|e| anyhow!(e))?;
     eprintln!(
         "{} steps in {:.1}s; final loss {:.4}; {} written",
         summary.steps,
@@ -65,8 +102,12 @@ fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOpt
     );
     if let Some(eval) = &summary.final_eval {
         for (k, v) in eval {
-            eprintln!("  {k:<28} {v:.4}");
+            eprintln!("  {k:<36} {v:.4}");
         }
+    }
+    if config.train.stage == dipole_train::Stage::Dpo && (summary.initial_eval.is_some() || summary.generations.is_some()) {
+        let (_, table) = dipole_train::run_report(config, &summary, judge).map_err(|e| anyhow!(e))?;
+        println!("\nbefore / after ({}):\n{table}", config.train.output_dir.join("report.md").display());
     }
     Ok(())
 }

@@ -14,6 +14,9 @@ pub struct PreferenceBatch {
     /// 1 for completion tokens (the ones scored), 0 for prompt and padding.
     pub completion_mask: Vec<Vec<u8>>,
     pub seq_len: usize,
+    /// KTO: the batch holds unpaired examples (the "chosen" rows) with their mismatched KL
+    /// sequences (the "rejected" rows), and these are the examples' desirable flags.
+    pub labels: Option<Vec<bool>>,
 }
 
 impl PreferenceBatch {
@@ -40,6 +43,7 @@ impl PreferenceBatch {
             attention_mask: rows.iter().map(|s| pad_mask(&vec![1; s.input_ids.len()])).collect(),
             completion_mask: rows.iter().map(|s| pad_mask(&s.completion_mask)).collect(),
             seq_len,
+            labels: None,
         }
     }
 

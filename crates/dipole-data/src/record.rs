@@ -69,7 +69,7 @@ impl PreferenceRecord {
     }
 }
 
-/// An unpaired `{prompt, completion, label}` example (KTO).
+/// An unpaired `{prompt, completion}` example: with a `label` for KTO, without one for SFT.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UnpairedRecord {
     pub index: usize,
@@ -77,8 +77,8 @@ pub struct UnpairedRecord {
     pub location: Location,
     pub prompt: Content,
     pub completion: Content,
-    /// true: desirable.
-    pub label: bool,
+    /// `Some(true)`: desirable, `Some(false)`: undesirable, `None`: a plain SFT example.
+    pub label: Option<bool>,
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -185,9 +185,9 @@ pub fn parse_row(value: &Value, index: usize, path: &Path, location: Location) -
         let prompt = parse_content(obj, "prompt")?;
         let completion = parse_content(obj, "completion")?;
         let label = match obj.get("label") {
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => Some(*b),
             Some(other) => return Err(format!("field \"label\" must be true or false, found {}", json_kind(other))),
-            None => return Err("missing field \"label\" (true for desirable, false for undesirable)".into()),
+            None => None,
         };
         if prompt.is_conversational() != completion.is_conversational() {
             return Err("prompt and completion mix plain text and message lists".into());
@@ -357,7 +357,7 @@ pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
 pub fn read_preferences(path: &Path, options: ReadOptions) -> Result<(Vec<PreferenceRecord>, Vec<DataError>)> {
     let rows = read_rows(path, options)?;
     if rows.preference.is_empty() && !rows.unpaired.is_empty() {
-        return Err(DataError::at(path, None, "this is an unpaired (KTO) dataset; preference pairs need chosen and rejected".into()));
+        return Err(DataError::at(path, None, "this is a prompt-completion dataset (SFT or KTO rows); preference pairs need chosen and rejected".into()));
     }
     if rows.preference.is_empty() {
         return Err(DataError::at(path, None, format!("no valid records ({} skipped)", rows.skipped.len())));
@@ -380,7 +380,11 @@ impl PreferenceRecord {
 impl UnpairedRecord {
     /// As a TRL-format JSON row `{prompt, completion, label}`.
     pub fn to_json(&self) -> Value {
-        serde_json::json!({"prompt": self.prompt.to_json(), "completion": self.completion.to_json(), "label": self.label})
+        let mut row = serde_json::json!({"prompt": self.prompt.to_json(), "completion": self.completion.to_json()});
+        if let Some(label) = self.label {
+            row["label"] = Value::Bool(label);
+        }
+        row
     }
 }
 

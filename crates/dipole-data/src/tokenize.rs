@@ -26,35 +26,43 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// The texts TRL tokenises for one prompt and completion: the prompt, prompt + completion, and
+/// whether special tokens are added (standard format) or written by the chat template.
+fn render_texts(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    prompt: &Content,
+    completion: &Content,
+) -> Result<(String, String, bool), String> {
+    match (prompt, completion) {
+        (Content::Text(p), Content::Text(c)) => {
+            let eos = tokenizer
+                .eos
+                .as_ref()
+                .map(|t| t.text.as_str())
+                .ok_or("the tokenizer has no EOS token to end completions with")?;
+            Ok((p.clone(), format!("{p}{c}{eos}"), true))
+        }
+        (Content::Messages(p), Content::Messages(c)) => {
+            let template = template.ok_or(
+                "conversational record, but the model has no chat_template in tokenizer_config.json",
+            )?;
+            let mut all = p.clone();
+            all.extend_from_slice(c);
+            Ok((template.render(p, true)?, template.render(&all, false)?, false))
+        }
+        _ => Err("prompt and completion mix plain text and message lists".into()),
+    }
+}
+
 /// Tokenises one record. Errors are reasons (the caller knows the file and line).
 pub fn tokenize_pair(
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     record: &PreferenceRecord,
 ) -> Result<TokenizedPair, String> {
-    let (prompt, chosen, rejected, special) = match (&record.prompt, &record.chosen, &record.rejected) {
-        (Content::Text(p), Content::Text(c), Content::Text(r)) => {
-            let eos = tokenizer
-                .eos
-                .as_ref()
-                .map(|t| t.text.as_str())
-                .ok_or("the tokenizer has no EOS token to end completions with")?;
-            (p.clone(), format!("{p}{c}{eos}"), format!("{p}{r}{eos}"), true)
-        }
-        (Content::Messages(p), Content::Messages(c), Content::Messages(r)) => {
-            let template = template.ok_or(
-                "conversational record, but the model has no chat_template in tokenizer_config.json",
-            )?;
-            let prompt = template.render(p, true)?;
-            let with = |completion: &[crate::record::Message]| {
-                let mut all = p.clone();
-                all.extend_from_slice(completion);
-                template.render(&all, false)
-            };
-            (prompt, with(c)?, with(r)?, false)
-        }
-        _ => return Err("prompt, chosen and rejected mix plain text and message lists".into()),
-    };
+    let (prompt, chosen, special) = render_texts(tokenizer, template, &record.prompt, &record.chosen)?;
+    let (_, rejected, _) = render_texts(tokenizer, template, &record.prompt, &record.rejected)?;
     let enc = |text: &str| tokenizer.encode(text, special).map_err(|e| e.reason);
     let prompt_ids = enc(&prompt)?;
     let chosen_full = enc(&chosen)?;
@@ -71,6 +79,24 @@ pub fn tokenize_pair(
         return Err(format!("{which} completion is empty after tokenisation"));
     }
     Ok(pair)
+}
+
+/// Tokenises one prompt + completion (SFT, KTO) with the same rules as [`tokenize_pair`]:
+/// returns `(prompt_ids, completion_ids)`.
+pub fn tokenize_completion(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    prompt: &Content,
+    completion: &Content,
+) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let (prompt, full, special) = render_texts(tokenizer, template, prompt, completion)?;
+    let prompt_ids = tokenizer.encode(&prompt, special).map_err(|e| e.reason)?;
+    let full_ids = tokenizer.encode(&full, special).map_err(|e| e.reason)?;
+    let cut = common_prefix(&prompt_ids, &full_ids);
+    if cut == full_ids.len() {
+        return Err("completion is empty after tokenisation".into());
+    }
+    Ok((full_ids[..cut].to_vec(), full_ids[cut..].to_vec()))
 }
 
 /// Which end of `prompt + completion` survives truncation to `max_length`.
@@ -98,7 +124,7 @@ pub struct PairInputs {
     pub rejected: Sequence,
 }
 
-fn build_sequence(prompt: &[u32], completion: &[u32], max_length: Option<usize>, mode: TruncationMode) -> Sequence {
+pub(crate) fn build_sequence(prompt: &[u32], completion: &[u32], max_length: Option<usize>, mode: TruncationMode) -> Sequence {
     let mut input_ids = prompt.to_vec();
     input_ids.extend_from_slice(completion);
     let mut completion_mask = vec![0u8; prompt.len()];

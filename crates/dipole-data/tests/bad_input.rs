@@ -37,7 +37,7 @@ const CASES: &[(&str, &str, &str, &str, &str)] = &[
     ("mixed formats", "a.jsonl", "{\"prompt\": \"x\", \"chosen\": [{\"role\": \"assistant\", \"content\": \"a\"}], \"rejected\": \"b\"}", ":1:", "mix plain text and message lists"),
     ("implicit prompt, nothing shared", "a.jsonl", "{\"chosen\": \"abc\", \"rejected\": \"xyz\"}", ":1:", "share no beginning"),
     ("kto label not bool", "a.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\", \"label\": \"yes\"}", ":1:", "\"label\" must be true or false"),
-    ("kto label missing", "a.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}", ":1:", "missing field \"label\""),
+    ("completion rows as pairs", "a.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}", "a.jsonl", "preference pairs need chosen and rejected"),
     ("mixed kinds", "a.jsonl", "GOOD\n{\"prompt\": \"x\", \"completion\": \"y\", \"label\": true}", ":2:", "one kind per dataset"),
     ("json not array", "a.json", "{\"prompt\": \"x\"}", "a.json", "expected a JSON array"),
     ("json element", "a.json", "[GOOD, {\"prompt\": \"x\", \"chosen\": \"y\"}]", "(element 1)", "missing field \"rejected\""),

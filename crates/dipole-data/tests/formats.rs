@@ -81,6 +81,6 @@ fn unpaired_kto_rows() {
     write_rows(&path, Format::Parquet, &rows).unwrap();
     let read = read_rows(&path, ReadOptions::default()).unwrap();
     assert_eq!(read.unpaired.len(), 2);
-    assert!(read.unpaired[0].label && !read.unpaired[1].label);
-    assert!(read_preferences(&path, ReadOptions::default()).unwrap_err().to_string().contains("unpaired"));
+    assert_eq!((read.unpaired[0].label, read.unpaired[1].label), (Some(true), Some(false)));
+    assert!(read_preferences(&path, ReadOptions::default()).unwrap_err().to_string().contains("prompt-completion dataset"));
 }

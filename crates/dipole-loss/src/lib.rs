@@ -6,7 +6,7 @@ pub mod metrics;
 pub mod objectives;
 pub mod token_stats;
 
-pub use objectives::{FDivergence, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, preference_loss};
+pub use objectives::{CpoVariant, FDivergence, KtoOutput, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, kto_loss, preference_loss};
 pub use metrics::preference_metrics;
 pub use logps::{SequenceLogps, ld_weights, prediction_window, sequence_logps, sequence_logps_window, token_logps, wpo_weights, wpo_weights_aligned};
 pub use token_stats::{TokenStats, token_stats, token_stats_aligned};

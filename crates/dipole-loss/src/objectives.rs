@@ -51,10 +51,15 @@ pub enum LossType {
     /// ORPO (Hong et al. 2024, arXiv:2403.07691), reference-free: chosen NLL − β·log σ(log-odds ratio)
     /// on length-averaged log-probs.
     Orpo,
+    /// KTO (Ethayarajh et al. 2024, arXiv:2402.01306) on unpaired rows: desirable 1 − σ(β(r − z)),
+    /// undesirable 1 − σ(β(z − r)), r the log-ratio and z the batch KL estimate (see [`kto_loss`]).
+    Kto,
+    /// APO-zero on unpaired rows (D'Oosterlinck et al. 2024, arXiv:2408.06266): KTO's form with z = 0.
+    ApoZeroUnpaired,
 }
 
 impl LossType {
-    pub const ALL: [LossType; 19] = [
+    pub const ALL: [LossType; 21] = [
         LossType::Sigmoid,
         LossType::Hinge,
         LossType::Ipo,
@@ -74,6 +79,8 @@ impl LossType {
         LossType::Simpo,
         LossType::Cpo,
         LossType::Orpo,
+        LossType::Kto,
+        LossType::ApoZeroUnpaired,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +104,8 @@ impl LossType {
             LossType::Simpo => "simpo",
             LossType::Cpo => "cpo",
             LossType::Orpo => "orpo",
+            LossType::Kto => "kto",
+            LossType::ApoZeroUnpaired => "apo_zero_unpaired",
         }
     }
 
@@ -105,12 +114,30 @@ impl LossType {
         matches!(self, LossType::Sft | LossType::Simpo | LossType::Cpo | LossType::Orpo)
     }
 
+    /// Objectives over unpaired `{prompt, completion, label}` rows (KTO's data).
+    pub fn unpaired(self) -> bool {
+        matches!(self, LossType::Kto | LossType::ApoZeroUnpaired)
+    }
+
     pub fn parse(s: &str) -> Result<Self, String> {
         Self::ALL.iter().copied().find(|t| t.name() == s).ok_or_else(|| {
             let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
             format!("unknown loss type {s:?}; expected one of {}", names.join(", "))
         })
     }
+}
+
+/// CPO's preference term (TRL's `CPOConfig.loss_type`). `ipo`, `simpo` and `alphapo` compare
+/// length-averaged log-probs; `alphapo` is SimPO on AlphaPO rewards without the NLL term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CpoVariant {
+    #[default]
+    Sigmoid,
+    Hinge,
+    Ipo,
+    Simpo,
+    Alphapo,
 }
 
 /// How the policy/reference log-ratios become the preference logit (TRL's `f_divergence_type`).
@@ -146,6 +173,13 @@ pub struct ObjectiveConfig {
     pub simpo_gamma: f64,
     /// CPO's weight of the chosen NLL.
     pub cpo_alpha: f64,
+    /// CPO's preference term.
+    pub cpo_loss_type: CpoVariant,
+    /// AlphaPO's α (TRL's `alpha`): rewards `(1 − p^(−α)) / α` instead of `log p` when non-zero.
+    pub alphapo_alpha: f64,
+    /// KTO's weights of the desirable and undesirable rows' losses.
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
 }
 
 impl Default for ObjectiveConfig {
@@ -163,6 +197,10 @@ impl Default for ObjectiveConfig {
             rpo_alpha: None,
             simpo_gamma: 0.5,
             cpo_alpha: 1.0,
+            cpo_loss_type: CpoVariant::Sigmoid,
+            alphapo_alpha: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }
@@ -171,6 +209,18 @@ impl ObjectiveConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.loss_type.is_empty() {
             return Err("loss_type is empty".into());
+        }
+        if self.loss_type.iter().any(|t| t.unpaired()) && self.loss_type.len() > 1 {
+            return Err(format!(
+                "loss_type {:?}: kto and apo_zero_unpaired train on unpaired rows and cannot be combined with other types",
+                self.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>()
+            ));
+        }
+        if !(self.desirable_weight >= 0.0 && self.undesirable_weight >= 0.0) {
+            return Err(format!(
+                "desirable_weight and undesirable_weight must be >= 0, got {} and {}",
+                self.desirable_weight, self.undesirable_weight
+            ));
         }
         if !self.loss_weights.is_empty() && self.loss_weights.len() != self.loss_type.len() {
             return Err(format!(
@@ -236,6 +286,49 @@ pub struct ObjectiveOutput<B: Backend> {
     pub extra: Vec<(String, f64)>,
 }
 
+/// KTO's outputs for a batch of unpaired rows.
+pub struct KtoOutput<B: Backend> {
+    /// Scalar `[1]`: the mean over rows of the weighted row losses.
+    pub loss: Tensor<B, 1>,
+    /// `β·(logp − ref_logp)` per row, detached.
+    pub rewards: Tensor<B, 1>,
+    /// The KL estimate used (0 for `apo_zero_unpaired`).
+    pub kl: f64,
+}
+
+/// KTO (`loss_type = ["kto"]`) or unpaired APO-zero on rows with `desirable` flags. `kl` is the
+/// batch estimate mean(policy − reference log-probs of mismatched prompt/completion pairs), which
+/// is clamped at 0 here and carries no gradient.
+pub fn kto_loss<B: Backend>(
+    config: &ObjectiveConfig,
+    logps: Tensor<B, 1>,
+    ref_logps: Tensor<B, 1>,
+    desirable: &[bool],
+    kl: f64,
+) -> KtoOutput<B> {
+    let device = logps.device();
+    let kl = match config.loss_type.first() {
+        Some(LossType::ApoZeroUnpaired) => 0.0,
+        _ => kl.max(0.0),
+    };
+    let n = desirable.len();
+    let signs: Vec<f32> = desirable.iter().map(|&d| if d { 1.0 } else { -1.0 }).collect();
+    let weights: Vec<f32> = desirable
+        .iter()
+        .map(|&d| if d { config.desirable_weight as f32 } else { config.undesirable_weight as f32 })
+        .collect();
+    let signs = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(signs, [n]), &device);
+    let weights = Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(weights, [n]), &device);
+    let logratios = logps - ref_logps;
+    let margin = (logratios.clone().sub_scalar(kl) * signs).mul_scalar(config.beta);
+    let losses = sigmoid(margin).neg().add_scalar(1.0) * weights;
+    KtoOutput {
+        loss: losses.mean(),
+        rewards: logratios.mul_scalar(config.beta).detach(),
+        kl,
+    }
+}
+
 /// softplus(x) = log(1 + eˣ) = -log σ(-x), via the stable log-sigmoid.
 fn softplus<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     log_sigmoid(x.neg()).neg()
@@ -299,6 +392,7 @@ pub fn preference_loss<B: Backend>(
     // token-mean NLL of the chosen completions over the batch
     let chosen_nll = || pc.clone().sum().neg() / lc.clone().sum().clamp_min(1.0);
     let mut extra = Vec::new();
+    let mut cpo_rewards: Option<(Tensor<B, 1>, Tensor<B, 1>)> = None;
     let mut loss = Tensor::<B, 1>::zeros([1], &pc.device());
     for (i, &kind) in config.loss_type.iter().enumerate() {
         let per_pair = match kind {
@@ -372,14 +466,41 @@ pub fn preference_loss<B: Backend>(
                 log_sigmoid(d.mul_scalar(beta)).neg()
             }
             LossType::KtoPair => kto_pair(chosen_logratios.clone(), rejected_logratios.clone(), beta),
+            LossType::Kto | LossType::ApoZeroUnpaired => {
+                panic!("{} trains on unpaired rows: use kto_loss (the trainer does)", kind.name())
+            }
             LossType::Simpo => {
                 let logits = (avg_c.clone() - avg_r.clone()).sub_scalar(config.simpo_gamma / beta);
                 log_sigmoid(logits.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(logits.mul_scalar(-beta)).mul_scalar(ls)
             }
             LossType::Cpo => {
-                let logits = pc.clone() - pr.clone();
-                let pref = log_sigmoid(logits.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(logits.mul_scalar(-beta)).mul_scalar(ls);
-                pref + chosen_nll().mul_scalar(config.cpo_alpha).expand([pc.dims()[0]])
+                let variant = config.cpo_loss_type;
+                let (c, r) = match variant {
+                    CpoVariant::Ipo | CpoVariant::Simpo | CpoVariant::Alphapo => (avg_c.clone(), avg_r.clone()),
+                    CpoVariant::Sigmoid | CpoVariant::Hinge => (pc.clone(), pr.clone()),
+                };
+                let a = config.alphapo_alpha;
+                let reward = |x: Tensor<B, 1>| if a != 0.0 { x.mul_scalar(-a).exp().neg().add_scalar(1.0).div_scalar(a) } else { x };
+                let (rc, rr) = (reward(c), reward(r));
+                cpo_rewards = Some((rc.clone(), rr.clone()));
+                let x = rc - rr;
+                let smoothed = |x: Tensor<B, 1>| {
+                    log_sigmoid(x.clone().mul_scalar(beta)).neg().mul_scalar(1.0 - ls) - log_sigmoid(x.mul_scalar(-beta)).mul_scalar(ls)
+                };
+                let pref = match variant {
+                    CpoVariant::Sigmoid => smoothed(x),
+                    CpoVariant::Hinge => x.mul_scalar(-beta).add_scalar(1.0).clamp_min(0.0),
+                    CpoVariant::Ipo => x.sub_scalar(1.0 / (2.0 * beta)).powi_scalar(2),
+                    CpoVariant::Simpo | CpoVariant::Alphapo => smoothed(x.sub_scalar(config.simpo_gamma / beta)),
+                };
+                let nll_weight = if variant == CpoVariant::Alphapo { 0.0 } else { config.cpo_alpha };
+                if nll_weight != 0.0 {
+                    let nll = chosen_nll();
+                    extra.push(("nll_loss".to_string(), nll.clone().detach().into_scalar().elem_f64()));
+                    pref + nll.mul_scalar(nll_weight).expand([pc.dims()[0]])
+                } else {
+                    pref
+                }
             }
             LossType::Orpo => {
                 // log odds(p) = log p - log(1 - p), p the length-averaged sequence probability
@@ -406,7 +527,11 @@ pub fn preference_loss<B: Backend>(
         loss = loss + nll.mul_scalar(alpha);
     }
     let averaged = matches!(config.loss_type.first(), Some(LossType::Simpo | LossType::Orpo));
-    let (rc, rr) = if averaged { (avg_c, avg_r) } else { (chosen_logratios, rejected_logratios) };
+    let (rc, rr) = match cpo_rewards {
+        Some(rewards) if config.loss_type.first() == Some(&LossType::Cpo) => rewards,
+        _ if averaged => (avg_c, avg_r),
+        _ => (chosen_logratios, rejected_logratios),
+    };
     ObjectiveOutput {
         loss,
         chosen_rewards: rc.mul_scalar(beta).detach(),
@@ -485,6 +610,57 @@ mod tests {
         let pref = (-ls(2.0) - ls(8.0)) / 2.0;
         let nll = 6.0 / 4.0;
         assert!((loss - (pref + nll)).abs() < 1e-6, "{loss} vs {}", pref + nll);
+    }
+
+    #[test]
+    fn kto_matches_hand_computed_values() {
+        let device = Default::default();
+        let t = |v: &[f32]| Tensor::<Flex, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device);
+        let config = ObjectiveConfig { loss_type: vec![LossType::Kto], beta: 0.5, desirable_weight: 1.0, undesirable_weight: 2.0, ..Default::default() };
+        // log-ratios 2 (desirable) and 1 (undesirable), KL 0.4
+        let out = kto_loss(&config, t(&[-1.0, -3.0]), t(&[-3.0, -4.0]), &[true, false], 0.4);
+        let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let want = ((1.0 - sig(0.5 * (2.0 - 0.4))) + 2.0 * (1.0 - sig(0.5 * (0.4 - 1.0)))) / 2.0;
+        let got = out.loss.into_scalar() as f64;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        let rewards: Vec<f32> = out.rewards.into_data().to_vec().unwrap();
+        assert_eq!(rewards, vec![1.0, 0.5]);
+        // a negative KL estimate is clamped at 0; apo_zero_unpaired ignores it
+        assert_eq!(kto_loss(&config, t(&[-1.0]), t(&[-1.0]), &[true], -3.0).kl, 0.0);
+        let apo = ObjectiveConfig { loss_type: vec![LossType::ApoZeroUnpaired], beta: 0.5, ..Default::default() };
+        let out = kto_loss(&apo, t(&[-1.0, -3.0]), t(&[-3.0, -4.0]), &[true, false], 0.4);
+        let want = ((1.0 - sig(1.0)) + sig(0.5)) / 2.0;
+        assert!((out.loss.into_scalar() as f64 - want).abs() < 1e-6);
+        let err = ObjectiveConfig { loss_type: vec![LossType::Kto, LossType::Sigmoid], ..Default::default() }.validate().unwrap_err();
+        assert!(err.contains("cannot be combined"), "{err}");
+    }
+
+    #[test]
+    fn cpo_variants_match_their_formulas() {
+        // sums -4 vs -6 over lengths 2 and 3: averages -2 vs -2; β = 2 (see `run`)
+        let i = inputs(&[-4.0], &[-6.0], &[2.0], &[3.0]);
+        let with = |variant: CpoVariant, cpo_alpha: f64, alpha: f64| {
+            let config = ObjectiveConfig { loss_type: vec![LossType::Cpo], beta: 2.0, cpo_loss_type: variant, cpo_alpha, alphapo_alpha: alpha, ..Default::default() };
+            let out = preference_loss(&config, &i, &mut ObjectiveState::default(), true);
+            let rc: f32 = out.chosen_rewards.clone().into_scalar();
+            (out.loss.into_scalar() as f64, rc as f64)
+        };
+        let (hinge, rc) = with(CpoVariant::Hinge, 0.0, 0.0);
+        assert!((hinge - 0.0).abs() < 1e-6 && (rc - -8.0).abs() < 1e-5, "relu(1 - 2·2) = 0: {hinge}, rewards β·sum: {rc}");
+        let (ipo, rc) = with(CpoVariant::Ipo, 0.0, 0.0);
+        assert!((ipo - 0.0625).abs() < 1e-6 && (rc - -4.0).abs() < 1e-5, "(0 - 1/4)²: {ipo}; rewards β·avg: {rc}");
+        let (simpo, _) = with(CpoVariant::Simpo, 0.0, 0.0);
+        assert!((simpo - -ls(2.0 * (0.0 - 0.25))).abs() < 1e-6, "{simpo}");
+        let (nll, _) = with(CpoVariant::Ipo, 1.0, 0.0);
+        assert!((nll - (0.0625 + 2.0)).abs() < 1e-5, "token-mean chosen NLL 4/2 added: {nll}");
+        // AlphaPO: r = (1 − exp(−α·avg)) / α on averages -2 and -1 (lengths 2 and 2)
+        let j = inputs(&[-4.0], &[-2.0], &[2.0], &[2.0]);
+        let config = ObjectiveConfig { loss_type: vec![LossType::Cpo], beta: 2.0, cpo_loss_type: CpoVariant::Alphapo, alphapo_alpha: 0.5, ..Default::default() };
+        let out = preference_loss(&config, &j, &mut ObjectiveState::default(), true);
+        let r = |x: f64| (1.0 - (-0.5 * x).exp()) / 0.5;
+        let want = -ls(2.0 * (r(-2.0) - r(-1.0) - 0.25));
+        let got = out.loss.into_scalar() as f64;
+        assert!((got - want).abs() < 1e-5, "{got} vs {want} (no NLL term for alphapo)");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct ModelSection {
     pub freeze_layers: Vec<usize>,
     /// Freeze the token embeddings in full fine-tuning.
     pub freeze_embeddings: bool,
+    /// Train from random weights (seeded by `train.seed`, N(0, `initializer_range`)): the folder
+    /// needs only `config.json` and the tokenizer files.
+    pub from_scratch: bool,
 }
 
 impl Default for ModelSection {
@@ -53,6 +56,7 @@ impl Default for ModelSection {
             path: PathBuf::new(),
             freeze_layers: Vec::new(),
             freeze_embeddings: false,
+            from_scratch: false,
         }
     }
 }
@@ -218,6 +222,22 @@ pub struct TrainSection {
     /// (`generations.jsonl`).
     pub generations: usize,
     pub max_new_tokens: usize,
+    /// Sampling temperature of those generations (0 = greedy) and nucleus `top_p`; seeded by `seed`.
+    pub generation_temperature: f64,
+    pub generation_top_p: f64,
+    /// Evaluate once before the first step too (the step-0 baseline in `metrics.jsonl`).
+    pub eval_on_start: bool,
+    /// Activation checkpointing: memory-bound activations are recomputed in the backward pass
+    /// instead of kept (burn's `BalancedCheckpointing`). Read by `cargo xtask`, which then trains on
+    /// `Autodiff<B, BalancedCheckpointing>`; library callers choose that backend type themselves.
+    pub gradient_checkpointing: bool,
+    /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the
+    /// frozen reference becomes `alpha * policy + (1 - alpha) * reference` (`frozen-copy` only).
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: usize,
+    /// Where the final adapter (`adapter/`) or model (`model/`) is written; default `<output_dir>/final`.
+    pub final_dir: Option<PathBuf>,
     /// `cpu`, `wgpu`, `cuda`, ... (read by `cargo xtask`).
     pub backend: String,
 }
@@ -243,6 +263,14 @@ impl Default for TrainSection {
             disable_dropout: true,
             generations: 0,
             max_new_tokens: 128,
+            generation_temperature: 0.0,
+            generation_top_p: 1.0,
+            eval_on_start: false,
+            gradient_checkpointing: false,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
+            final_dir: None,
             backend: "cpu".into(),
         }
     }
@@ -320,6 +348,24 @@ impl TrainConfig {
         }
         if !["keep_start", "keep_end"].contains(&self.data.truncation.as_str()) {
             return Err(format!("data.truncation = {:?}: expected \"keep_start\" or \"keep_end\"", self.data.truncation));
+        }
+        if !(t.generation_temperature >= 0.0) || !(t.generation_top_p > 0.0 && t.generation_top_p <= 1.0) {
+            return Err(format!(
+                "train.generation_temperature must be >= 0 and train.generation_top_p in (0, 1], got {} and {}",
+                t.generation_temperature, t.generation_top_p
+            ));
+        }
+        if t.sync_ref_model && (!(0.0..=1.0).contains(&t.ref_model_mixup_alpha) || t.ref_model_sync_steps == 0) {
+            return Err(format!(
+                "train.ref_model_mixup_alpha must be in [0, 1] and train.ref_model_sync_steps at least 1, got {} and {}",
+                t.ref_model_mixup_alpha, t.ref_model_sync_steps
+            ));
+        }
+        if t.sync_ref_model && self.lora.enabled {
+            return Err("train.sync_ref_model (TR-DPO) updates a frozen reference copy: it needs full fine-tuning (lora.enabled = false)".into());
+        }
+        if self.model.from_scratch && self.lora.enabled {
+            return Err("model.from_scratch trains every weight: set lora.enabled = false".into());
         }
         let lora = self.lora.enabled;
         match self.train.reference {

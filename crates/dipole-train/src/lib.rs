@@ -3,6 +3,8 @@
 
 pub mod config;
 pub mod grads;
+pub mod http;
+pub mod judge;
 pub mod logps;
 pub mod plot;
 pub mod precompute;
@@ -12,5 +14,6 @@ pub mod trainer;
 
 pub use config::{ReferenceStrategy, Stage, TrainConfig};
 pub use logps::{BatchTensors, PairLogps, pair_logps};
-pub use step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps};
+pub use judge::{Generation, JudgeReport, LlmJudge, Rubric, RunReport, judge_with_rules, run_report};
+pub use step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps, sft_on_batch};
 pub use trainer::{Resume, RunOptions, TrainSummary, train};

@@ -28,14 +28,19 @@ pub struct BatchTensors<B: Backend> {
 
 impl<B: Backend> BatchTensors<B> {
     pub fn new(batch: &PreferenceBatch, device: &B::Device) -> Self {
-        let shape = [batch.input_ids.len(), batch.seq_len];
+        Self::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device)
+    }
+
+    /// From right-padded rows of equal length `seq_len`.
+    pub fn from_rows(input_ids: &[Vec<u32>], attention_mask: &[Vec<u8>], completion_mask: &[Vec<u8>], seq_len: usize, device: &B::Device) -> Self {
+        let shape = [input_ids.len(), seq_len];
         let ints = |rows: &[Vec<u32>]| rows.iter().flatten().map(|&v| v as i64).collect::<Vec<_>>();
         let mask_ints = |rows: &[Vec<u8>]| rows.iter().flatten().map(|&v| v as i64).collect::<Vec<_>>();
         let floats = |rows: &[Vec<u8>]| rows.iter().flatten().map(|&v| v as f32).collect::<Vec<_>>();
         Self {
-            input_ids: Tensor::from_data(TensorData::new(ints(&batch.input_ids), shape), device),
-            attention_mask: Tensor::from_data(TensorData::new(mask_ints(&batch.attention_mask), shape), device),
-            completion_mask: Tensor::from_data(TensorData::new(floats(&batch.completion_mask), shape), device),
+            input_ids: Tensor::from_data(TensorData::new(ints(input_ids), shape), device),
+            attention_mask: Tensor::from_data(TensorData::new(mask_ints(attention_mask), shape), device),
+            completion_mask: Tensor::from_data(TensorData::new(floats(completion_mask), shape), device),
         }
     }
 }

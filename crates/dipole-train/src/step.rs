@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use dipole_data::PreferenceBatch;
+use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, token_stats_aligned, wpo_weights_aligned};
 use dipole_models::CausalLm;
@@ -129,6 +129,9 @@ pub fn objective_on_batch<B: Backend>(
     let weights = config
         .use_weighting
         .then(|| wpo_weights_aligned(out.logits, out.labels, out.mask));
+    if let Some(labels) = &batch.labels {
+        return kto_on_logps(sums, ref_pairs, labels, config);
+    }
     let lens: Vec<f32> = batch.completion_lengths().iter().map(|&l| l as f32).collect();
     let lens = Tensor::<B, 1>::from_data(TensorData::new(lens, [2 * b]), device);
     let ref_tensor = |f: fn(&(f32, f32)) -> f32| -> Option<Tensor<B, 1>> {
@@ -145,12 +148,79 @@ pub fn objective_on_batch<B: Backend>(
     };
     let policy_logps = host_pairs(sums_detached, b);
     let out = preference_loss(config, &inputs, state, training);
-    let metrics = preference_metrics(&out, &inputs, Some(&stats));
+    let mut metrics = preference_metrics(&out, &inputs, Some(&stats));
+    // Reward accuracy counting exact ties (every pair at step 0, when policy = reference) as half
+    // right: the coin-flip baseline that TRL's strict `rewards/accuracies` reports as 0.
+    let margins = host_f64((out.chosen_rewards.clone() - out.rejected_rewards.clone()).detach());
+    let half_ties = margins.iter().map(|&m| if m > 0.0 { 1.0 } else if m == 0.0 { 0.5 } else { 0.0 }).sum::<f64>();
+    metrics.insert("rewards/accuracies_ties_half".into(), half_ties / margins.len().max(1) as f64);
     StepOutput {
         loss: out.loss,
         metrics,
         reference_logps: ref_pairs,
         policy_logps,
+    }
+}
+
+/// KTO on a batch of unpaired examples (rows `0..B`) and their KL sequences (rows `B..2B`).
+fn kto_on_logps<B: Backend>(sums: Tensor<B, 1>, ref_pairs: Option<Vec<(f32, f32)>>, labels: &[bool], config: &ObjectiveConfig) -> StepOutput<B> {
+    let b = labels.len();
+    let device = sums.device();
+    let refs = ref_pairs.expect("KTO needs reference log-probs");
+    let policy_logps = host_pairs(sums.clone().detach(), b);
+    // the KL estimate: policy vs reference on the mismatched sequences, without gradient
+    let kl = policy_logps.iter().zip(&refs).map(|(p, r)| (p.1 - r.1) as f64).sum::<f64>() / b.max(1) as f64;
+    let ref_main = Tensor::<B, 1>::from_data(TensorData::new(refs.iter().map(|r| r.0).collect::<Vec<_>>(), [b]), &device);
+    let out = dipole_loss::kto_loss(config, sums.narrow(0, 0, b), ref_main, labels, kl);
+    let rewards = host_f64(out.rewards);
+    let mut metrics = BTreeMap::new();
+    metrics.insert("kl".to_string(), out.kl);
+    let mut class_means = |name: &str, want: bool| -> Option<f64> {
+        let rows: Vec<usize> = (0..b).filter(|&i| labels[i] == want).collect();
+        if rows.is_empty() {
+            return None;
+        }
+        let n = rows.len() as f64;
+        let reward = rows.iter().map(|&i| rewards[i]).sum::<f64>() / n;
+        metrics.insert(format!("rewards/{name}"), reward);
+        metrics.insert(format!("logps/{name}"), rows.iter().map(|&i| policy_logps[i].0 as f64).sum::<f64>() / n);
+        metrics.insert(format!("count/{name}"), n);
+        Some(reward)
+    };
+    if let (Some(c), Some(r)) = (class_means("chosen", true), class_means("rejected", false)) {
+        metrics.insert("rewards/margins".to_string(), c - r);
+    }
+    StepOutput { loss: out.loss, metrics, reference_logps: Some(refs), policy_logps }
+}
+
+fn host_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().expect("f64")
+}
+
+/// SFT on a batch of sequences: the mean negative log-likelihood over every completion token of the
+/// batch (TRL's `SFTTrainer` with a completion-only loss), with `mean_token_accuracy`, `entropy` and
+/// `num_tokens`.
+pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> StepOutput<B> {
+    let t = BatchTensors::<B>::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device);
+    let start = prediction_window(&batch.completion_mask);
+    let out = batch_logps(policy, &t, start, None);
+    let tokens = out.mask.clone().sum();
+    let loss = out.sums.clone().sum().neg() / tokens.clone().clamp_min(1.0);
+    let (logits, mask) = (out.logits.detach(), out.mask);
+    let logp = burn::tensor::activation::log_softmax(logits.clone(), 2);
+    let entropy = ((logp.clone().exp() * logp).sum_dim(2).squeeze_dim::<2>(2).neg() * mask.clone()).sum();
+    let correct = (logits.argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask).sum();
+    let n = host_f64(tokens)[0];
+    let per_token = |x: Tensor<B, 1>| if n > 0.0 { host_f64(x)[0] / n } else { 0.0 };
+    let mut metrics = BTreeMap::new();
+    metrics.insert("entropy".to_string(), per_token(entropy));
+    metrics.insert("mean_token_accuracy".to_string(), per_token(correct));
+    metrics.insert("num_tokens".to_string(), n);
+    StepOutput {
+        loss,
+        metrics,
+        reference_logps: None,
+        policy_logps: host_f64(out.sums.detach()).into_iter().map(|v| (v as f32, 0.0)).collect(),
     }
 }
 

@@ -11,17 +11,21 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
-use dipole_data::{LengthOptions, PairInputs, PreferenceBatch, ReadOptions, Tokenizer, TruncationMode, load_pairs_with};
+use burn::tensor::backend::Backend;
+use dipole_data::{
+    CompletionInputs, LengthOptions, PairInputs, PairsAs, PreferenceBatch, ReadOptions, SequenceBatch, Tokenizer, TruncationMode,
+    kto_pairs, load_completions_with, load_pairs_with,
+};
 use dipole_lora::AdapterMode;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
-use dipole_models::{CausalLm, ExportDtype};
+use dipole_models::{CausalLm, ExportDtype, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
 use crate::grads::{accumulate, clip_global_norm};
 use crate::precompute::{ReferenceCache, cache_key};
 use crate::schedule::Schedule;
-use crate::step::{Reference, objective_on_batch, reference_logps};
+use crate::step::{Reference, StepOutput, objective_on_batch, reference_logps, sft_on_batch};
 
 /// Everything a run needs besides its config.
 #[derive(Clone, Debug, Default)]
@@ -62,6 +66,10 @@ pub struct TrainSummary {
     pub log_history: Vec<BTreeMap<String, f64>>,
     /// Metrics of the final evaluation (`eval_*`), when there is an eval set.
     pub final_eval: Option<BTreeMap<String, f64>>,
+    /// Metrics of the evaluation before the first step (`train.eval_on_start`).
+    pub initial_eval: Option<BTreeMap<String, f64>>,
+    /// The generations file, when generations were written.
+    pub generations: Option<PathBuf>,
     /// Where the final adapter or model was written.
     pub final_dir: PathBuf,
 }
@@ -113,14 +121,17 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Mean of each metric over the batches that report it (KTO omits a class absent from a batch).
 fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
+    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     for m in window {
         for (k, v) in m {
-            *out.entry(k.clone()).or_insert(0.0) += v / window.len() as f64;
+            let e = sums.entry(k.clone()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
         }
     }
-    out
+    sums.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect()
 }
 
 /// The objective a stage trains: SFT is the NLL of the chosen completions.
@@ -143,6 +154,13 @@ pub fn resolve_reference(config: &TrainConfig) -> TrainResult<ReferenceStrategy>
         ReferenceStrategy::Auto if config.lora.enabled && config.lora.reference_adapter.is_some() => ReferenceStrategy::RefAdapter,
         ReferenceStrategy::Auto if config.lora.enabled => ReferenceStrategy::AdapterOff,
         ReferenceStrategy::Auto => ReferenceStrategy::FrozenCopy,
+        ReferenceStrategy::Precompute if objective.reference_free() => {
+            return Err(format!(
+                "train.reference = \"precompute\" but loss_type {:?} (stage {:?}) uses no reference",
+                objective.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>(),
+                config.train.stage
+            ));
+        }
         ReferenceStrategy::None if !objective.reference_free() => {
             return Err(format!(
                 "train.reference = \"none\" but loss_type {:?} needs reference log-probs",
@@ -160,7 +178,10 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
         Some(dir) if !config.lora.enabled => dir.join("model"),
         _ => base.clone(),
     };
-    let (mut model, _) = CausalLm::<B>::load(&full_weights, device).map_err(|e| e.to_string())?;
+    let mut model = match checkpoint {
+        None => base_model::<B>(config, device)?,
+        Some(_) => CausalLm::<B>::load(&full_weights, device).map_err(|e| e.to_string())?.0,
+    };
     if config.lora.enabled {
         let lora = config.lora.lora_config(base)?;
         if let Some(dir) = checkpoint {
@@ -191,6 +212,93 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
     }
     model.assign_stable_param_ids();
     Ok(model)
+}
+
+/// TR-DPO's soft update: `alpha * policy + (1 - alpha) * reference`, weight by weight.
+fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: f64) -> TrainResult<CausalLm<B>> {
+    struct Mix(BTreeMap<String, Vec<f32>>);
+    impl dipole_models::WeightSource for Mix {
+        fn tensor(&mut self, name: &str, shape: &[usize], _kind: dipole_models::ParamKind) -> dipole_models::Result<Vec<f32>> {
+            let v = self.0.remove(name).unwrap_or_else(|| panic!("{name}: both models have the same tensors"));
+            assert_eq!(v.len(), shape.iter().product::<usize>(), "{name}");
+            Ok(v)
+        }
+    }
+    let reference_tensors: BTreeMap<String, Vec<f32>> = reference.hf_tensors().into_iter().map(|(n, _, v)| (n, v)).collect();
+    let mut mixed = BTreeMap::new();
+    for (name, _, p) in policy.hf_tensors() {
+        let r = &reference_tensors[&name];
+        let (a, b) = (alpha as f32, (1.0 - alpha) as f32);
+        mixed.insert(name, p.iter().zip(r).map(|(p, r)| a * p + b * r).collect());
+    }
+    let device = reference.embed_tokens.device();
+    CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device).map_err(|e| e.to_string())
+}
+
+fn mask_tokens(mask: &[Vec<u8>]) -> u64 {
+    mask.iter().flatten().map(|&m| m as u64).sum()
+}
+
+fn report_skipped_and_dropped(config: &TrainConfig, skipped: &[dipole_data::DataError], dropped: &[usize], total: usize) {
+    if !skipped.is_empty() {
+        eprintln!("{} invalid training rows skipped:", skipped.len());
+        for e in skipped {
+            eprintln!("  {e}");
+        }
+    }
+    if !dropped.is_empty() {
+        eprintln!(
+            "{} of {total} training records dropped: prompt alone reaches max_length {} (records {dropped:?})",
+            dropped.len(),
+            config.data.max_length,
+        );
+    }
+}
+
+/// The starting weights: the model folder's, or seeded random ones (`model.from_scratch`).
+fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> TrainResult<CausalLm<B>> {
+    if config.model.from_scratch {
+        let model_config = ModelConfig::from_dir(&config.model.path).map_err(|e| e.to_string())?;
+        return Ok(CausalLm::init(model_config, config.train.seed, device));
+    }
+    Ok(CausalLm::<B>::load(&config.model.path, device).map_err(|e| e.to_string())?.0)
+}
+
+/// A stage's examples: preference pairs, or single prompt + completion sequences (SFT).
+enum Examples {
+    /// Preference pairs; for KTO, unpaired examples with their KL sequences and desirable flags.
+    Pairs(Vec<PairInputs>, Option<Vec<bool>>),
+    Sequences(Vec<CompletionInputs>),
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        match self {
+            Examples::Pairs(p, _) => p.len(),
+            Examples::Sequences(s) => s.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Longest row of example `i` (length-grouped batching).
+    fn row_len(&self, i: usize) -> usize {
+        match self {
+            Examples::Pairs(p, _) => p[i].chosen.input_ids.len().max(p[i].rejected.input_ids.len()),
+            Examples::Sequences(s) => s[i].sequence.input_ids.len(),
+        }
+    }
+
+    /// The prompt tokens of example `i` and its record index (generations).
+    fn prompt(&self, i: usize) -> (usize, Vec<u32>) {
+        let (index, seq) = match self {
+            Examples::Pairs(p, _) => (p[i].index, &p[i].chosen),
+            Examples::Sequences(s) => (s[i].index, &s[i].sequence),
+        };
+        (index, seq.input_ids.iter().zip(&seq.completion_mask).take_while(|(_, m)| **m == 0).map(|(t, _)| *t).collect())
+    }
 }
 
 fn checkpoint_dirs(output_dir: &Path) -> Vec<(usize, PathBuf)> {
@@ -242,28 +350,42 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         max_prompt_length: config.data.max_prompt_length,
     };
     let read = ReadOptions { format: None, skip_invalid: config.data.skip_invalid };
-    let prepared = load_pairs_with(&config.data.train, &tokenizer, lengths, read).map_err(|e| e.to_string())?;
-    if !prepared.skipped.is_empty() {
-        eprintln!("{} invalid training rows skipped:", prepared.skipped.len());
-        for e in &prepared.skipped {
-            eprintln!("  {e}");
-        }
-    }
-    if !prepared.dropped.is_empty() {
-        eprintln!(
-            "{} of {} training records dropped: prompt alone reaches max_length {} (records {:?})",
-            prepared.dropped.len(),
-            prepared.tokenized.len(),
-            config.data.max_length,
-            prepared.dropped
-        );
-    }
-    let (train_pairs, eval_pairs) = match &config.data.eval {
-        Some(path) => (prepared.pairs, load_pairs_with(path, &tokenizer, lengths, read).map_err(|e| e.to_string())?.pairs),
-        None => split_pairs(prepared.pairs, config.data.eval_fraction, config.train.seed),
+    let (train_set, eval_set) = if config.train.stage == Stage::Sft {
+        // SFT reads prompt-completion rows, or the chosen side of preference pairs.
+        let load = |path: &Path| load_completions_with(path, &tokenizer, lengths, read, PairsAs::Chosen).map_err(|e| e.to_string());
+        let prepared = load(&config.data.train)?;
+        report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.examples.len() + prepared.dropped.len());
+        let (train, eval) = match &config.data.eval {
+            Some(path) => (prepared.examples, load(path)?.examples),
+            None => split_pairs(prepared.examples, config.data.eval_fraction, config.train.seed),
+        };
+        (Examples::Sequences(train), Examples::Sequences(eval))
+    } else if objective.loss_type.iter().any(|t| t.unpaired()) {
+        // KTO: unpaired rows (preference pairs are unpaired: chosen desirable, rejected not), each
+        // with a mismatched KL sequence fixed by dataset order.
+        let load = |path: &Path| load_completions_with(path, &tokenizer, lengths, read, PairsAs::Unpaired).map_err(|e| e.to_string());
+        let prepared = load(&config.data.train)?;
+        report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.examples.len() + prepared.dropped.len());
+        let (train, eval) = match &config.data.eval {
+            Some(path) => (prepared.examples, load(path)?.examples),
+            None => split_pairs(prepared.examples, config.data.eval_fraction, config.train.seed),
+        };
+        let with_kl = |examples: &[CompletionInputs]| {
+            kto_pairs(examples, config.train.batch_size, lengths.max_length, lengths.truncation).map_err(|e| e.to_string())
+        };
+        let ((train, train_labels), (eval, eval_labels)) = (with_kl(&train)?, with_kl(&eval)?);
+        (Examples::Pairs(train, Some(train_labels)), Examples::Pairs(eval, Some(eval_labels)))
+    } else {
+        let prepared = load_pairs_with(&config.data.train, &tokenizer, lengths, read).map_err(|e| e.to_string())?;
+        report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.tokenized.len());
+        let (train, eval) = match &config.data.eval {
+            Some(path) => (prepared.pairs, load_pairs_with(path, &tokenizer, lengths, read).map_err(|e| e.to_string())?.pairs),
+            None => split_pairs(prepared.pairs, config.data.eval_fraction, config.train.seed),
+        };
+        (Examples::Pairs(train, None), Examples::Pairs(eval, None))
     };
-    if train_pairs.is_empty() {
-        return Err(format!("{}: no training pairs left after length filtering", config.data.train.display()));
+    if train_set.is_empty() {
+        return Err(format!("{}: no training examples left after length filtering", config.data.train.display()));
     }
     let pad = tokenizer.pad_id();
 
@@ -283,21 +405,29 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
 
     // Models.
     let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
-    let frozen_copy = match strategy {
-        ReferenceStrategy::FrozenCopy => {
-            Some(CausalLm::<B::InnerBackend>::load(&config.model.path, device).map_err(|e| e.to_string())?.0)
-        }
+    if config.train.sync_ref_model && strategy != ReferenceStrategy::FrozenCopy {
+        return Err(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}"));
+    }
+    // In a RefCell: TR-DPO replaces it while the reference closure below holds it.
+    let frozen_copy = std::cell::RefCell::new(match strategy {
+        // TR-DPO's reference moves: a checkpoint holds the one it had reached.
+        ReferenceStrategy::FrozenCopy => match &resume_dir {
+            Some(dir) if config.train.sync_ref_model => {
+                Some(CausalLm::<B::InnerBackend>::load(dir.join("reference"), device).map_err(|e| e.to_string())?.0)
+            }
+            _ => Some(base_model::<B::InnerBackend>(config, device)?),
+        },
         _ => None,
-    };
+    });
     // The reference of a precomputed run: the initial policy with adapters off (LoRA) or the base.
-    let precomputed: Option<ReferenceCache> = match strategy {
-        ReferenceStrategy::Precompute => {
+    let precomputed: Option<ReferenceCache> = match (strategy, &train_set, &eval_set) {
+        (ReferenceStrategy::Precompute, Examples::Pairs(train_pairs, _), Examples::Pairs(eval_pairs, _)) => {
             let key = cache_key(config, &train_pairs, &eval_pairs)?;
             let dir = config.train.cache_dir.clone().unwrap_or_else(|| out_dir.join("reference-cache"));
             Some(ReferenceCache::load_or_compute(&dir, &key, || {
                 let initial = build_policy::<B>(config, None, device)?;
                 let mode = if config.lora.reference_adapter.is_some() { AdapterMode::Reference } else { AdapterMode::Disabled };
-                let all: Vec<PairInputs> = train_pairs.iter().chain(&eval_pairs).cloned().collect();
+                let all: Vec<PairInputs> = train_pairs.iter().chain(eval_pairs.iter()).cloned().collect();
                 let mut values = Vec::with_capacity(all.len());
                 for chunk in all.chunks(config.train.batch_size) {
                     let batch = PreferenceBatch::new(chunk, pad);
@@ -311,13 +441,11 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     };
 
     let order = DataOrder {
-        num_pairs: train_pairs.len(),
+        num_pairs: train_set.len(),
         batch_size: config.train.batch_size,
         shuffle: config.data.shuffle,
         seed: config.train.seed,
-        lengths: config.data.group_by_length.then(|| {
-            train_pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).collect()
-        }),
+        lengths: config.data.group_by_length.then(|| (0..train_set.len()).map(|i| train_set.row_len(i)).collect()),
     };
     let accum = config.train.gradient_accumulation_steps;
     let steps_per_epoch = (order.batches_per_epoch() / accum).max(1);
@@ -350,10 +478,10 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         match strategy {
             ReferenceStrategy::Precompute => {
                 let cache = precomputed.as_ref().expect("computed above");
-                let offset = if eval { train_pairs.len() } else { 0 };
+                let offset = if eval { train_set.len() } else { 0 };
                 Some(indices.iter().map(|&i| cache.values[offset + i]).collect())
             }
-            ReferenceStrategy::FrozenCopy => reference_logps(policy, Reference::Model(frozen_copy.as_ref().expect("loaded")), batch, objective.ld_alpha, device),
+            ReferenceStrategy::FrozenCopy => reference_logps(policy, Reference::Model(frozen_copy.borrow().as_ref().expect("loaded")), batch, objective.ld_alpha, device),
             ReferenceStrategy::AdapterOff => reference_logps(policy, Reference::Policy(AdapterMode::Disabled), batch, objective.ld_alpha, device),
             ReferenceStrategy::RefAdapter => reference_logps(policy, Reference::Policy(AdapterMode::Reference), batch, objective.ld_alpha, device),
             ReferenceStrategy::None => None,
@@ -377,6 +505,13 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     });
 
     let mut summary = TrainSummary::default();
+    if config.train.eval_on_start && state.step == 0 && !eval_set.is_empty() {
+        let mut eval = evaluate(&policy, &eval_set, pad, config, &objective, &state.objective, &reference_for, device);
+        eval.insert("step".into(), 0.0);
+        writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
+        summary.log_history.push(eval.clone());
+        summary.initial_eval = Some(eval);
+    }
     let mut window: Vec<BTreeMap<String, f64>> = Vec::new();
     let mut window_losses: Vec<f64> = Vec::new();
     let mut window_tokens = 0u64;
@@ -391,15 +526,26 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         let mut grads: Option<GradientsParams> = None;
         let mut step_loss = 0.0;
         let mut step_batches = Vec::new();
+        let mut step_tokens = 0u64;
         for _ in 0..accum {
             let indices = order.batch(state.batches_seen);
-            let pairs: Vec<PairInputs> = indices.iter().map(|&i| train_pairs[i].clone()).collect();
-            let batch = PreferenceBatch::new(&pairs, pad);
-            let ref_pairs = reference_for(&policy, &batch, &indices, false);
-            let out = objective_on_batch(&policy, ref_pairs, &batch, &objective, &mut state.objective, true, device);
+            let (out, tokens, records) = match &train_set {
+                Examples::Pairs(all, labels) => {
+                    let pairs: Vec<PairInputs> = indices.iter().map(|&i| all[i].clone()).collect();
+                    let mut batch = PreferenceBatch::new(&pairs, pad);
+                    batch.labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
+                    let ref_pairs = reference_for(&policy, &batch, &indices, false);
+                    let out = objective_on_batch(&policy, ref_pairs, &batch, &objective, &mut state.objective, true, device);
+                    (out, mask_tokens(&batch.attention_mask), batch.indices)
+                }
+                Examples::Sequences(all) => {
+                    let examples: Vec<&CompletionInputs> = indices.iter().map(|&i| &all[i]).collect();
+                    let batch = SequenceBatch::new(&examples, pad);
+                    (sft_on_batch(&policy, &batch, device), mask_tokens(&batch.attention_mask), batch.indices)
+                }
+            };
             let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
             if !loss.is_finite() {
-                let records: Vec<usize> = batch.indices.clone();
                 if config.train.skip_nonfinite {
                     eprintln!("step {}: loss is {loss} on records {records:?}; step skipped", state.step + 1);
                     grads = None;
@@ -420,7 +566,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 None => grads = Some(g),
             }
             step_loss += loss / accum as f64;
-            window_tokens += batch.attention_mask.iter().flatten().map(|&m| m as u64).sum::<u64>();
+            step_tokens += tokens;
             window.push(out.metrics);
             step_batches.push(indices);
             state.batches_seen += 1;
@@ -446,8 +592,13 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         }
         policy = optimizer.step(lr, policy, grads);
         state.step += 1;
+        if config.train.sync_ref_model && state.step.is_multiple_of(config.train.ref_model_sync_steps) {
+            let mixed = mix_models(&policy.valid(), frozen_copy.borrow().as_ref().expect("frozen-copy checked above"), config.train.ref_model_mixup_alpha)?;
+            *frozen_copy.borrow_mut() = Some(mixed);
+        }
         steps_this_run += 1;
-        state.num_tokens += window_tokens;
+        state.num_tokens += step_tokens;
+        window_tokens += step_tokens;
         summary.step_losses.push(step_loss);
         summary.grad_norms.push(grad_norm);
         window_losses.push(step_loss);
@@ -483,14 +634,14 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         if let Some(bar) = &progress {
             bar.set_position(state.step as u64);
         }
-        if config.train.eval_steps > 0 && state.step.is_multiple_of(config.train.eval_steps) && !eval_pairs.is_empty() {
-            let mut eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+        if config.train.eval_steps > 0 && state.step.is_multiple_of(config.train.eval_steps) && !eval_set.is_empty() {
+            let mut eval = evaluate(&policy, &eval_set, pad, config, &objective, &state.objective, &reference_for, device);
             eval.insert("step".into(), state.step as f64);
             writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
             summary.log_history.push(eval);
         }
         if config.train.save_steps > 0 && state.step.is_multiple_of(config.train.save_steps) {
-            save_checkpoint(config, &policy, &optimizer, &state, &recorder)?;
+            save_checkpoint(config, &policy, frozen_copy.borrow().as_ref().filter(|_| config.train.sync_ref_model), &optimizer, &state, &recorder)?;
         }
     }
     if let Some(bar) = progress {
@@ -498,29 +649,31 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     }
     summary.steps = state.step;
     if state.step >= total_steps {
-        if !eval_pairs.is_empty() {
-            let mut eval = evaluate(&policy, &eval_pairs, pad, config, &objective, &state.objective, &reference_for, device);
+        if !eval_set.is_empty() {
+            let mut eval = evaluate(&policy, &eval_set, pad, config, &objective, &state.objective, &reference_for, device);
             eval.insert("step".into(), state.step as f64);
             writeln!(metrics_file, "{}", serde_json::to_string(&eval).expect("json")).map_err(|e| e.to_string())?;
             summary.log_history.push(eval.clone());
             summary.final_eval = Some(eval);
         }
         crate::plot::write_run_plots(&out_dir.join("plots"), &summary.log_history).map_err(|e| format!("plots: {e}"))?;
-        let final_dir = out_dir.join("final");
+        let final_dir = config.train.final_dir.clone().unwrap_or_else(|| out_dir.join("final"));
         save_weights(config, &policy, &final_dir)?;
         summary.final_dir = final_dir;
-        if config.train.generations > 0 && !eval_pairs.is_empty() {
-            write_generations(config, &policy, frozen_copy.as_ref(), &eval_pairs, &tokenizer, &out_dir.join("generations.jsonl"))?;
+        if config.train.generations > 0 && !eval_set.is_empty() {
+            let path = out_dir.join("generations.jsonl");
+            write_generations(config, &policy, frozen_copy.borrow().as_ref(), &eval_set, &tokenizer, &path)?;
+            summary.generations = Some(path);
         }
     }
     Ok(summary)
 }
 
-/// Loss and metrics over the eval pairs (no gradients), as `eval_*` keys.
+/// Loss and metrics over the eval examples (no gradients), as `eval_*` keys.
 #[allow(clippy::too_many_arguments)]
 fn evaluate<B: AutodiffBackend>(
     policy: &CausalLm<B>,
-    pairs: &[PairInputs],
+    examples: &Examples,
     pad: u32,
     config: &TrainConfig,
     objective: &ObjectiveConfig,
@@ -530,13 +683,24 @@ fn evaluate<B: AutodiffBackend>(
 ) -> BTreeMap<String, f64> {
     let inner = policy.valid();
     let mut state = objective_state.clone();
+    let size = config.train.batch_size;
     let mut all = Vec::new();
     let mut losses = Vec::new();
-    for (k, chunk) in pairs.chunks(config.train.batch_size).enumerate() {
-        let batch = PreferenceBatch::new(chunk, pad);
-        let indices: Vec<usize> = (k * config.train.batch_size..k * config.train.batch_size + chunk.len()).collect();
-        let ref_pairs = reference_for(policy, &batch, &indices, true);
-        let out = objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, device);
+    for start in (0..examples.len()).step_by(size) {
+        let range = start..(start + size).min(examples.len());
+        let indices: Vec<usize> = range.clone().collect();
+        let out: StepOutput<B::InnerBackend> = match examples {
+            Examples::Pairs(pairs, labels) => {
+                let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
+                batch.labels = labels.as_ref().map(|l| l[range].to_vec());
+                let ref_pairs = reference_for(policy, &batch, &indices, true);
+                objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, device)
+            }
+            Examples::Sequences(seqs) => {
+                let rows: Vec<&CompletionInputs> = indices.iter().map(|&i| &seqs[i]).collect();
+                sft_on_batch(&inner, &SequenceBatch::new(&rows, pad), device)
+            }
+        };
         losses.push(out.loss.into_scalar().elem::<f64>());
         all.push(out.metrics);
     }
@@ -545,12 +709,13 @@ fn evaluate<B: AutodiffBackend>(
     out
 }
 
-/// Greedy continuations of the first `train.generations` eval prompts by the policy and the reference.
+/// Continuations of the first `train.generations` eval prompts by the policy and the reference
+/// (greedy, or sampled with `train.generation_temperature`), one JSON line per prompt.
 fn write_generations<B: AutodiffBackend>(
     config: &TrainConfig,
     policy: &CausalLm<B>,
     frozen: Option<&CausalLm<B::InnerBackend>>,
-    pairs: &[PairInputs],
+    examples: &Examples,
     tokenizer: &Tokenizer,
     path: &Path,
 ) -> TrainResult<()> {
@@ -564,17 +729,20 @@ fn write_generations<B: AutodiffBackend>(
             r
         }
     };
-    let options = dipole_models::GenerateOptions {
-        max_new_tokens: config.train.max_new_tokens,
-        stop_tokens: tokenizer.eos.iter().map(|t| t.id).collect(),
-        ..Default::default()
-    };
     let mut lines = String::new();
-    for pair in pairs.iter().take(config.train.generations) {
-        let prompt: Vec<u32> = pair.chosen.input_ids.iter().zip(&pair.chosen.completion_mask).take_while(|(_, m)| **m == 0).map(|(t, _)| *t).collect();
+    for i in 0..config.train.generations.min(examples.len()) {
+        let (index, prompt) = examples.prompt(i);
+        let options = dipole_models::GenerateOptions {
+            max_new_tokens: config.train.max_new_tokens,
+            temperature: config.train.generation_temperature,
+            top_p: config.train.generation_top_p,
+            stop_tokens: tokenizer.eos.iter().map(|t| t.id).collect(),
+            // The same seed per prompt for policy and reference: differences come from the models.
+            seed: config.train.seed.wrapping_add(index as u64),
+        };
         let text = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| e.to_string());
         let line = serde_json::json!({
-            "index": pair.index,
+            "index": index,
             "prompt": text(&prompt)?,
             "policy": text(&policy.generate(&prompt, &options))?,
             "reference": text(&reference.generate(&prompt, &options))?,
@@ -585,8 +753,8 @@ fn write_generations<B: AutodiffBackend>(
     std::fs::write(path, lines).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Holds out `fraction` of the pairs (seeded) for evaluation.
-pub fn split_pairs(pairs: Vec<PairInputs>, fraction: f64, seed: u64) -> (Vec<PairInputs>, Vec<PairInputs>) {
+/// Holds out `fraction` of the examples (seeded) for evaluation.
+pub fn split_pairs<T>(pairs: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     let (_, test) = dipole_data::split::split_indices(pairs.len(), fraction, seed);
     let test: std::collections::BTreeSet<usize> = test.into_iter().collect();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
@@ -600,6 +768,7 @@ pub fn split_pairs(pairs: Vec<PairInputs>, fraction: f64, seed: u64) -> (Vec<Pai
 fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     config: &TrainConfig,
     policy: &CausalLm<B>,
+    moving_reference: Option<&CausalLm<B::InnerBackend>>,
     optimizer: &O,
     state: &TrainerState,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
@@ -610,6 +779,9 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     save_weights(config, policy, &tmp)?;
+    if let Some(reference) = moving_reference {
+        reference.save_hf(&tmp.join("reference"), ExportDtype::F32, usize::MAX, None).map_err(|e| e.to_string())?;
+    }
     recorder
         .record(optimizer.to_record(), tmp.join("optimizer"))
         .map_err(|e| format!("{}: {e}", tmp.display()))?;

@@ -7,7 +7,7 @@ use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
-use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState, PairInputs, preference_loss};
+use dipole_loss::{CpoVariant, LossType, ObjectiveConfig, ObjectiveState, PairInputs, kto_loss, preference_loss};
 use dipole_models::CausalLm;
 use dipole_train::{Reference, preference_step};
 use serde_json::Value;
@@ -96,8 +96,11 @@ fn finite_difference_gradients_of_every_objective() {
     let rr: Vec<f64> = pr.iter().map(|x| x + 3.0 * rnd()).collect();
     let lens: Vec<f64> = (0..b).map(|i| 5.0 + i as f64).collect();
     let t = |v: &[f64]| Tensor::<F, 1>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), [v.len()]), &device);
-    for kind in LossType::ALL {
-        let config = ObjectiveConfig { loss_type: vec![kind], label_smoothing: 0.1, ..Default::default() };
+    let cpo_variants = [CpoVariant::Hinge, CpoVariant::Ipo, CpoVariant::Simpo, CpoVariant::Alphapo].map(|v| (LossType::Cpo, v));
+    let kinds = LossType::ALL.iter().filter(|k| !k.unpaired()).map(|&k| (k, CpoVariant::Sigmoid)).chain(cpo_variants);
+    for (kind, cpo_loss_type) in kinds {
+        let alphapo_alpha = if cpo_loss_type == CpoVariant::Alphapo { 0.05 } else { 0.0 };
+        let config = ObjectiveConfig { loss_type: vec![kind], label_smoothing: 0.1, cpo_loss_type, alphapo_alpha, ..Default::default() };
         let loss_at = |pc: &[f64], pr: &[f64], track: bool| {
             let chosen = if track { t(pc).require_grad() } else { t(pc) };
             let inputs = PairInputs {
@@ -129,6 +132,30 @@ fn finite_difference_gradients_of_every_objective() {
                 analytic[i]
             );
         }
+    }
+}
+
+#[test]
+fn kto_gradient_matches_finite_differences() {
+    type F = Autodiff<Flex>;
+    let device = Default::default();
+    let logps = [-12.0f64, -9.5, -20.0, -7.25];
+    let refs = [-11.0f32, -10.0, -18.0, -7.0];
+    let desirable = [true, false, true, false];
+    let config = ObjectiveConfig { loss_type: vec![LossType::Kto], beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5, ..Default::default() };
+    let t = |v: &[f64]| Tensor::<F, 1>::from_data(TensorData::new(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), [v.len()]), &device);
+    let r = Tensor::<F, 1>::from_data(TensorData::new(refs.to_vec(), [4]), &device);
+    let x = t(&logps).require_grad();
+    let loss = kto_loss(&config, x.clone(), r.clone(), &desirable, 0.7).loss;
+    let analytic: Vec<f32> = x.grad(&loss.backward()).unwrap().into_data().to_vec().unwrap();
+    for i in 0..4 {
+        let h = 1e-2;
+        let (mut up, mut down) = (logps, logps);
+        up[i] += h;
+        down[i] -= h;
+        let f = |v: &[f64]| kto_loss(&config, t(v), r.clone(), &desirable, 0.7).loss.into_scalar() as f64;
+        let numeric = (f(&up) - f(&down)) / (2.0 * h);
+        assert!((numeric - analytic[i] as f64).abs() <= 1e-5 + 1e-3 * numeric.abs(), "row {i}: {} vs {numeric}", analytic[i]);
     }
 }
 

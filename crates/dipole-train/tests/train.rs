@@ -288,3 +288,119 @@ fn evaluation_and_generations_are_written() {
         assert!(svg.contains("<polyline"), "{plot}");
     }
 }
+
+#[test]
+fn tr_dpo_sync_moves_the_reference_and_resumes_exactly() {
+    // alpha 1, every step: the reference is always the policy of the step before, so every step
+    // starts at policy = reference and its sigmoid loss is ln 2.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.train.sync_ref_model = true;
+    config.train.ref_model_mixup_alpha = 1.0;
+    config.train.ref_model_sync_steps = 1;
+    let run = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    for loss in &run.step_losses {
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", run.step_losses);
+    }
+    // without the sync the later steps move away from ln 2
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = train::<AD>(&golden_config(plain_dir.path()), &RunOptions::default(), &Default::default()).unwrap();
+    assert!(plain.step_losses[1..].iter().all(|l| (l - std::f64::consts::LN_2).abs() > 1e-4), "{:?}", plain.step_losses);
+    // alpha 0 keeps the initial reference: the plain run's losses
+    let still = tempfile::tempdir().unwrap();
+    let mut frozen = config.clone();
+    frozen.train.output_dir = still.path().to_path_buf();
+    frozen.train.ref_model_mixup_alpha = 0.0;
+    assert_eq!(train::<AD>(&frozen, &RunOptions::default(), &Default::default()).unwrap().step_losses, plain.step_losses);
+
+    // the moving reference is part of the checkpoint
+    let parts = tempfile::tempdir().unwrap();
+    let mut resumed = config.clone();
+    resumed.train.output_dir = parts.path().to_path_buf();
+    resumed.train.ref_model_mixup_alpha = 0.5;
+    resumed.train.save_steps = 1;
+    let mut whole = resumed.clone();
+    let whole_dir = tempfile::tempdir().unwrap();
+    whole.train.output_dir = whole_dir.path().to_path_buf();
+    let whole_run = train::<AD>(&whole, &RunOptions::default(), &Default::default()).unwrap();
+    train::<AD>(&resumed, &RunOptions { stop_after: Some(2), ..Default::default() }, &Default::default()).unwrap();
+    assert!(parts.path().join("checkpoint-2/reference/model.safetensors").exists());
+    let rest = train::<AD>(&resumed, &RunOptions { resume: Some(Resume::Latest), ..Default::default() }, &Default::default()).unwrap();
+    assert_eq!(rest.step_losses.last(), whole_run.step_losses.last());
+    assert!(final_bytes(whole_dir.path()) == final_bytes(parts.path()), "resumed TR-DPO weights differ");
+
+    let mut lora = config.clone();
+    lora.lora.enabled = true;
+    let err = train::<AD>(&lora, &RunOptions::default(), &Default::default()).unwrap_err();
+    assert!(err.contains("sync_ref_model"), "{err}");
+}
+
+#[test]
+fn sft_from_scratch_on_prompt_completion_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    // prompt-completion rows from the fixture pairs' chosen side
+    let pairs = std::fs::read_to_string(fixtures().join("data/prefs_standard.jsonl")).unwrap();
+    let rows: Vec<String> = pairs
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string()
+        })
+        .collect();
+    let data = dir.path().join("sft.jsonl");
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut config = golden_config(&dir.path().join("run"));
+    config.train.stage = dipole_train::Stage::Sft;
+    config.model.from_scratch = true;
+    config.data.train = data;
+    config.train.max_steps = Some(6);
+    config.optim.learning_rate = 1e-2;
+    config.train.final_dir = Some(dir.path().join("base"));
+    let run = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert!(run.step_losses[5] < run.step_losses[0] - 0.5, "SFT loss should fall: {:?}", run.step_losses);
+    // random init starts near the uniform NLL ln(vocab)
+    assert!((run.step_losses[0] - (512f64).ln()).abs() < 1.0, "{:?}", run.step_losses);
+    let (trained, _) = dipole_models::CausalLm::<Flex>::load(dir.path().join("base/model"), &Default::default()).unwrap();
+    assert_eq!(trained.config.vocab_size, 512);
+    assert!(dir.path().join("base/model/tokenizer.json").exists(), "tokenizer files travel with the model");
+    let log = &run.log_history[0];
+    assert!(log.contains_key("mean_token_accuracy") && log.contains_key("entropy"), "{log:?}");
+
+    let mut lora = config.clone();
+    lora.lora.enabled = true;
+    assert!(train::<AD>(&lora, &RunOptions::default(), &Default::default()).unwrap_err().contains("from_scratch"));
+}
+
+#[test]
+fn kto_trains_on_pairs_split_into_unpaired_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.objective.loss_type = vec![dipole_loss::LossType::Kto];
+    let run = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    // policy = reference at step 1: every log-ratio and the KL estimate are 0, each row loses 1 − σ(0)
+    assert!((run.step_losses[0] - 0.5).abs() < 1e-6, "{:?}", run.step_losses);
+    assert!(run.step_losses[2] < run.step_losses[0], "{:?}", run.step_losses);
+    let log = &run.log_history[2];
+    for key in ["kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "count/chosen"] {
+        assert!(log.contains_key(key), "{key} missing from {log:?}");
+    }
+    // the same run from a precomputed reference (log-probs of examples and their KL partners)
+    let cached = tempfile::tempdir().unwrap();
+    let mut precomputed = config.clone();
+    precomputed.train.output_dir = cached.path().to_path_buf();
+    precomputed.train.reference = ReferenceStrategy::Precompute;
+    let again = train::<AD>(&precomputed, &RunOptions::default(), &Default::default()).unwrap();
+    for (a, b) in run.step_losses.iter().zip(&again.step_losses) {
+        assert!((a - b).abs() < 1e-6, "{:?} vs {:?}", run.step_losses, again.step_losses);
+    }
+}
+
+#[test]
+fn gradient_checkpointing_matches_trl_too() {
+    // burn's balanced checkpointing recomputes memory-bound activations in the backward pass
+    type Checkpointed = Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+    let dir = tempfile::tempdir().unwrap();
+    let summary = train::<Checkpointed>(&golden_config(dir.path()), &RunOptions::default(), &Default::default()).unwrap();
+    assert_steps_match(&summary, &golden("train_full_clip1.json"));
+    assert_tensors_close(&summary.final_dir.join("model/model.safetensors"), &goldens().join("full_after3/model.safetensors"), |n| n.to_string());
+}
