@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 
-pub const CONFIGS: [&str; 8] = [
+pub const CONFIGS: [&str; 9] = [
     "full",
     "lora",
     "full_precompute",
@@ -37,6 +37,7 @@ pub const CONFIGS: [&str; 8] = [
     // [rows, T, vocab] log-softmax over every position, then gather) instead of dipole's
     "full_checkpointed",
     "full_naive_logps",
+    "full_naive_logps_t1024",
 ];
 
 #[derive(Args, Debug, Clone)]
@@ -181,7 +182,7 @@ fn naive_dpo_loss<B: AutodiffBackend>(policy: &CausalLm<B>, reference: &[(f32, f
 }
 
 fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
-    let naive = name == "full_naive_logps";
+    let naive = name.starts_with("full_naive_logps");
     let lora = name.starts_with("lora");
     let precompute = name.ends_with("precompute");
     let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };

@@ -481,6 +481,12 @@ pub fn preference_loss<B: Backend>(
                 };
                 let a = config.alphapo_alpha;
                 let reward = |x: Tensor<B, 1>| if a != 0.0 { x.mul_scalar(-a).exp().neg().add_scalar(1.0).div_scalar(a) } else { x };
+                if matches!(variant, CpoVariant::Ipo | CpoVariant::Simpo | CpoVariant::Alphapo) {
+                    // TRL's CPO logs the length-averaged log-probs these variants compare
+                    let scalar = |t: &Tensor<B, 1>| -> f64 { t.clone().detach().mean().into_scalar().elem_f64() };
+                    extra.push(("logps/chosen".to_string(), scalar(&c)));
+                    extra.push(("logps/rejected".to_string(), scalar(&r)));
+                }
                 let (rc, rr) = (reward(c), reward(r));
                 cpo_rewards = Some((rc.clone(), rr.clone()));
                 let x = rc - rr;
@@ -651,6 +657,10 @@ mod tests {
         assert!((ipo - 0.0625).abs() < 1e-6 && (rc - -4.0).abs() < 1e-5, "(0 - 1/4)²: {ipo}; rewards β·avg: {rc}");
         let (simpo, _) = with(CpoVariant::Simpo, 0.0, 0.0);
         assert!((simpo - -ls(2.0 * (0.0 - 0.25))).abs() < 1e-6, "{simpo}");
+        let config = ObjectiveConfig { loss_type: vec![LossType::Cpo], beta: 2.0, cpo_loss_type: CpoVariant::Ipo, ..Default::default() };
+        let out = preference_loss(&config, &i, &mut ObjectiveState::default(), true);
+        let logged = |key: &str| out.extra.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+        assert_eq!((logged("logps/chosen"), logged("logps/rejected")), (Some(-2.0), Some(-2.0)), "averaged variants log averages");
         let (nll, _) = with(CpoVariant::Ipo, 1.0, 0.0);
         assert!((nll - (0.0625 + 2.0)).abs() < 1e-5, "token-mean chosen NLL 4/2 added: {nll}");
         // AlphaPO: r = (1 − exp(−α·avg)) / α on averages -2 and -1 (lengths 2 and 2)
