@@ -19,6 +19,27 @@ pub struct PreferenceBatch {
     pub labels: Option<Vec<bool>>,
 }
 
+/// Right-pads sequences to the longest: `(input_ids, attention_mask, completion_mask, seq_len)`.
+pub(crate) fn pad_rows(rows: &[&Sequence], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
+    let seq_len = rows.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
+    let padded = |v: &[u32], fill: u32| {
+        let mut v = v.to_vec();
+        v.resize(seq_len, fill);
+        v
+    };
+    let padded_mask = |v: &[u8]| {
+        let mut v = v.to_vec();
+        v.resize(seq_len, 0);
+        v
+    };
+    (
+        rows.iter().map(|s| padded(&s.input_ids, pad_id)).collect(),
+        rows.iter().map(|s| padded_mask(&vec![1; s.input_ids.len()])).collect(),
+        rows.iter().map(|s| padded_mask(&s.completion_mask)).collect(),
+        seq_len,
+    )
+}
+
 impl PreferenceBatch {
     pub fn new(pairs: &[PairInputs], pad_id: u32) -> Self {
         let rows: Vec<&Sequence> = pairs
@@ -26,22 +47,12 @@ impl PreferenceBatch {
             .map(|p| &p.chosen)
             .chain(pairs.iter().map(|p| &p.rejected))
             .collect();
-        let seq_len = rows.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
-        let pad = |v: &[u32], fill: u32| {
-            let mut v = v.to_vec();
-            v.resize(seq_len, fill);
-            v
-        };
-        let pad_mask = |v: &[u8]| {
-            let mut v = v.to_vec();
-            v.resize(seq_len, 0);
-            v
-        };
+        let (input_ids, attention_mask, completion_mask, seq_len) = pad_rows(&rows, pad_id);
         Self {
             indices: pairs.iter().map(|p| p.index).collect(),
-            input_ids: rows.iter().map(|s| pad(&s.input_ids, pad_id)).collect(),
-            attention_mask: rows.iter().map(|s| pad_mask(&vec![1; s.input_ids.len()])).collect(),
-            completion_mask: rows.iter().map(|s| pad_mask(&s.completion_mask)).collect(),
+            input_ids,
+            attention_mask,
+            completion_mask,
             seq_len,
             labels: None,
         }

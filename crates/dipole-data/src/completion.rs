@@ -143,22 +143,13 @@ pub struct SequenceBatch {
 
 impl SequenceBatch {
     pub fn new(examples: &[&CompletionInputs], pad_id: u32) -> Self {
-        let seq_len = examples.iter().map(|e| e.sequence.input_ids.len()).max().unwrap_or(0);
-        let pad = |v: &[u32]| {
-            let mut v = v.to_vec();
-            v.resize(seq_len, pad_id);
-            v
-        };
-        let pad_mask = |v: &[u8]| {
-            let mut v = v.to_vec();
-            v.resize(seq_len, 0);
-            v
-        };
+        let rows: Vec<&Sequence> = examples.iter().map(|e| &e.sequence).collect();
+        let (input_ids, attention_mask, completion_mask, seq_len) = crate::batch::pad_rows(&rows, pad_id);
         Self {
             indices: examples.iter().map(|e| e.index).collect(),
-            input_ids: examples.iter().map(|e| pad(&e.sequence.input_ids)).collect(),
-            attention_mask: examples.iter().map(|e| pad_mask(&vec![1; e.sequence.input_ids.len()])).collect(),
-            completion_mask: examples.iter().map(|e| pad_mask(&e.sequence.completion_mask)).collect(),
+            input_ids,
+            attention_mask,
+            completion_mask,
             labels: examples.iter().map(|e| e.label).collect(),
             seq_len,
         }
