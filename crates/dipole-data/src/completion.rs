@@ -7,7 +7,7 @@ use crate::chat::ChatTemplate;
 use crate::dataset::LengthOptions;
 use crate::error::{DataError, Location, Result};
 use crate::record::{Content, ReadOptions, read_rows};
-use crate::tokenize::{Sequence, build_sequence, tokenize_completion};
+use crate::tokenize::{Sequence, build_sequence, limit_prompt, tokenize_completion};
 use crate::tokenizer::Tokenizer;
 
 /// How preference pairs are read when a completion dataset is asked for.
@@ -81,18 +81,14 @@ pub fn load_completions_with(
             }
         };
         let index = out.examples.len() + out.dropped.len();
-        if lengths.max_length.is_some_and(|m| prompt_ids.len() >= m) {
+        let Some(prompt_ids) = limit_prompt(&prompt_ids, lengths.max_prompt_length, lengths.max_length) else {
             out.dropped.push(index);
             continue;
-        }
-        let prompt_ids = match lengths.max_prompt_length {
-            Some(m) if prompt_ids.len() > m => prompt_ids[prompt_ids.len() - m..].to_vec(),
-            _ => prompt_ids,
         };
         if lengths.max_length.is_some_and(|m| prompt_ids.len() + completion_ids.len() > m) {
             out.truncated += 1;
         }
-        let sequence = build_sequence(&prompt_ids, &completion_ids, lengths.max_length, lengths.truncation);
+        let sequence = build_sequence(prompt_ids, &completion_ids, lengths.max_length, lengths.truncation);
         out.examples.push(CompletionInputs { index, sequence, label, source: (file.to_path_buf(), location) });
     }
     Ok(out)
@@ -108,10 +104,6 @@ pub fn kto_pairs(
     max_length: Option<usize>,
     mode: crate::tokenize::TruncationMode,
 ) -> Result<(Vec<crate::tokenize::PairInputs>, Vec<bool>)> {
-    let split = |s: &Sequence| {
-        let p = s.completion_mask.iter().take_while(|&&m| m == 0).count();
-        (s.input_ids[..p].to_vec(), s.input_ids[p..].to_vec())
-    };
     let mut pairs = Vec::with_capacity(examples.len());
     let mut labels = Vec::with_capacity(examples.len());
     for (k, e) in examples.iter().enumerate() {
@@ -121,9 +113,9 @@ pub fn kto_pairs(
         let start = k - k % chunk.max(1);
         let end = (start + chunk.max(1)).min(examples.len());
         let partner = if k == start { end - 1 } else { k - 1 };
-        let (prompt, _) = split(&e.sequence);
-        let (_, completion) = split(&examples[partner].sequence);
-        let kl = build_sequence(&prompt, &completion, max_length, mode);
+        let prompt = &e.sequence.input_ids[..e.sequence.prompt_len()];
+        let other = &examples[partner].sequence;
+        let kl = build_sequence(prompt, &other.input_ids[other.prompt_len()..], max_length, mode);
         pairs.push(crate::tokenize::PairInputs { index: e.index, chosen: e.sequence.clone(), rejected: kl });
         labels.push(label);
     }
@@ -236,5 +228,10 @@ mod tests {
         assert_eq!(out.dropped, vec![0]);
         assert_eq!(out.truncated, 1);
         assert_eq!(out.examples[0].sequence.input_ids.len(), 6);
+        // as for pairs, max_prompt_length cuts the prompt before max_length judges it
+        let cut = LengthOptions { max_prompt_length: Some(3), ..lengths };
+        let out = load_completions_with(&rows, &tokenizer(), cut, ReadOptions::default(), PairsAs::Chosen).unwrap();
+        assert!(out.dropped.is_empty());
+        assert_eq!(out.examples[0].sequence.prompt_len(), 3);
     }
 }

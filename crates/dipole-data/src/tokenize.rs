@@ -116,6 +116,13 @@ pub struct Sequence {
     pub completion_mask: Vec<u8>,
 }
 
+impl Sequence {
+    /// Tokens before the first completion token.
+    pub fn prompt_len(&self) -> usize {
+        self.completion_mask.iter().take_while(|&&m| m == 0).count()
+    }
+}
+
 /// A pair ready for batching.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PairInputs {
@@ -149,6 +156,16 @@ pub(crate) fn build_sequence(prompt: &[u32], completion: &[u32], max_length: Opt
     }
 }
 
+/// TRL's length rules for a prompt: cut to its last `max_prompt_length` tokens (when set), then
+/// `None` when it alone reaches `max_length` (TRL removes such examples).
+pub(crate) fn limit_prompt(prompt: &[u32], max_prompt_length: Option<usize>, max_length: Option<usize>) -> Option<&[u32]> {
+    let prompt = match max_prompt_length {
+        Some(m) if prompt.len() > m => &prompt[prompt.len() - m..],
+        _ => prompt,
+    };
+    (!max_length.is_some_and(|max| prompt.len() >= max)).then_some(prompt)
+}
+
 /// Applies TRL's length rules: `None` when the prompt alone reaches `max_length` (TRL removes such
 /// examples), else the truncated chosen and rejected sequences.
 pub fn prepare_pair(pair: &TokenizedPair, max_length: Option<usize>, mode: TruncationMode) -> Option<PairInputs> {
@@ -163,13 +180,7 @@ pub fn prepare_pair_with_prompt_limit(
     max_length: Option<usize>,
     mode: TruncationMode,
 ) -> Option<PairInputs> {
-    let prompt = match max_prompt_length {
-        Some(m) if pair.prompt_ids.len() > m => &pair.prompt_ids[pair.prompt_ids.len() - m..],
-        _ => &pair.prompt_ids[..],
-    };
-    if max_length.is_some_and(|max| prompt.len() >= max) {
-        return None;
-    }
+    let prompt = limit_prompt(&pair.prompt_ids, max_prompt_length, max_length)?;
     Some(PairInputs {
         index: pair.index,
         chosen: build_sequence(prompt, &pair.chosen_ids, max_length, mode),

@@ -297,7 +297,7 @@ impl Examples {
             Examples::Pairs(p, _) => (p[i].index, &p[i].chosen),
             Examples::Sequences(s) => (s[i].index, &s[i].sequence),
         };
-        (index, seq.input_ids.iter().zip(&seq.completion_mask).take_while(|(_, m)| **m == 0).map(|(t, _)| *t).collect())
+        (index, seq.input_ids[..seq.prompt_len()].to_vec())
     }
 }
 
@@ -350,26 +350,22 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         max_prompt_length: config.data.max_prompt_length,
     };
     let read = ReadOptions { format: None, skip_invalid: config.data.skip_invalid };
-    let (train_set, eval_set) = if config.train.stage == Stage::Sft {
-        // SFT reads prompt-completion rows, or the chosen side of preference pairs.
-        let load = |path: &Path| load_completions_with(path, &tokenizer, lengths, read, PairsAs::Chosen).map_err(|e| e.to_string());
+    // SFT and KTO read prompt + completion examples (pairs give their chosen side, or both sides).
+    let completion_sets = |pairs_as: PairsAs| -> TrainResult<(Vec<CompletionInputs>, Vec<CompletionInputs>)> {
+        let load = |path: &Path| load_completions_with(path, &tokenizer, lengths, read, pairs_as).map_err(|e| e.to_string());
         let prepared = load(&config.data.train)?;
         report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.examples.len() + prepared.dropped.len());
-        let (train, eval) = match &config.data.eval {
+        Ok(match &config.data.eval {
             Some(path) => (prepared.examples, load(path)?.examples),
             None => split_pairs(prepared.examples, config.data.eval_fraction, config.train.seed),
-        };
+        })
+    };
+    let (train_set, eval_set) = if config.train.stage == Stage::Sft {
+        let (train, eval) = completion_sets(PairsAs::Chosen)?;
         (Examples::Sequences(train), Examples::Sequences(eval))
     } else if objective.loss_type.iter().any(|t| t.unpaired()) {
-        // KTO: unpaired rows (preference pairs are unpaired: chosen desirable, rejected not), each
-        // with a mismatched KL sequence fixed by dataset order.
-        let load = |path: &Path| load_completions_with(path, &tokenizer, lengths, read, PairsAs::Unpaired).map_err(|e| e.to_string());
-        let prepared = load(&config.data.train)?;
-        report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.examples.len() + prepared.dropped.len());
-        let (train, eval) = match &config.data.eval {
-            Some(path) => (prepared.examples, load(path)?.examples),
-            None => split_pairs(prepared.examples, config.data.eval_fraction, config.train.seed),
-        };
+        // KTO: each example with a mismatched KL sequence fixed by dataset order.
+        let (train, eval) = completion_sets(PairsAs::Unpaired)?;
         let with_kl = |examples: &[CompletionInputs]| {
             kto_pairs(examples, config.train.batch_size, lengths.max_length, lengths.truncation).map_err(|e| e.to_string())
         };
