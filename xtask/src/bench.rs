@@ -19,14 +19,14 @@ use dipole_data::{PairInputs, PreferenceBatch, Sequence};
 use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::rng::SplitMix64;
-use dipole_models::{CausalLm, ModelConfig};
+use dipole_models::{CausalLm, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
 use dipole_train::{Reference, objective_on_batch, reference_logps};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 
-pub const CONFIGS: [&str; 9] = [
+pub const CONFIGS: [&str; 11] = [
     "full",
     "lora",
     "full_precompute",
@@ -38,6 +38,9 @@ pub const CONFIGS: [&str; 9] = [
     "full_checkpointed",
     "full_naive_logps",
     "full_naive_logps_t1024",
+    // mixed precision (`train.mixed_precision = "bf16"`): for GPU backends; flex converts to f32
+    "full_bf16",
+    "lora_bf16",
 ];
 
 #[derive(Args, Debug, Clone)]
@@ -198,9 +201,15 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         };
         policy.add_lora(&lc, 0).map_err(|e| anyhow!(e.to_string()))?;
     }
+    let precision = if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No };
+    policy.set_mixed_precision(precision);
     policy.assign_stable_param_ids();
     let trainable = policy.num_trainable_params();
-    let frozen = (!lora && !precompute).then(|| CausalLm::<AB::InnerBackend>::init(config, 0, device));
+    let frozen = (!lora && !precompute).then(|| {
+        let mut m = CausalLm::<AB::InnerBackend>::init(config, 0, device);
+        m.set_mixed_precision(precision);
+        m
+    });
     let objective = ObjectiveConfig::default();
     let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, prompt, completion, 8000, k)).collect();
     let mut precompute_seconds = None;

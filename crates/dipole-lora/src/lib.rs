@@ -9,5 +9,5 @@ pub mod peft;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use error::{LoraError, Result};
-pub use linear::{AdapterMode, LoraAdapter, LoraLinear, transpose};
+pub use linear::{AdapterMode, LoraAdapter, LoraLinear, cast_to, transpose};
 pub use peft::{PeftAdapter, PeftMatrices, decode_f32, write_atomic};

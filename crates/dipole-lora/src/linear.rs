@@ -6,7 +6,7 @@
 //! conversion happens at the file boundary, never in the forward pass.
 
 use burn::module::{Module, Param};
-use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, Tensor, TensorData, backend::Backend};
 
 use crate::config::{LoraConfig, LoraInit};
 use crate::peft::PeftMatrices;
@@ -87,8 +87,9 @@ impl<B: Backend> LoraAdapter<B> {
         } else {
             x
         };
-        let low = burn::tensor::module::linear(x, self.a.val(), None);
-        burn::tensor::module::linear(low, self.b.val(), None).mul_scalar(self.scale)
+        let dtype = x.dtype();
+        let low = burn::tensor::module::linear(x, cast_to(self.a.val(), dtype), None);
+        burn::tensor::module::linear(low, cast_to(self.b.val(), dtype), None).mul_scalar(self.scale)
     }
 
     /// The dense `[in, out]` update `scale * a @ b` (for merging only).
@@ -130,6 +131,15 @@ pub struct LoraLinear<B: Backend> {
     pub mode: AdapterMode,
     /// True while the adapter's delta is folded into `weight` (the adapter is then skipped).
     pub merged: bool,
+    /// Mixed precision: the dtype the matmul runs in (input and weights are cast to it, the output
+    /// stays in it); `None` computes in the input's dtype. The parameters themselves keep their
+    /// dtype (the f32 master copy), so their gradients come back through the cast in f32.
+    pub compute_dtype: Option<DType>,
+}
+
+/// `t` in `dtype`; no cast (and no autodiff node) when it already is.
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 impl<B: Backend> LoraLinear<B> {
@@ -142,6 +152,7 @@ impl<B: Backend> LoraLinear<B> {
             reference_adapter: None,
             mode: AdapterMode::Active,
             merged: false,
+            compute_dtype: None,
         }
     }
 
@@ -154,7 +165,14 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let base = burn::tensor::module::linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let x = match self.compute_dtype {
+            Some(dtype) => cast_to(x, dtype),
+            None => x,
+        };
+        let dtype = x.dtype();
+        let weight = cast_to(self.weight.val(), dtype);
+        let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
+        let base = burn::tensor::module::linear(x.clone(), weight, bias);
         let extra = match self.mode {
             AdapterMode::Active if !self.merged => self.adapter.as_ref(),
             AdapterMode::Reference => self.reference_adapter.as_ref(),

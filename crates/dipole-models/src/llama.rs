@@ -6,12 +6,12 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention_fallback, embedding, linear};
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
-use dipole_lora::{AdapterMode, LoraLinear};
+use burn::tensor::module::{embedding, linear};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
+use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
 use crate::config::ModelConfig;
+use crate::precision::MixedPrecision;
 use crate::rope;
 
 /// Root-mean-square layer norm, computed as transformers does: `x / sqrt(mean(x^2) + eps) * weight`.
@@ -85,10 +85,12 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([batch, len, heads, d]).swap_dims(1, 2);
-        let q = rope::apply(split(self.q_proj.forward(x.clone()), h), cos.clone(), sin.clone());
-        let mut k = rope::apply(split(self.k_proj.forward(x.clone()), kvh), cos, sin);
-        let mut v = split(self.v_proj.forward(x), kvh);
+        // RoPE runs on the projections' own `[batch, len, heads, head_dim]` layout (contiguous, so
+        // its slices and products stream through memory); only then are heads moved to dim 1.
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]);
+        let q = rope::apply(heads(self.q_proj.forward(x.clone()), h), cos.clone(), sin.clone()).swap_dims(1, 2);
+        let mut k = rope::apply(heads(self.k_proj.forward(x.clone()), kvh), cos, sin).swap_dims(1, 2);
+        let mut v = heads(self.v_proj.forward(x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
                 k = Tensor::cat(vec![past.key, k], 2);
@@ -100,21 +102,33 @@ impl<B: Backend> Attention<B> {
             });
         }
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: mask.is_none(),
-        };
-        let mask = mask.map(|m| {
-            let [b, _, t, s] = m.dims();
-            m.expand([b, h, t, s])
-        });
-        // The decomposed kernel (QKᵀ, softmax, ·V) is what autodiff differentiates; using it for
-        // inference too makes a frozen reference bit-identical to an equal policy (step 0 of DPO
-        // has rewards exactly 0, as in TRL) instead of one rounding step apart.
-        let out = attention_fallback(q, k, v, mask, None, options);
+        let out = attention(q, k, v, mask);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, len, h * d]))
     }
+}
+
+/// Scaled dot-product attention, decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
+/// form is what autodiff differentiates, and using it for inference too makes a frozen reference
+/// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask` is true
+/// where a key is hidden (`[batch, 1, q_len, k_len]`); `None` means causal with no padding. Under
+/// mixed precision the scores are masked and softmaxed in f32, as transformers' eager attention does.
+fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4> {
+    let [batch, heads, q_len, d] = q.dims();
+    let k_len = k.dims()[2];
+    let compute = q.dtype();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
+    let scores = cast_to(scores, DType::F32);
+    let mask = mask.unwrap_or_else(|| {
+        // bottom-right aligned, so cached decoding (k_len > q_len) sees every past key
+        Tensor::<B, 2, Bool>::tril_mask([q_len, k_len], (k_len - q_len) as i64, &scores.device()).reshape([1, 1, q_len, k_len])
+    });
+    let scores = scores.mask_fill(mask.expand([batch, heads, q_len, k_len]), f32::NEG_INFINITY);
+    // NaN-safe softmax: a fully masked row gives zeros instead of 0/0.
+    let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
+    let numerator = (scores - max).exp();
+    let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+    let probs = cast_to(numerator / sum, compute);
+    probs.matmul(v)
 }
 
 /// `[b, kv_heads, t, d]` -> `[b, kv_heads * n_rep, t, d]`, each kv head repeated for its query group.
@@ -163,6 +177,9 @@ pub struct CausalLm<B: Backend> {
     /// `None` when the head is tied to the embeddings.
     pub lm_head: Option<LoraLinear<B>>,
     pub config: ModelConfig,
+    /// Which dtype the matmuls compute in (see [`MixedPrecision`]); set with
+    /// [`set_mixed_precision`](Self::set_mixed_precision).
+    pub mixed_precision: MixedPrecision,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -179,11 +196,17 @@ impl<B: Backend> CausalLm<B> {
 
     /// Projects final hidden states `[.., hidden]` to logits `[.., vocab]`. Split from the trunk so
     /// callers can compute log-probs chunk by chunk without a whole `[rows, T, vocab]` tensor.
+    /// The logits come back in the hidden states' dtype (f32) whatever the matmul's precision.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lm_head {
+        let dtype = hidden.dtype();
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => linear(hidden, self.embed_tokens.val().transpose(), None),
-        }
+            None => {
+                let compute = self.mixed_precision.compute_dtype().unwrap_or(dtype);
+                linear(cast_to(hidden, compute), cast_to(self.embed_tokens.val(), compute).transpose(), None)
+            }
+        };
+        cast_to(logits, dtype)
     }
 
     /// Final normed hidden states `[batch, len, hidden]`. With a cache, `input_ids` are the new
@@ -243,10 +266,22 @@ impl<B: Backend> CausalLm<B> {
                 mask,
                 slot,
             );
-            x = x + attn;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            // the residual stream keeps the parameters' dtype; only the branches compute in half
+            let dtype = x.dtype();
+            x = x + cast_to(attn, dtype);
+            let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+            x = x + cast_to(mlp, dtype);
         }
         self.norm.forward(x)
+    }
+
+    /// Turns mixed precision on or off for every matmul (parameters keep their dtype).
+    pub fn set_mixed_precision(&mut self, precision: MixedPrecision) {
+        self.mixed_precision = precision;
+        let dtype = precision.compute_dtype();
+        for (_, linear) in self.linears_mut() {
+            linear.compute_dtype = dtype;
+        }
     }
 
     /// Chooses, for every projection at once, which adapter the forward pass uses.

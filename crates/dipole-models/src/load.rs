@@ -8,6 +8,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 pub use dipole_lora::transpose;
 use dipole_lora::LoraLinear;
 
+use crate::precision::MixedPrecision;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, CausalLm, DecoderLayer, Mlp, RmsNorm};
@@ -149,6 +150,7 @@ impl<B: Backend> CausalLm<B> {
             norm,
             lm_head,
             config,
+            mixed_precision: MixedPrecision::No,
         })
     }
 }

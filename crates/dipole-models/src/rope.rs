@@ -88,14 +88,17 @@ pub fn tables<B: Backend>(
     )
 }
 
-/// Applies rotate-half RoPE to `x` `[batch, heads, len, head_dim]` with tables `[len, head_dim]`.
+/// Applies rotate-half RoPE to `x` `[batch, len, heads, head_dim]` with tables `[len, head_dim]`
+/// (cast to `x`'s dtype, as transformers does under mixed precision).
 pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
-    let [_, _, _, d] = x.dims();
+    let [_, len, _, d] = x.dims();
     let half = d / 2;
+    let dtype = x.dtype();
+    let table = |t: Tensor<B, 2>| dipole_lora::cast_to(t, dtype).reshape([1, len, 1, d]);
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+    x * table(cos) + rotated * table(sin)
 }
 
 #[cfg(test)]

@@ -78,3 +78,34 @@ fn mistral_sliding_window_limits_what_each_position_sees() {
     let last: Vec<f32> = (a - b).abs().max_dim(2).into_data().to_vec().unwrap();
     assert!(last[6] > 1e-4);
 }
+
+/// Mixed precision (autocast's split): half-precision matmuls on f32 weights give f32 logits close
+/// to the f32 forward, leave the parameters f32, and decode with a KV cache as the full forward does.
+#[test]
+fn mixed_precision_forward_is_close_to_f32_and_keeps_f32_weights() {
+    use burn::tensor::DType;
+    use dipole_models::MixedPrecision;
+    let device = Default::default();
+    let (mut model, _) = CausalLm::<Flex>::load(tiny_llama(), &device).unwrap();
+    let ids: Vec<u32> = vec![1, 403, 28, 410, 315, 272, 266, 500];
+    let input = || ids_tensor::<Flex>(std::slice::from_ref(&ids), &device);
+    let exact = model.forward(input(), None);
+    let scale: f32 = exact.clone().abs().max().into_scalar();
+    for (precision, tolerance) in [(MixedPrecision::Bf16, 0.05), (MixedPrecision::Fp16, 0.01)] {
+        model.set_mixed_precision(precision);
+        let logits = model.forward(input(), None);
+        assert_eq!(logits.dtype(), DType::F32, "{precision}: logits dtype");
+        assert_eq!(model.layers[0].self_attn.q_proj.weight.val().dtype(), DType::F32, "{precision}: weights stay f32");
+        let diff: f32 = (exact.clone() - logits.clone()).abs().max().into_scalar();
+        assert!(diff < tolerance * scale, "{precision}: logits differ from f32 by {diff} (max |logit| {scale})");
+        assert!(diff > 0.0, "{precision}: no difference at all, so the matmuls did not run in half precision");
+
+        let mut cache = KvCache::new(model.layers.len());
+        let mut parts = vec![model.logits(model.forward_hidden(ids_tensor::<Flex>(&[ids[..5].to_vec()], &device), None, Some(&mut cache)))];
+        for &t in &ids[5..] {
+            parts.push(model.logits(model.forward_hidden(ids_tensor::<Flex>(&[vec![t]], &device), None, Some(&mut cache))));
+        }
+        let cached: f32 = (logits - Tensor::cat(parts, 1)).abs().max().into_scalar();
+        assert!(cached < tolerance * scale, "{precision}: cached decoding differs by {cached}");
+    }
+}

@@ -231,6 +231,10 @@ pub struct TrainSection {
     /// instead of kept (burn's `BalancedCheckpointing`). Read by `cargo xtask`, which then trains on
     /// `Autodiff<B, BalancedCheckpointing>`; library callers choose that backend type themselves.
     pub gradient_checkpointing: bool,
+    /// `no`, `bf16` or `fp16`: matmuls in half precision on f32 master weights, norms, softmax and
+    /// log-probs in f32 (PyTorch autocast's split; `fp16` adds dynamic loss scaling). Pays off on
+    /// GPU backends; the CPU backend converts half-precision matmuls to f32 and back, so it is slower.
+    pub mixed_precision: dipole_models::MixedPrecision,
     /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the
     /// frozen reference becomes `alpha * policy + (1 - alpha) * reference` (`frozen-copy` only).
     pub sync_ref_model: bool,
@@ -267,6 +271,7 @@ impl Default for TrainSection {
             generation_top_p: 1.0,
             eval_on_start: false,
             gradient_checkpointing: false,
+            mixed_precision: dipole_models::MixedPrecision::No,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,

@@ -8,6 +8,7 @@ pub mod judge;
 pub mod logps;
 pub mod plot;
 pub mod precompute;
+pub mod scaler;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

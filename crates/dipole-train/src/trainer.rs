@@ -18,11 +18,12 @@ use dipole_data::{
 };
 use dipole_lora::AdapterMode;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
-use dipole_models::{CausalLm, ExportDtype, ModelConfig};
+use dipole_models::{CausalLm, ExportDtype, MixedPrecision, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
-use crate::grads::{accumulate, clip_global_norm};
+use crate::grads::{accumulate, clip_global_norm, scale};
+use crate::scaler::LossScaler;
 use crate::precompute::{ReferenceCache, cache_key};
 use crate::schedule::Schedule;
 use crate::step::{Reference, StepOutput, objective_on_batch, reference_logps, sft_on_batch};
@@ -52,6 +53,9 @@ pub struct TrainerState {
     pub num_tokens: u64,
     pub objective: ObjectiveState,
     pub skipped_steps: usize,
+    /// fp16 mixed precision's dynamic loss scale.
+    #[serde(default)]
+    pub loss_scaler: Option<LossScaler>,
 }
 
 /// The outcome of a run.
@@ -211,6 +215,7 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
         }
     }
     model.assign_stable_param_ids();
+    model.set_mixed_precision(config.train.mixed_precision);
     Ok(model)
 }
 
@@ -232,7 +237,9 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
         mixed.insert(name, p.iter().zip(r).map(|(p, r)| a * p + b * r).collect());
     }
     let device = reference.embed_tokens.device();
-    CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device).map_err(|e| e.to_string())
+    let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device).map_err(|e| e.to_string())?;
+    model.set_mixed_precision(reference.mixed_precision);
+    Ok(model)
 }
 
 fn mask_tokens(mask: &[Vec<u8>]) -> u64 {
@@ -257,11 +264,14 @@ fn report_skipped_and_dropped(config: &TrainConfig, skipped: &[dipole_data::Data
 
 /// The starting weights: the model folder's, or seeded random ones (`model.from_scratch`).
 fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> TrainResult<CausalLm<B>> {
-    if config.model.from_scratch {
+    let mut model = if config.model.from_scratch {
         let model_config = ModelConfig::from_dir(&config.model.path).map_err(|e| e.to_string())?;
-        return Ok(CausalLm::init(model_config, config.train.seed, device));
-    }
-    Ok(CausalLm::<B>::load(&config.model.path, device).map_err(|e| e.to_string())?.0)
+        CausalLm::init(model_config, config.train.seed, device)
+    } else {
+        CausalLm::<B>::load(&config.model.path, device).map_err(|e| e.to_string())?.0
+    };
+    model.set_mixed_precision(config.train.mixed_precision);
+    Ok(model)
 }
 
 /// A stage's examples: preference pairs, or single prompt + completion sequences (SFT).
@@ -398,6 +408,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         }
         None => TrainerState::default(),
     };
+    if config.train.mixed_precision == MixedPrecision::Fp16 && state.loss_scaler.is_none() {
+        state.loss_scaler = Some(LossScaler::default());
+    }
 
     // Models.
     let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
@@ -556,7 +569,11 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 ));
             }
             // Accumulation averages, as PyTorch's loss / accumulation_steps does.
-            let g = GradientsParams::from_grads(out.loss.div_scalar(accum as f64).backward(), &policy);
+            let mut scaled = out.loss.div_scalar(accum as f64);
+            if let Some(scaler) = &state.loss_scaler {
+                scaled = scaled.mul_scalar(scaler.scale);
+            }
+            let g = GradientsParams::from_grads(scaled.backward(), &policy);
             match &mut grads {
                 Some(acc) => accumulate::<B, CausalLm<B>>(&policy, acc, g),
                 None => grads = Some(g),
@@ -572,8 +589,20 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
             state.step += 1;
             continue;
         };
+        if let Some(scaler) = &state.loss_scaler {
+            scale::<B, CausalLm<B>>(&policy, &mut grads, 1.0 / scaler.scale);
+        }
         let max_norm = (config.optim.max_grad_norm > 0.0).then_some(config.optim.max_grad_norm);
         let grad_norm = clip_global_norm::<B, CausalLm<B>>(&policy, &mut grads, max_norm);
+        if let Some(scaler) = &mut state.loss_scaler
+            && !scaler.update(grad_norm.is_finite())
+        {
+            // fp16 overflow: expected now and then; the step is skipped and the scale halved
+            eprintln!("step {}: fp16 gradients overflowed; step skipped, loss scale now {}", state.step + 1, scaler.scale);
+            state.skipped_steps += 1;
+            state.step += 1;
+            continue;
+        }
         if !grad_norm.is_finite() {
             if config.train.skip_nonfinite {
                 eprintln!("step {}: gradient norm is {grad_norm}; step skipped", state.step + 1);

@@ -404,3 +404,35 @@ fn gradient_checkpointing_matches_trl_too() {
     assert_steps_match(&summary, &golden("train_full_clip1.json"));
     assert_tensors_close(&summary.final_dir.join("model/model.safetensors"), &goldens().join("full_after3/model.safetensors"), |n| n.to_string());
 }
+
+/// `train.mixed_precision`: bf16 / fp16 matmuls on f32 master weights follow TRL's fp32 run to
+/// half-precision accuracy, the saved weights stay f32, and fp16's loss scale is checkpointed.
+#[test]
+fn mixed_precision_tracks_the_fp32_run() {
+    use dipole_models::MixedPrecision;
+    let golden = golden("train_full_clip1.json");
+    let want: Vec<f64> = golden["step_losses_exact"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (precision, tolerance) in [(MixedPrecision::Bf16, 2e-3), (MixedPrecision::Fp16, 1e-3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = golden_config(dir.path());
+        config.train.mixed_precision = precision;
+        config.train.save_steps = 3;
+        let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+        assert_eq!(summary.step_losses.len(), 3, "{precision}: steps run");
+        eprintln!("{precision}: losses {:?} (fp32 {want:?})", summary.step_losses);
+        for (k, (got, want)) in summary.step_losses.iter().zip(&want).enumerate() {
+            assert!((got - want).abs() <= tolerance, "{precision} step {k}: loss {got} vs fp32 {want}");
+        }
+        // step 0: policy == reference in the same precision, so exactly ln 2 as in fp32
+        assert!((summary.step_losses[0] - std::f64::consts::LN_2).abs() < 1e-7, "{precision}: step 0 loss {}", summary.step_losses[0]);
+        assert!(summary.step_losses[1..] != want[1..], "{precision}: losses equal fp32's exactly; half precision was not used");
+        let bytes = std::fs::read(summary.final_dir.join("model/model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.tensors().iter().all(|(_, t)| t.dtype() == safetensors::Dtype::F32), "{precision}: master weights saved as f32");
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("checkpoint-3/trainer_state.json")).unwrap()).unwrap();
+        match precision {
+            MixedPrecision::Fp16 => assert_eq!(state["loss_scaler"]["scale"].as_f64(), Some(dipole_train::scaler::INIT_SCALE)),
+            _ => assert!(state["loss_scaler"].is_null()),
+        }
+    }
+}
