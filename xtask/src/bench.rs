@@ -21,7 +21,7 @@ use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::rng::SplitMix64;
 use dipole_models::{CausalLm, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
-use dipole_train::{Reference, objective_on_batch, reference_logps};
+use dipole_train::{Reference, preference_step, reference_logps};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
@@ -230,16 +230,18 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         let batch = &batches[k];
         let started = Instant::now();
         let reference = if precompute {
-            Some(cached[k].clone())
+            Reference::Precomputed(cached[k].clone())
         } else if lora {
-            reference_logps(&policy, Reference::Policy(AdapterMode::Disabled), batch, None, device)
+            Reference::Policy(AdapterMode::Disabled)
         } else {
-            reference_logps(&policy, Reference::Model(frozen.as_ref().expect("frozen copy")), batch, None, device)
+            Reference::Model(frozen.clone().expect("frozen copy"))
         };
+        // as the trainer does: the reference pass overlaps the policy's forward (`preference_step`)
         let loss = if naive {
-            naive_dpo_loss(&policy, reference.as_deref().expect("reference"), batch, device)
+            let values = reference_logps(&policy, reference, batch, None, device).expect("reference");
+            naive_dpo_loss(&policy, &values, batch, device)
         } else {
-            objective_on_batch(&policy, reference, batch, &objective, &mut state, true, device).loss
+            preference_step(&policy, reference, batch, &objective, &mut state, true, device).loss
         };
         let mut grads = GradientsParams::from_grads(loss.backward(), &policy);
         clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));

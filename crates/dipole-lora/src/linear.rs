@@ -164,7 +164,18 @@ impl<B: Backend> LoraLinear<B> {
         self.weight.dims()[1]
     }
 
+    /// `x @ weight (+ bias) (+ adapter)` over the last dimension of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // Every leading dimension folded into rows: burn's linear on a batched input runs one small
+        // gemm per batch row, and its weight gradient sums per-batch products; on `[rows, in]` both
+        // are single large gemms.
+        let mut out_dims = x.dims();
+        out_dims[D - 1] = self.out_features();
+        let rows = out_dims[..D - 1].iter().product();
+        self.forward_rows(x.reshape([rows, self.in_features()])).reshape(out_dims)
+    }
+
+    fn forward_rows(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let x = match self.compute_dtype {
             Some(dtype) => cast_to(x, dtype),
             None => x,

@@ -78,8 +78,8 @@ impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: Tensor<B, 2>,
-        sin: Tensor<B, 2>,
+        rotary_q: &rope::Rotary<B>,
+        rotary_k: &rope::Rotary<B>,
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
@@ -88,8 +88,8 @@ impl<B: Backend> Attention<B> {
         // RoPE runs on the projections' own `[batch, len, heads, head_dim]` layout (contiguous, so
         // its slices and products stream through memory); only then are heads moved to dim 1.
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]);
-        let q = rope::apply(heads(self.q_proj.forward(x.clone()), h), cos.clone(), sin.clone()).swap_dims(1, 2);
-        let mut k = rope::apply(heads(self.k_proj.forward(x.clone()), kvh), cos, sin).swap_dims(1, 2);
+        let q = rotary_q.apply(heads(self.q_proj.forward(x.clone()), h)).swap_dims(1, 2);
+        let mut k = rotary_k.apply(heads(self.k_proj.forward(x.clone()), kvh)).swap_dims(1, 2);
         let mut v = heads(self.v_proj.forward(x), kvh).swap_dims(1, 2);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
@@ -223,6 +223,8 @@ impl<B: Backend> CausalLm<B> {
         let total = past + len;
         let cfg = &self.config;
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
+        let rotary_q = rope::Rotary::new(cos.clone(), sin.clone(), batch, cfg.num_attention_heads);
+        let rotary_k = (cfg.num_key_value_heads != cfg.num_attention_heads).then(|| rope::Rotary::new(cos, sin, batch, cfg.num_key_value_heads));
 
         let padding = attention_mask.map(|m| {
             let [mb, ml] = m.dims();
@@ -261,8 +263,8 @@ impl<B: Backend> CausalLm<B> {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                cos.clone(),
-                sin.clone(),
+                &rotary_q,
+                rotary_k.as_ref().unwrap_or(&rotary_q),
                 mask,
                 slot,
             );

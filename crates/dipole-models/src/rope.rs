@@ -88,17 +88,35 @@ pub fn tables<B: Backend>(
     )
 }
 
-/// Applies rotate-half RoPE to `x` `[batch, len, heads, head_dim]` with tables `[len, head_dim]`
-/// (cast to `x`'s dtype, as transformers does under mixed precision).
-pub fn apply<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Tensor<B, 4> {
-    let [_, len, _, d] = x.dims();
-    let half = d / 2;
-    let dtype = x.dtype();
-    let table = |t: Tensor<B, 2>| dipole_lora::cast_to(t, dtype).reshape([1, len, 1, d]);
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * table(cos) + rotated * table(sin)
+/// The rotation for one forward pass, laid out like the projections it rotates,
+/// `[batch, len, heads, head_dim]`: materialised once per forward (not per layer) so that every
+/// layer's products are same-shape and contiguous, which the CPU backend runs on its fast path
+/// instead of a broadcasting strided walk. `sin` carries rotate-half's sign: its first half is
+/// negated, so `rotate_half(x) * sin == cat(x2, x1) * signed_sin` with no `neg` pass.
+pub struct Rotary<B: Backend> {
+    pub cos: Tensor<B, 4>,
+    pub signed_sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// From `[len, head_dim]` tables (see [`tables`]) for `batch` rows of `heads` heads.
+    pub fn new(cos: Tensor<B, 2>, sin: Tensor<B, 2>, batch: usize, heads: usize) -> Self {
+        let [len, d] = cos.dims();
+        let half = d / 2;
+        let signed = Tensor::cat(vec![sin.clone().narrow(1, 0, half).neg(), sin.narrow(1, half, half)], 1);
+        let spread = |t: Tensor<B, 2>| t.reshape([1, len, 1, d]).repeat(&[batch, 1, heads, 1]);
+        Self { cos: spread(cos), signed_sin: spread(signed) }
+    }
+
+    /// Rotate-half RoPE on `x` `[batch, len, heads, head_dim]` (tables cast to `x`'s dtype, as
+    /// transformers does under mixed precision).
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let half = d / 2;
+        let dtype = x.dtype();
+        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
+        x * dipole_lora::cast_to(self.cos.clone(), dtype) + swapped * dipole_lora::cast_to(self.signed_sin.clone(), dtype)
+    }
 }
 
 #[cfg(test)]

@@ -7,22 +7,45 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
-use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, token_stats_aligned, wpo_weights_aligned};
+use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, token_stats_aligned, wpo_weights_aligned};
 use dipole_models::CausalLm;
 
 use crate::logps::BatchTensors;
 
 /// Where the reference log-probs of a batch come from.
-pub enum Reference<'a, B: AutodiffBackend> {
+pub enum Reference<B: AutodiffBackend> {
     /// Precomputed `(chosen, rejected)` log-probs per pair, in batch order.
-    Precomputed(&'a [(f32, f32)]),
-    /// A separate frozen model (full fine-tuning), run without autodiff.
-    Model(&'a CausalLm<B::InnerBackend>),
+    Precomputed(Vec<(f32, f32)>),
+    /// A separate frozen model (full fine-tuning), run without autodiff. Modules share their
+    /// tensors, so passing a clone costs no copy.
+    Model(CausalLm<B::InnerBackend>),
     /// The policy itself with adapters switched by `mode` (LoRA: `Disabled` = base, `Reference` =
     /// base + frozen SFT adapter), run without autodiff.
     Policy(AdapterMode),
     /// Reference-free objectives.
     None,
+}
+
+/// A reference with its model picked: values at hand, or a no-autodiff model to run.
+enum Resolved<B: Backend> {
+    Values(Option<Vec<(f32, f32)>>),
+    Model(CausalLm<B>),
+}
+
+fn resolve<B: AutodiffBackend>(policy: &CausalLm<B>, reference: Reference<B>, pairs: usize) -> Resolved<B::InnerBackend> {
+    match reference {
+        Reference::Precomputed(values) => {
+            assert_eq!(values.len(), pairs, "precomputed reference log-probs for {} pairs, batch has {pairs}", values.len());
+            Resolved::Values(Some(values))
+        }
+        Reference::Model(model) => Resolved::Model(model),
+        Reference::Policy(mode) => {
+            let mut frozen = burn::module::AutodiffModule::valid(policy);
+            frozen.set_adapter_mode(mode);
+            Resolved::Model(frozen)
+        }
+        Reference::None => Resolved::Values(None),
+    }
 }
 
 pub struct StepOutput<B: Backend> {
@@ -70,33 +93,47 @@ fn host_pairs<B: Backend>(sums: Tensor<B, 1>, b: usize) -> Vec<(f32, f32)> {
     (0..b).map(|i| (v[i], v[b + i])).collect()
 }
 
+/// Summed completion log-probs `(chosen, rejected)` per pair of `model` on a batch, with LD-DPO
+/// weights when `ld_alpha` is set.
+///
+/// Without autodiff nothing is kept for a backward pass, so the vocabulary-sized logits are made a
+/// few rows at a time (at most `LOGITS_CHUNK` elements): the pass's peak stays near one layer's
+/// activations, which matters when it runs beside the policy's forward (`preference_step`). Rows
+/// are independent, so the values equal the unchunked pass's.
+pub fn model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_alpha: Option<f64>, device: &B::Device) -> Vec<(f32, f32)> {
+    const LOGITS_CHUNK: usize = 1 << 22;
+    let t = BatchTensors::<B>::new(batch, device);
+    let start = prediction_window(&batch.completion_mask);
+    let ld = ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
+    let hidden = model.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+    let [rows, len, h] = hidden.dims();
+    let width = len - 1 - start;
+    let per_chunk = (LOGITS_CHUNK / (width * model.config.vocab_size).max(1)).max(1);
+    let mut sums = Vec::with_capacity(rows);
+    for r0 in (0..rows).step_by(per_chunk) {
+        let r = r0..(r0 + per_chunk).min(rows);
+        let logits = model.logits(hidden.clone().slice([r.clone(), start..len - 1, 0..h]));
+        let seq = sequence_logps_window(logits, t.input_ids.clone().slice([r.clone(), 0..len]), t.completion_mask.clone().slice([r.clone(), 0..len]), start);
+        let chunk = match &ld {
+            Some(w) => (seq.per_token * w.clone().slice([r, 0..width])).sum_dim(1).squeeze_dim::<1>(1),
+            None => seq.sum,
+        };
+        sums.push(chunk);
+    }
+    host_pairs(Tensor::cat(sums, 0), batch.num_pairs())
+}
+
 /// Reference log-probs of a batch under `reference` (no autodiff), `None` for reference-free runs.
 pub fn reference_logps<B: AutodiffBackend>(
     policy: &CausalLm<B>,
-    reference: Reference<'_, B>,
+    reference: Reference<B>,
     batch: &PreferenceBatch,
     ld_alpha: Option<f64>,
     device: &B::Device,
 ) -> Option<Vec<(f32, f32)>> {
-    let b = batch.num_pairs();
-    let run = |model: &CausalLm<B::InnerBackend>| {
-        let t = BatchTensors::<B::InnerBackend>::new(batch, device);
-        let start = prediction_window(&batch.completion_mask);
-        let ld = ld_alpha.map(|a| ld_tensor::<B::InnerBackend>(batch, a, start, device));
-        host_pairs(batch_logps(model, &t, start, ld.as_ref()).sums, b)
-    };
-    match reference {
-        Reference::Precomputed(pairs) => {
-            assert_eq!(pairs.len(), b, "precomputed reference log-probs for {} pairs, batch has {b}", pairs.len());
-            Some(pairs.to_vec())
-        }
-        Reference::Model(model) => Some(run(model)),
-        Reference::Policy(mode) => {
-            let mut frozen = burn::module::AutodiffModule::valid(policy);
-            frozen.set_adapter_mode(mode);
-            Some(run(&frozen))
-        }
-        Reference::None => None,
+    match resolve(policy, reference, batch.num_pairs()) {
+        Resolved::Values(values) => values,
+        Resolved::Model(model) => Some(model_logps(&model, batch, ld_alpha, device)),
     }
 }
 
@@ -118,17 +155,43 @@ pub fn objective_on_batch<B: Backend>(
     training: bool,
     device: &B::Device,
 ) -> StepOutput<B> {
-    let b = batch.num_pairs();
+    let pass = policy_pass(policy, batch, config, device);
+    finish(pass, ref_pairs, batch, config, state, training, device)
+}
+
+/// What the objective needs from the policy's forward pass.
+struct PolicyPass<B: Backend> {
+    /// `[2B]` summed completion log-probs (carrying gradients under autodiff).
+    sums: Tensor<B, 1>,
+    stats: TokenStats,
+    weights: Option<Tensor<B, 1>>,
+}
+
+fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config: &ObjectiveConfig, device: &B::Device) -> PolicyPass<B> {
     let t = BatchTensors::<B>::new(batch, device);
     let start = prediction_window(&batch.completion_mask);
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
     let out = batch_logps(policy, &t, start, ld.as_ref());
-    let sums = out.sums;
-    let sums_detached = sums.clone().detach();
     let stats = token_stats_aligned(out.logits.clone(), out.labels.clone(), out.mask.clone());
     let weights = config
         .use_weighting
         .then(|| wpo_weights_aligned(out.logits, out.labels, out.mask));
+    PolicyPass { sums: out.sums, stats, weights }
+}
+
+/// The objective and metrics from the policy's pass and the reference log-probs.
+fn finish<B: Backend>(
+    pass: PolicyPass<B>,
+    ref_pairs: Option<Vec<(f32, f32)>>,
+    batch: &PreferenceBatch,
+    config: &ObjectiveConfig,
+    state: &mut ObjectiveState,
+    training: bool,
+    device: &B::Device,
+) -> StepOutput<B> {
+    let b = batch.num_pairs();
+    let PolicyPass { sums, stats, weights } = pass;
+    let sums_detached = sums.clone().detach();
     if let Some(labels) = &batch.labels {
         return kto_on_logps(sums, ref_pairs, labels, config);
     }
@@ -224,16 +287,27 @@ pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, dev
     }
 }
 
-/// Reference pass, then the objective on the policy: one training micro-step's forward.
+/// One training micro-step's forward: the policy's pass, the reference's, then the objective.
+/// A reference model (no autodiff) runs on a second thread while the policy's forward runs on this
+/// one: the CPU backend's elementwise kernels are single-threaded, so the two passes overlap
+/// (results are the same as running them one after the other).
 pub fn preference_step<B: AutodiffBackend>(
     policy: &CausalLm<B>,
-    reference: Reference<'_, B>,
+    reference: Reference<B>,
     batch: &PreferenceBatch,
     config: &ObjectiveConfig,
     state: &mut ObjectiveState,
     training: bool,
     device: &B::Device,
 ) -> StepOutput<B> {
-    let ref_pairs = reference_logps(policy, reference, batch, config.ld_alpha, device);
-    objective_on_batch(policy, ref_pairs, batch, config, state, training, device)
+    match resolve(policy, reference, batch.num_pairs()) {
+        Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, device),
+        Resolved::Model(model) => std::thread::scope(|scope| {
+            let ld_alpha = config.ld_alpha;
+            let pending = scope.spawn(move || model_logps(&model, batch, ld_alpha, device));
+            let pass = policy_pass(policy, batch, config, device);
+            let ref_pairs = pending.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            finish(pass, Some(ref_pairs), batch, config, state, training, device)
+        }),
+    }
 }

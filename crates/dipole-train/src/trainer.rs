@@ -26,7 +26,7 @@ use crate::grads::{accumulate, clip_global_norm, scale};
 use crate::scaler::LossScaler;
 use crate::precompute::{ReferenceCache, cache_key};
 use crate::schedule::Schedule;
-use crate::step::{Reference, StepOutput, objective_on_batch, reference_logps, sft_on_batch};
+use crate::step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps, sft_on_batch};
 
 /// Everything a run needs besides its config.
 #[derive(Clone, Debug, Default)]
@@ -483,17 +483,17 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
 
-    let reference_for = |policy: &CausalLm<B>, batch: &PreferenceBatch, indices: &[usize], eval: bool| -> Option<Vec<(f32, f32)>> {
+    let reference_for = |indices: &[usize], eval: bool| -> Reference<B> {
         match strategy {
             ReferenceStrategy::Precompute => {
                 let cache = precomputed.as_ref().expect("computed above");
                 let offset = if eval { train_set.len() } else { 0 };
-                Some(indices.iter().map(|&i| cache.values[offset + i]).collect())
+                Reference::Precomputed(indices.iter().map(|&i| cache.values[offset + i]).collect())
             }
-            ReferenceStrategy::FrozenCopy => reference_logps(policy, Reference::Model(frozen_copy.borrow().as_ref().expect("loaded")), batch, objective.ld_alpha, device),
-            ReferenceStrategy::AdapterOff => reference_logps(policy, Reference::Policy(AdapterMode::Disabled), batch, objective.ld_alpha, device),
-            ReferenceStrategy::RefAdapter => reference_logps(policy, Reference::Policy(AdapterMode::Reference), batch, objective.ld_alpha, device),
-            ReferenceStrategy::None => None,
+            ReferenceStrategy::FrozenCopy => Reference::Model(frozen_copy.borrow().as_ref().expect("loaded").clone()),
+            ReferenceStrategy::AdapterOff => Reference::Policy(AdapterMode::Disabled),
+            ReferenceStrategy::RefAdapter => Reference::Policy(AdapterMode::Reference),
+            ReferenceStrategy::None => Reference::None,
             ReferenceStrategy::Auto => unreachable!("resolved above"),
         }
     };
@@ -543,8 +543,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                     let pairs: Vec<PairInputs> = indices.iter().map(|&i| all[i].clone()).collect();
                     let mut batch = PreferenceBatch::new(&pairs, pad);
                     batch.labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
-                    let ref_pairs = reference_for(&policy, &batch, &indices, false);
-                    let out = objective_on_batch(&policy, ref_pairs, &batch, &objective, &mut state.objective, true, device);
+                    let out = preference_step(&policy, reference_for(&indices, false), &batch, &objective, &mut state.objective, true, device);
                     (out, mask_tokens(&batch.attention_mask), batch.indices)
                 }
                 Examples::Sequences(all) => {
@@ -703,7 +702,7 @@ fn evaluate<B: AutodiffBackend>(
     config: &TrainConfig,
     objective: &ObjectiveConfig,
     objective_state: &ObjectiveState,
-    reference_for: &dyn Fn(&CausalLm<B>, &PreferenceBatch, &[usize], bool) -> Option<Vec<(f32, f32)>>,
+    reference_for: &dyn Fn(&[usize], bool) -> Reference<B>,
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
     let inner = policy.valid();
@@ -718,7 +717,7 @@ fn evaluate<B: AutodiffBackend>(
             Examples::Pairs(pairs, labels) => {
                 let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
                 batch.labels = labels.as_ref().map(|l| l[range].to_vec());
-                let ref_pairs = reference_for(policy, &batch, &indices, true);
+                let ref_pairs = reference_logps(policy, reference_for(&indices, true), &batch, objective.ld_alpha, device);
                 objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, device)
             }
             Examples::Sequences(seqs) => {

@@ -33,7 +33,7 @@ fn check_grads(policy_dir: &str, case: &str) {
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let batch = batch0();
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(&reference), &batch, &ObjectiveConfig::default(), &mut state, true, &device);
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &ObjectiveConfig::default(), &mut state, true, &device);
     let loss: f32 = out.loss.clone().into_scalar();
     let want_loss = golden["loss"].as_f64().unwrap();
     assert!((loss as f64 - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
@@ -70,7 +70,7 @@ fn step_zero_identities() {
     let (policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(&reference), &batch0(), &ObjectiveConfig::default(), &mut state, true, &device);
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch0(), &ObjectiveConfig::default(), &mut state, true, &device);
     let loss: f32 = out.loss.into_scalar();
     assert!((loss as f64 - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
     for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
@@ -175,5 +175,39 @@ fn kto_pair_matches_hand_computed_values() {
     let want = [1.0 - s(3.0 - 0.5), 1.0 - s(1.0 - 0.5), 1.0 - s(2.0 - 1.0), 1.0 - s(2.0 - 0.0)];
     for (g, w) in losses.iter().zip(want) {
         assert!((g - w).abs() < 1e-6, "{losses:?} vs {want:?}");
+    }
+}
+
+/// The reference pass makes its vocabulary-sized logits a few rows at a time (and on its own
+/// thread); it must still equal the policy's one-piece pass bit for bit, or step 0 of DPO would not
+/// have rewards exactly 0. The vocabulary here is large enough that the pass is cut into 4 chunks.
+#[test]
+fn chunked_reference_pass_equals_the_policy_pass_exactly() {
+    use dipole_data::{PairInputs as Pair, Sequence};
+    let device = Default::default();
+    let config = dipole_models::ModelConfig::llama(8192, 32, 64, 2, 4, 2, 512);
+    let policy = CausalLm::<AD>::init(config, 7, &device);
+    let mut seed = 99u64;
+    let mut token = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        3 + (seed >> 33) as u32 % 8000
+    };
+    let pairs: Vec<Pair> = (0..4)
+        .map(|index| {
+            let prompt: Vec<u32> = (0..20).map(|_| token()).collect();
+            let mut side = || {
+                let mut ids = prompt.clone();
+                ids.extend((0..200).map(|_| token()));
+                Sequence { completion_mask: (0..ids.len()).map(|i| (i >= 20) as u8).collect(), input_ids: ids }
+            };
+            Pair { index, chosen: side(), rejected: side() }
+        })
+        .collect();
+    let batch = PreferenceBatch::new(&pairs, 0);
+    let mut state = ObjectiveState::default();
+    let out = preference_step(&policy, Reference::Policy(dipole_lora::AdapterMode::Active), &batch, &ObjectiveConfig::default(), &mut state, true, &device);
+    assert_eq!(out.reference_logps.as_ref(), Some(&out.policy_logps), "reference and policy log-probs differ");
+    for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies"] {
+        assert_eq!(out.metrics[key], 0.0, "{key}");
     }
 }
