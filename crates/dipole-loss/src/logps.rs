@@ -19,10 +19,36 @@ pub struct SequenceLogps<B: Backend> {
 /// `logit[label] − logsumexp(logits)` with a detached max shift. Under autodiff this keeps one
 /// `[rows, L, vocab]` intermediate (the `exp`) instead of the several of a full log-softmax.
 pub fn token_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-    let max = logits.clone().detach().max_dim(2);
-    let lse = (logits.clone() - max.clone()).exp().sum_dim(2).log() + max;
+    let (lse, _) = logsumexp(logits.clone());
     let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
     (picked - lse).squeeze_dim::<2>(2)
+}
+
+/// `logsumexp` over the vocabulary `[rows, L, 1]`, and the shifted exponentials with their sum
+/// (`exp(logits - max)`, `[rows, L, vocab]` and `[rows, L, 1]`) for callers that reuse them.
+fn logsumexp<B: Backend>(logits: Tensor<B, 3>) -> (Tensor<B, 3>, (Tensor<B, 3>, Tensor<B, 3>)) {
+    let max = logits.clone().detach().max_dim(2);
+    let exp = (logits - max.clone()).exp();
+    let sum = exp.clone().sum_dim(2);
+    (sum.clone().log() + max, (exp, sum))
+}
+
+/// [`token_logps`] and, from the same exponentials, each position's predictive entropy
+/// `H = lse − Σ softmax · logit` (`[rows, L]`, without gradient): TRL's `entropy` metric for the
+/// price of one product and one sum, where `−Σ p log p` needs a second log-softmax.
+pub fn token_logps_and_entropy<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (lse, (exp, sum)) = logsumexp(logits.clone());
+    let expected_logit = (exp.detach() * logits.clone().detach()).sum_dim(2) / sum.detach();
+    let entropy = (lse.clone().detach() - expected_logit).squeeze_dim::<2>(2);
+    let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
+    ((picked - lse).squeeze_dim::<2>(2), entropy)
+}
+
+/// Predictive entropy per position of `logits` `[rows, L, vocab]` (see [`token_logps_and_entropy`]).
+pub fn token_entropy<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let logits = logits.detach();
+    let (lse, (exp, sum)) = logsumexp(logits.clone());
+    (lse - (exp * logits).sum_dim(2) / sum).squeeze_dim::<2>(2)
 }
 
 /// The positions that can hold a completion token: from the first completion token of any row to
@@ -57,6 +83,28 @@ pub fn sequence_logps_window<B: Backend>(
         per_token,
         mask,
     }
+}
+
+/// [`sequence_logps_window`] plus each prediction's entropy `[rows, T-1-start]` (unmasked, without
+/// gradient), from the same exponentials (see [`token_logps_and_entropy`]).
+pub fn sequence_logps_window_and_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    completion_mask: Tensor<B, 2>,
+    start: usize,
+) -> (SequenceLogps<B>, Tensor<B, 2>) {
+    let [rows, len] = input_ids.dims();
+    assert_eq!(logits.dims()[..2], [rows, len - 1 - start], "logits must cover predictions {start}..{}", len - 1);
+    let labels = input_ids.slice([0..rows, start + 1..len]);
+    let mask = completion_mask.slice([0..rows, start + 1..len]);
+    let (per_token, entropy) = token_logps_and_entropy(logits, labels);
+    let per_token = per_token * mask.clone();
+    let seq = SequenceLogps {
+        sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
+        per_token,
+        mask,
+    };
+    (seq, entropy)
 }
 
 /// `logits` `[rows, T, vocab]`, `input_ids` `[rows, T]`, `completion_mask` `[rows, T]` (1 where the
@@ -157,5 +205,24 @@ mod tests {
         let sum: Vec<f32> = out.sum.into_data().to_vec().unwrap();
         let expected = (0.75f32).ln() + (0.5f32).ln();
         assert!((sum[0] - expected).abs() < 1e-6, "{} vs {expected}", sum[0]);
+    }
+
+    #[test]
+    fn entropy_from_the_shared_exponentials_equals_minus_sum_p_log_p() {
+        let device = Default::default();
+        let values: Vec<f32> = (0..2 * 3 * 7).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+        let logits = Tensor::<Flex, 3>::from_data(TensorData::new(values, [2, 3, 7]), &device);
+        let labels = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![0i64, 3, 6, 1, 2, 5], [2, 3]), &device);
+        let logp = burn::tensor::activation::log_softmax(logits.clone(), 2);
+        let textbook: Vec<f32> = (logp.clone().exp() * logp).sum_dim(2).squeeze_dim::<2>(2).neg().into_data().to_vec().unwrap();
+        let (logps, entropy) = token_logps_and_entropy(logits.clone(), labels.clone());
+        let entropy: Vec<f32> = entropy.into_data().to_vec().unwrap();
+        for (a, b) in entropy.iter().zip(&textbook) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let alone: Vec<f32> = token_entropy(logits.clone()).into_data().to_vec().unwrap();
+        assert_eq!(alone, entropy);
+        // and the log-probs are token_logps' exactly
+        assert_eq!(logps.into_data(), token_logps(logits, labels).into_data());
     }
 }

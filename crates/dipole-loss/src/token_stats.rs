@@ -1,7 +1,7 @@
 //! Token-level metrics TRL logs beside the loss, computed from the policy's logits without
 //! gradients: `logits/chosen`, `logits/rejected`, `entropy`, `mean_token_accuracy`.
 
-use burn::tensor::activation::log_softmax;
+use crate::logps::token_entropy;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -31,13 +31,19 @@ pub fn token_stats<B: Backend>(
 
 /// [`token_stats`] on predictions already aligned with their labels and mask (`[rows, L, ..]`).
 pub fn token_stats_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> TokenStats {
+    let entropy = token_entropy(logits.clone());
+    token_stats_with_entropy(logits, labels, mask, entropy)
+}
+
+/// [`token_stats_aligned`] with the per-position entropy `[rows, L]` already computed (by
+/// `token_logps_and_entropy`, which shares the log-probs' exponentials).
+pub fn token_stats_with_entropy<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>, entropy: Tensor<B, 2>) -> TokenStats {
     let [rows, width, _] = logits.dims();
     let b = rows / 2;
     let (logits, mask) = (logits.detach(), mask.detach());
 
     let vocab_mean = logits.clone().mean_dim(2).squeeze_dim::<2>(2) * mask.clone();
-    let logp = log_softmax(logits.clone(), 2);
-    let entropy = (logp.clone().exp() * logp).sum_dim(2).squeeze_dim::<2>(2).neg() * mask.clone();
+    let entropy = entropy.detach() * mask.clone();
     let predicted = logits.argmax(2).squeeze_dim::<2>(2);
     let correct = predicted.equal(labels).float() * mask.clone();
 

@@ -7,7 +7,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
-use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, token_stats_aligned, wpo_weights_aligned};
+use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, sequence_logps_window_and_entropy, token_stats_with_entropy, wpo_weights_aligned};
 use dipole_models::CausalLm;
 
 use crate::logps::BatchTensors;
@@ -67,6 +67,8 @@ struct WindowOutput<B: Backend> {
     /// `[2B, L]` labels and completion mask aligned with `logits`.
     labels: Tensor<B, 2, burn::tensor::Int>,
     mask: Tensor<B, 2>,
+    /// `[2B, L]` predictive entropy (no gradient), from the log-probs' own exponentials.
+    entropy: Tensor<B, 2>,
 }
 
 /// Summed completion log-probs of `model` on a batch, with LD-DPO weights when configured. The
@@ -75,7 +77,7 @@ fn batch_logps<B: Backend>(model: &CausalLm<B>, t: &BatchTensors<B>, start: usiz
     let hidden = model.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
     let [rows, len, h] = hidden.dims();
     let logits = model.logits(hidden.slice([0..rows, start..len - 1, 0..h]));
-    let seq = sequence_logps_window(logits.clone(), t.input_ids.clone(), t.completion_mask.clone(), start);
+    let (seq, entropy) = sequence_logps_window_and_entropy(logits.clone(), t.input_ids.clone(), t.completion_mask.clone(), start);
     let sums = match ld {
         Some(w) => (seq.per_token * w.clone()).sum_dim(1).squeeze_dim::<1>(1),
         None => seq.sum,
@@ -85,6 +87,7 @@ fn batch_logps<B: Backend>(model: &CausalLm<B>, t: &BatchTensors<B>, start: usiz
         sums,
         labels: t.input_ids.clone().slice([0..rows, start + 1..len]),
         mask: seq.mask,
+        entropy,
     }
 }
 
@@ -172,7 +175,7 @@ fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config
     let start = prediction_window(&batch.completion_mask);
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
     let out = batch_logps(policy, &t, start, ld.as_ref());
-    let stats = token_stats_aligned(out.logits.clone(), out.labels.clone(), out.mask.clone());
+    let stats = token_stats_with_entropy(out.logits.clone(), out.labels.clone(), out.mask.clone(), out.entropy);
     let weights = config
         .use_weighting
         .then(|| wpo_weights_aligned(out.logits, out.labels, out.mask));
@@ -270,8 +273,7 @@ pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, dev
     let tokens = out.mask.clone().sum();
     let loss = out.sums.clone().sum().neg() / tokens.clone().clamp_min(1.0);
     let (logits, mask) = (out.logits.detach(), out.mask);
-    let logp = burn::tensor::activation::log_softmax(logits.clone(), 2);
-    let entropy = ((logp.clone().exp() * logp).sum_dim(2).squeeze_dim::<2>(2).neg() * mask.clone()).sum();
+    let entropy = (out.entropy * mask.clone()).sum();
     let correct = (logits.argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask).sum();
     let n = host_f64(tokens)[0];
     let per_token = |x: Tensor<B, 1>| if n > 0.0 { host_f64(x)[0] / n } else { 0.0 };
