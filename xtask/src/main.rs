@@ -42,6 +42,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    dipole_train::alloc::keep_freed_memory();
     match Cli::parse().command {
         Command::Logps(args) => logps::run(args),
         Command::Export(args) => export::run(args),

@@ -1,6 +1,7 @@
 //! Training and scoring over any burn backend: SFT and every preference objective of dipole-loss,
 //! LoRA or full fine-tuning, with TRL's optimisation semantics.
 
+pub mod alloc;
 pub mod config;
 pub mod grads;
 pub mod http;

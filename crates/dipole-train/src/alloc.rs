@@ -1,0 +1,37 @@
+//! The process allocator, tuned for training. glibc's malloc serves every block above its mmap
+//! threshold (128 KiB at first) straight from the kernel and returns it on free, so a step's
+//! tensors (megabytes each, all freed by the next step) are page-faulted in and zeroed again every
+//! step: on the benchmark a fifth of the CPU time of a LoRA step went to the kernel. Raising the
+//! thresholds keeps freed blocks in the heap for the next step (LoRA benchmark: 410 -> 479 tokens/s,
+//! peak RSS +2%). `cargo xtask` calls this first thing; a program using the library can too.
+
+/// Raises glibc's mmap and trim thresholds. Returns whether the allocator took the settings
+/// (false on other C libraries and platforms, where nothing is changed).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_TOP_PAD: i32 = -2;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit targets; larger blocks (a
+        // vocabulary-sized logits tensor) still come from mmap.
+        // SAFETY: mallopt only changes allocator parameters; it is called with valid options.
+        unsafe { mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, i32::MAX) == 1 && mallopt(M_TOP_PAD, 64 << 20) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn glibc_takes_the_settings() {
+        let took = super::keep_freed_memory();
+        assert_eq!(took, cfg!(all(target_os = "linux", target_env = "gnu")));
+    }
+}
