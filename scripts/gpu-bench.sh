@@ -16,7 +16,7 @@ BIN=${XTASK_BIN:-target/release/xtask}
 STEPS=${1:-10}
 OUT=${OUT:-.}
 LIMIT=${LIMIT:-240}
-CONFIGS=${CONFIGS:-full lora full_precompute lora_precompute full_t1024 lora_t1024}
+CONFIGS=${CONFIGS:-full lora full_precompute lora_precompute full_bf16 lora_bf16 full_t1024 lora_t1024}
 
 if [ ! -x "$BIN" ]; then
   echo "no executable at $BIN: build it with 'cargo build --release -p xtask --features cuda,wgpu' and carry it" >&2

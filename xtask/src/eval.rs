@@ -4,38 +4,23 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use dipole_data::{ChatTemplate, Content, LengthOptions, PreferenceBatch, ReadOptions, Tokenizer, load_pairs, read_preferences};
-use dipole_lora::AdapterMode;
+use dipole_data::{ChatTemplate, Content, PreferenceBatch, ReadOptions, read_preferences};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
-use dipole_models::{CausalLm, GenerateOptions};
+use dipole_models::GenerateOptions;
 use dipole_train::{Generation, objective_on_batch, pair_logps};
 
-use crate::backend::BackendKind;
+use crate::pairs::{Loaded, ModelAndPairs};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Model folder (the policy, or the base its adapter applies to).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// PEFT adapter: the policy is model + adapter, the reference the bare model.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Reference model folder (default: the bare model with --adapter, else the model itself).
-    #[arg(long = "ref")]
-    pub reference: Option<PathBuf>,
-    /// Held-out preference pairs.
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub input: ModelAndPairs,
     #[arg(long, default_value_t = 0.1)]
     pub beta: f64,
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
     /// Generate for the first N prompts (policy and reference) into --generations-out, judge them
     /// and print the before/after table.
     #[arg(long, default_value_t = 0)]
@@ -54,35 +39,21 @@ pub struct EvalArgs {
     pub generations_out: PathBuf,
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    crate::with_backend!(args.backend, run_on(&args))
+    crate::with_backend!(args.input.backend, run_on(&args))
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let lengths = LengthOptions { max_length: Some(args.max_length), ..Default::default() };
-    let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
-    let (mut policy, _) = CausalLm::<B>::load(&args.model, device)?;
-    if let Some(adapter) = &args.adapter {
-        policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
-    }
-    let reference = match &args.reference {
-        Some(dir) => CausalLm::<B>::load(dir, device)?.0,
-        None => {
-            let mut r = policy.clone();
-            r.set_adapter_mode(AdapterMode::Disabled);
-            r
-        }
-    };
+    let Loaded { tokenizer, prepared, policy, reference } = args.input.load::<B>(device)?;
+    // without --ref or --adapter the model is judged against itself
+    let reference = reference.unwrap_or_else(|| policy.clone());
     let objective = ObjectiveConfig { beta: args.beta, ..Default::default() };
     let pad = tokenizer.pad_id();
     let mut state = ObjectiveState::default();
     let (mut sums, mut n, mut loss) = (std::collections::BTreeMap::<String, f64>::new(), 0usize, 0.0);
-    for chunk in prepared.pairs.chunks(args.batch_size) {
+    for chunk in prepared.pairs.chunks(args.input.batch_size) {
         let batch = PreferenceBatch::new(chunk, pad);
         let r = pair_logps(&reference, chunk, chunk.len(), pad, device);
         let ref_pairs: Vec<(f32, f32)> = r.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect();
@@ -94,9 +65,9 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
         n += chunk.len();
     }
     if n == 0 {
-        return Err(anyhow!("{}: no pairs left to evaluate", args.data.display()));
+        return Err(anyhow!("{}: no pairs left to evaluate", args.input.data.display()));
     }
-    println!("{} pairs from {} ({} dropped at max_length {})", n, args.data.display(), prepared.dropped.len(), args.max_length);
+    println!("{} pairs from {} ({} dropped at max_length {})", n, args.input.data.display(), prepared.dropped.len(), args.input.max_length);
     println!("  {:<24} {:>10.4}", "loss (sigmoid)", loss / n as f64);
     for (k, v) in &sums {
         println!("  {k:<24} {:>10.4}", v / n as f64);
@@ -104,7 +75,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
 
     let accuracy_after = sums.get("rewards/accuracies_ties_half").map(|v| v / n as f64);
     if args.generations > 0 {
-        let (records, _) = read_preferences(&args.data, ReadOptions::default())?;
+        let (records, _) = read_preferences(&args.input.data, ReadOptions::default())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| anyhow!(e))?;
         let stop: Vec<u32> = tokenizer.eos.iter().map(|t| t.id).collect();
         let mut generations = Vec::new();
@@ -137,7 +108,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
         }
         out.flush()?;
         println!("wrote {} generations to {}", generations.len(), args.generations_out.display());
-        let rubrics = dipole_train::judge::rubrics_of(&args.data).map_err(|e| anyhow!(e))?;
+        let rubrics = dipole_train::judge::rubrics_of(&args.input.data).map_err(|e| anyhow!(e))?;
         let (report, _) = match args.judge.llm() {
             Some(judge) => judge.judge(&generations, &rubrics).map_err(|e| anyhow!(e))?,
             None => dipole_train::judge_with_rules(&generations, &rubrics),

@@ -7,6 +7,7 @@ mod demo;
 mod eval;
 mod export;
 mod logps;
+mod pairs;
 mod score;
 mod train;
 

@@ -7,26 +7,16 @@ use anyhow::{Context, Result, anyhow};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
+use dipole_data::PreferenceBatch;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
-use dipole_models::CausalLm;
 use dipole_train::{objective_on_batch, pair_logps};
 
-use crate::backend::BackendKind;
+use crate::pairs::{Loaded, ModelAndPairs};
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Policy model folder.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// PEFT adapter to apply to the policy.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Reference model folder (default: the policy without its adapter, or none for reference-free losses).
-    #[arg(long = "ref")]
-    pub reference: Option<PathBuf>,
-    #[arg(long)]
-    pub data: PathBuf,
+    #[command(flatten)]
+    pub input: ModelAndPairs,
     /// One or more loss types, comma separated (TRL's names).
     #[arg(long, default_value = "sigmoid", value_delimiter = ',')]
     pub loss: Vec<String>,
@@ -40,18 +30,12 @@ pub struct ScoreArgs {
     pub ld_alpha: Option<f64>,
     #[arg(long)]
     pub use_weighting: bool,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub max_length: usize,
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
-    pub backend: BackendKind,
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    crate::with_backend!(args.backend, run_on(&args))
+    crate::with_backend!(args.input.backend, run_on(&args))
 }
 
 fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
@@ -69,30 +53,16 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
     if config.loss_type.iter().any(|t| t.unpaired()) {
         return Err(anyhow!("--loss kto / apo_zero_unpaired: score works on preference pairs; KTO runs through `cargo xtask train` (unpaired rows, or pairs split into desirable and undesirable rows)"));
     }
-    let tokenizer = Tokenizer::from_dir(&args.model)?;
-    let lengths = LengthOptions { max_length: Some(args.max_length), truncation: TruncationMode::KeepStart, ..Default::default() };
-    let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
-    let (mut policy, _) = CausalLm::<B>::load(&args.model, device)?;
-    if let Some(adapter) = &args.adapter {
-        policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
+    let Loaded { tokenizer, prepared, policy, reference } = args.input.load::<B>(device)?;
+    if reference.is_none() && !config.reference_free() {
+        return Err(anyhow!("--ref is required for loss types that compare with a reference"));
     }
-    let reference_free = config.reference_free();
-    let reference: Option<CausalLm<B>> = match (&args.reference, &args.adapter) {
-        (Some(dir), _) => Some(CausalLm::<B>::load(dir, device)?.0),
-        (None, Some(_)) => {
-            let mut base = policy.clone();
-            base.set_adapter_mode(dipole_lora::AdapterMode::Disabled);
-            Some(base)
-        }
-        (None, None) if reference_free => None,
-        (None, None) => return Err(anyhow!("--ref is required for loss types that compare with a reference")),
-    };
     let pad = tokenizer.pad_id();
     let ld = config.ld_alpha;
     let mut state = ObjectiveState::default();
     let mut batches = Vec::new();
     let mut examples = Vec::new();
-    for chunk in prepared.pairs.chunks(args.batch_size) {
+    for chunk in prepared.pairs.chunks(args.input.batch_size) {
         let batch = PreferenceBatch::new(chunk, pad);
         let ref_pairs = reference.as_ref().map(|r| {
             let lp = pair_logps(r, chunk, chunk.len(), pad, device);

@@ -125,17 +125,43 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Mean of each metric over the batches that report it (KTO omits a class absent from a batch).
+/// Each metric over a logging window: the mean over the batches that report it. KTO's per-class
+/// metrics (batches carrying `count/chosen`, `count/rejected`) are pooled as TRL's `KTOTrainer`
+/// does: sums over the window divided by the window's class count, margins from the pooled
+/// rewards, and the counts themselves not logged.
 fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
-    let mut sums: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let class_of = |key: &str| -> Option<&'static str> {
+        let (metric, split) = key.split_once('/')?;
+        if !["rewards", "logps", "logits"].contains(&metric) {
+            return None;
+        }
+        ["chosen", "rejected"].into_iter().find(|s| *s == split)
+    };
+    let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    let mut pooled = false;
     for m in window {
         for (k, v) in m {
-            let e = sums.entry(k.clone()).or_insert((0.0, 0));
-            e.0 += v;
-            e.1 += 1;
+            let weight = match class_of(k).and_then(|split| m.get(&format!("count/{split}"))) {
+                Some(&count) => {
+                    pooled = true;
+                    count
+                }
+                None => 1.0,
+            };
+            let e = sums.entry(k.clone()).or_insert((0.0, 0.0));
+            e.0 += v * weight;
+            e.1 += weight;
         }
     }
-    sums.into_iter().map(|(k, (sum, n))| (k, sum / n as f64)).collect()
+    let mut out: BTreeMap<String, f64> = sums.into_iter().map(|(k, (sum, n))| (k, sum / n)).collect();
+    if pooled {
+        out.retain(|k, _| !k.starts_with("count/"));
+        out.remove("rewards/margins");
+        if let (Some(c), Some(r)) = (out.get("rewards/chosen"), out.get("rewards/rejected")) {
+            out.insert("rewards/margins".into(), c - r);
+        }
+    }
+    out
 }
 
 /// The objective a stage trains: SFT is the NLL of the chosen completions.
@@ -825,6 +851,26 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kto_metrics_pool_over_the_window_as_trl_does() {
+        let batch = |pairs: &[(&str, f64)]| pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>();
+        let window = [
+            batch(&[("rewards/chosen", 1.0), ("count/chosen", 3.0), ("rewards/rejected", -1.0), ("count/rejected", 1.0), ("rewards/margins", 2.0), ("kl", 0.5)]),
+            batch(&[("rewards/chosen", 3.0), ("count/chosen", 1.0), ("rewards/rejected", 0.0), ("count/rejected", 3.0), ("rewards/margins", 3.0), ("kl", 0.1)]),
+            // a batch without rejected rows
+            batch(&[("rewards/chosen", 2.0), ("count/chosen", 4.0), ("kl", 0.3)]),
+        ];
+        let m = mean_metrics(&window);
+        assert!((m["rewards/chosen"] - (3.0 + 3.0 + 8.0) / 8.0).abs() < 1e-12);
+        assert!((m["rewards/rejected"] - (-1.0 / 4.0)).abs() < 1e-12);
+        assert!((m["rewards/margins"] - (14.0 / 8.0 + 0.25)).abs() < 1e-12);
+        assert!((m["kl"] - 0.3).abs() < 1e-12);
+        assert!(!m.contains_key("count/chosen") && !m.contains_key("count/rejected"));
+        // pair objectives: plain means
+        let m = mean_metrics(&[batch(&[("rewards/chosen", 1.0)]), batch(&[("rewards/chosen", 2.0)])]);
+        assert_eq!(m["rewards/chosen"], 1.5);
+    }
 
     #[test]
     fn data_order_is_a_seeded_permutation_per_epoch() {
