@@ -202,6 +202,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         policy.add_lora(&lc, 0).map_err(|e| anyhow!(e.to_string()))?;
     }
     let precision = if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No };
+    precision.check_backend::<AB>(device).map_err(|e| anyhow!("{name}: {e}"))?;
     policy.set_mixed_precision(precision);
     policy.assign_stable_param_ids();
     let trainable = policy.num_trainable_params();

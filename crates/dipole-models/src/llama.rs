@@ -223,6 +223,11 @@ impl<B: Backend> CausalLm<B> {
         let total = past + len;
         let cfg = &self.config;
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
+        // In the dtype the projections come out in, so no layer casts (and keeps for backward) a copy.
+        let (cos, sin) = match self.mixed_precision.compute_dtype() {
+            Some(dtype) => (cast_to(cos, dtype), cast_to(sin, dtype)),
+            None => (cos, sin),
+        };
         let rotary_q = rope::Rotary::new(cos.clone(), sin.clone(), batch, cfg.num_attention_heads);
         let rotary_k = (cfg.num_key_value_heads != cfg.num_attention_heads).then(|| rope::Rotary::new(cos, sin, batch, cfg.num_key_value_heads));
 

@@ -34,6 +34,17 @@ impl MixedPrecision {
         }
     }
 
+    /// An error naming the dtype when `B` cannot compute in it on `device` (burn's ndarray backend has
+    /// no half types; WGSL has no bf16).
+    pub fn check_backend<B: burn::tensor::backend::Backend>(self, device: &B::Device) -> Result<(), String> {
+        match self.compute_dtype() {
+            Some(dtype) if !B::supports_dtype(device, dtype) => Err(format!(
+                "mixed precision {self}: this backend cannot compute in {dtype:?} on {device:?}; use mixed_precision = \"no\" or another backend"
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MixedPrecision::No => "no",

@@ -63,6 +63,8 @@ pub fn cache_key(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs]
     train.len().hash(&mut h);
     config.objective.ld_alpha.map(f64::to_bits).hash(&mut h);
     config.lora.reference_adapter.hash(&mut h);
+    // the reference computes in the run's precision: bf16 log-probs are not f32's
+    config.train.mixed_precision.name().hash(&mut h);
     Ok(format!("{:016x}", h.finish()))
 }
 

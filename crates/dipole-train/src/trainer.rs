@@ -434,9 +434,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         }
         None => TrainerState::default(),
     };
-    if config.train.mixed_precision == MixedPrecision::Fp16 && state.loss_scaler.is_none() {
-        state.loss_scaler = Some(LossScaler::default());
-    }
+    config.train.mixed_precision.check_backend::<B>(device).map_err(|e| format!("train.mixed_precision: {e}"))?;
+    // fp16 scales the loss; a run resumed in another precision drops the scaler
+    state.loss_scaler = (config.train.mixed_precision == MixedPrecision::Fp16).then(|| state.loss_scaler.take().unwrap_or_default());
 
     // Models.
     let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
@@ -448,7 +448,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         // TR-DPO's reference moves: a checkpoint holds the one it had reached.
         ReferenceStrategy::FrozenCopy => match &resume_dir {
             Some(dir) if config.train.sync_ref_model => {
-                Some(CausalLm::<B::InnerBackend>::load(dir.join("reference"), device).map_err(|e| e.to_string())?.0)
+                let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device).map_err(|e| e.to_string())?.0;
+                reference.set_mixed_precision(config.train.mixed_precision);
+                Some(reference)
             }
             _ => Some(base_model::<B::InnerBackend>(config, device)?),
         },
@@ -619,16 +621,20 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         }
         let max_norm = (config.optim.max_grad_norm > 0.0).then_some(config.optim.max_grad_norm);
         let grad_norm = clip_global_norm::<B, CausalLm<B>>(&policy, &mut grads, max_norm);
-        if let Some(scaler) = &mut state.loss_scaler
-            && !scaler.update(grad_norm.is_finite())
-        {
-            // fp16 overflow: expected now and then; the step is skipped and the scale halved
-            eprintln!("step {}: fp16 gradients overflowed; step skipped, loss scale now {}", state.step + 1, scaler.scale);
-            state.skipped_steps += 1;
-            state.step += 1;
-            continue;
-        }
-        if !grad_norm.is_finite() {
+        // fp16 overflow is routine: the update is skipped and the scale halved, but the step counts
+        // and is logged and saved like any other (weights unchanged). Gradients still not finite at
+        // a scale below 1 are not an overflow: they take the non-finite path below.
+        let overflowed = match &mut state.loss_scaler {
+            Some(scaler) => {
+                let overflow = !scaler.update(grad_norm.is_finite());
+                if overflow && scaler.scale >= 1.0 {
+                    eprintln!("step {}: fp16 gradients overflowed; update skipped, loss scale now {}", state.step + 1, scaler.scale);
+                }
+                overflow && scaler.scale >= 1.0
+            }
+            None => false,
+        };
+        if !grad_norm.is_finite() && !overflowed {
             if config.train.skip_nonfinite {
                 eprintln!("step {}: gradient norm is {grad_norm}; step skipped", state.step + 1);
                 state.skipped_steps += 1;
@@ -640,9 +646,13 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 state.step + 1
             ));
         }
-        policy = optimizer.step(lr, policy, grads);
+        if overflowed {
+            state.skipped_steps += 1;
+        } else {
+            policy = optimizer.step(lr, policy, grads);
+        }
         state.step += 1;
-        if config.train.sync_ref_model && state.step.is_multiple_of(config.train.ref_model_sync_steps) {
+        if !overflowed && config.train.sync_ref_model && state.step.is_multiple_of(config.train.ref_model_sync_steps) {
             let mixed = mix_models(&policy.valid(), frozen_copy.borrow().as_ref().expect("frozen-copy checked above"), config.train.ref_model_mixup_alpha)?;
             *frozen_copy.borrow_mut() = Some(mixed);
         }

@@ -438,3 +438,14 @@ fn mixed_precision_tracks_the_fp32_run() {
         }
     }
 }
+
+/// Reference log-probs cached by an f32 run are not reused by a bf16 run (and the other way round).
+#[test]
+fn reference_cache_key_depends_on_the_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    let f32_key = dipole_train::precompute::cache_key(&config, &[], &[]).unwrap();
+    config.train.mixed_precision = dipole_models::MixedPrecision::Bf16;
+    let bf16_key = dipole_train::precompute::cache_key(&config, &[], &[]).unwrap();
+    assert_ne!(f32_key, bf16_key);
+}
