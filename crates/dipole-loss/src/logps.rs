@@ -38,17 +38,21 @@ fn logsumexp<B: Backend>(logits: Tensor<B, 3>) -> (Tensor<B, 3>, (Tensor<B, 3>, 
 /// price of one product and one sum, where `−Σ p log p` needs a second log-softmax.
 pub fn token_logps_and_entropy<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let (lse, (exp, sum)) = logsumexp(logits.clone());
-    let expected_logit = (exp.detach() * logits.clone().detach()).sum_dim(2) / sum.detach();
-    let entropy = (lse.clone().detach() - expected_logit).squeeze_dim::<2>(2);
+    let entropy = entropy_from(lse.clone(), exp, sum, logits.clone());
     let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
     ((picked - lse).squeeze_dim::<2>(2), entropy)
 }
 
 /// Predictive entropy per position of `logits` `[rows, L, vocab]` (see [`token_logps_and_entropy`]).
 pub fn token_entropy<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
-    let logits = logits.detach();
-    let (lse, (exp, sum)) = logsumexp(logits.clone());
-    (lse - (exp * logits).sum_dim(2) / sum).squeeze_dim::<2>(2)
+    let (lse, (exp, sum)) = logsumexp(logits.clone().detach());
+    entropy_from(lse, exp, sum, logits)
+}
+
+/// `lse − Σ exp · logits / Σ exp` per position `[rows, L]`, without gradient.
+fn entropy_from<B: Backend>(lse: Tensor<B, 3>, exp: Tensor<B, 3>, sum: Tensor<B, 3>, logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let expected_logit = (exp.detach() * logits.detach()).sum_dim(2) / sum.detach();
+    (lse.detach() - expected_logit).squeeze_dim::<2>(2)
 }
 
 /// The positions that can hold a completion token: from the first completion token of any row to
@@ -72,17 +76,7 @@ pub fn sequence_logps_window<B: Backend>(
     completion_mask: Tensor<B, 2>,
     start: usize,
 ) -> SequenceLogps<B> {
-    let [rows, len] = input_ids.dims();
-    let width = len - 1 - start;
-    assert_eq!(logits.dims()[..2], [rows, width], "logits must cover predictions {start}..{}", len - 1);
-    let labels = input_ids.slice([0..rows, start + 1..len]);
-    let mask = completion_mask.slice([0..rows, start + 1..len]);
-    let per_token = token_logps(logits, labels) * mask.clone();
-    SequenceLogps {
-        sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
-        per_token,
-        mask,
-    }
+    windowed(logits, input_ids, completion_mask, start, |logits, labels| (token_logps(logits, labels), ())).0
 }
 
 /// [`sequence_logps_window`] plus each prediction's entropy `[rows, T-1-start]` (unmasked, without
@@ -93,18 +87,31 @@ pub fn sequence_logps_window_and_entropy<B: Backend>(
     completion_mask: Tensor<B, 2>,
     start: usize,
 ) -> (SequenceLogps<B>, Tensor<B, 2>) {
+    windowed(logits, input_ids, completion_mask, start, token_logps_and_entropy)
+}
+
+/// Labels and mask aligned with the window's logits, per-token log-probs from `score` (which may
+/// return something more beside them), masked and summed.
+fn windowed<B: Backend, X>(
+    logits: Tensor<B, 3>,
+    input_ids: Tensor<B, 2, Int>,
+    completion_mask: Tensor<B, 2>,
+    start: usize,
+    score: impl FnOnce(Tensor<B, 3>, Tensor<B, 2, Int>) -> (Tensor<B, 2>, X),
+) -> (SequenceLogps<B>, X) {
     let [rows, len] = input_ids.dims();
-    assert_eq!(logits.dims()[..2], [rows, len - 1 - start], "logits must cover predictions {start}..{}", len - 1);
+    let width = len - 1 - start;
+    assert_eq!(logits.dims()[..2], [rows, width], "logits must cover predictions {start}..{}", len - 1);
     let labels = input_ids.slice([0..rows, start + 1..len]);
     let mask = completion_mask.slice([0..rows, start + 1..len]);
-    let (per_token, entropy) = token_logps_and_entropy(logits, labels);
+    let (per_token, extra) = score(logits, labels);
     let per_token = per_token * mask.clone();
     let seq = SequenceLogps {
         sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
         per_token,
         mask,
     };
-    (seq, entropy)
+    (seq, extra)
 }
 
 /// `logits` `[rows, T, vocab]`, `input_ids` `[rows, T]`, `completion_mask` `[rows, T]` (1 where the

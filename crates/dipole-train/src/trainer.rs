@@ -624,16 +624,10 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         // fp16 overflow is routine: the update is skipped and the scale halved, but the step counts
         // and is logged and saved like any other (weights unchanged). Gradients still not finite at
         // a scale below 1 are not an overflow: they take the non-finite path below.
-        let overflowed = match &mut state.loss_scaler {
-            Some(scaler) => {
-                let overflow = !scaler.update(grad_norm.is_finite());
-                if overflow && scaler.scale >= 1.0 {
-                    eprintln!("step {}: fp16 gradients overflowed; update skipped, loss scale now {}", state.step + 1, scaler.scale);
-                }
-                overflow && scaler.scale >= 1.0
-            }
-            None => false,
-        };
+        let overflowed = state.loss_scaler.as_mut().is_some_and(|scaler| !scaler.update(grad_norm.is_finite()) && scaler.scale >= 1.0);
+        if let Some(scaler) = state.loss_scaler.as_ref().filter(|_| overflowed) {
+            eprintln!("step {}: fp16 gradients overflowed; update skipped, loss scale now {}", state.step + 1, scaler.scale);
+        }
         if !grad_norm.is_finite() && !overflowed {
             if config.train.skip_nonfinite {
                 eprintln!("step {}: gradient norm is {grad_norm}; step skipped", state.step + 1);
