@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// CPU threads (sets RAYON_NUM_THREADS for each measured process).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Shards per batch (`train.batch_shards`; 0 = auto: one per CPU thread on the CPU backend).
+    #[arg(long, default_value_t = 0)]
+    pub shards: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
@@ -70,6 +73,9 @@ pub struct BenchResult {
     pub config: String,
     pub backend: String,
     pub threads: Option<usize>,
+    /// Shards each batch was split into.
+    #[serde(default)]
+    pub shards: usize,
     pub params: usize,
     pub trainable_params: usize,
     pub seq_len: usize,
@@ -131,7 +137,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for c in &configs {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
-        cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase()]);
+        cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase(), "--shards", &args.shards.to_string()]);
         if let Some(t) = args.threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
             cmd.args(["--threads", &t.to_string()]);
@@ -225,6 +231,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     };
     let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
     let mut state = ObjectiveState::default();
+    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
     let mut timed = 0.0;
     for step in 0..args.warmup + args.steps {
         let k = step % batches.len();
@@ -237,14 +244,13 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         } else {
             Reference::Model(frozen.clone().expect("frozen copy"))
         };
-        // as the trainer does: the reference pass overlaps the policy's forward (`preference_step`)
-        let loss = if naive {
+        // as the trainer does: shards on parallel threads, reference passes beside the policy's
+        let mut grads = if naive {
             let values = reference_logps(&policy, reference, batch, None, device).expect("reference");
-            naive_dpo_loss(&policy, &values, batch, device)
+            GradientsParams::from_grads(naive_dpo_loss(&policy, &values, batch, device).backward(), &policy)
         } else {
-            preference_step(&policy, reference, batch, &objective, &mut state, true, device).loss
+            preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device).backward(1.0)
         };
-        let mut grads = GradientsParams::from_grads(loss.backward(), &policy);
         clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
         policy = optimizer.step(1e-6, policy, grads);
         // reading a value waits for the device
@@ -262,6 +268,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         config: name.to_string(),
         backend: format!("{:?}", args.backend).to_lowercase(),
         threads: args.threads,
+        shards,
         params,
         trainable_params: trainable,
         seq_len: seq,

@@ -70,6 +70,29 @@ impl PreferenceBatch {
             .map(|m| m.iter().filter(|&&x| x == 1).count())
             .collect()
     }
+
+    /// The pairs `pairs` of this batch as a batch of their own (chosen rows, then rejected rows, as
+    /// always), with the padding that none of its rows needs cut off. Rows are unchanged, so a
+    /// causal model scores them as it would in the whole batch.
+    pub fn shard(&self, pairs: std::ops::Range<usize>) -> Self {
+        let b = self.num_pairs();
+        assert!(pairs.start < pairs.end && pairs.end <= b, "shard {pairs:?} of a batch of {b} pairs");
+        let rows: Vec<usize> = pairs.clone().chain(b + pairs.start..b + pairs.end).collect();
+        let seq_len = rows
+            .iter()
+            .map(|&r| self.attention_mask[r].iter().rposition(|&m| m == 1).map_or(0, |p| p + 1))
+            .max()
+            .unwrap_or(0);
+        let take = |m: &Vec<Vec<u8>>| -> Vec<Vec<u8>> { rows.iter().map(|&r| m[r][..seq_len].to_vec()).collect() };
+        Self {
+            indices: self.indices[pairs.clone()].to_vec(),
+            input_ids: rows.iter().map(|&r| self.input_ids[r][..seq_len].to_vec()).collect(),
+            attention_mask: take(&self.attention_mask),
+            completion_mask: take(&self.completion_mask),
+            seq_len,
+            labels: self.labels.as_ref().map(|l| l[pairs].to_vec()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -93,5 +116,14 @@ mod tests {
         assert_eq!(b.attention_mask[2], vec![1, 1, 0, 0]);
         assert_eq!(b.completion_mask[1], vec![0, 0, 1, 1]);
         assert_eq!(b.completion_lengths(), vec![2, 2, 1, 1]);
+
+        let first = b.shard(0..1);
+        assert_eq!(first, PreferenceBatch::new(&pairs[..1], 0), "the shorter pair's padding is cut");
+        let mut labelled = b.clone();
+        labelled.labels = Some(vec![true, false]);
+        let second = labelled.shard(1..2);
+        assert_eq!(second.input_ids, vec![vec![1, 2, 8, 9], vec![1, 2, 9, 0]]);
+        assert_eq!(second.labels, Some(vec![false]));
+        assert_eq!(second.indices, vec![4]);
     }
 }

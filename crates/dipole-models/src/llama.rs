@@ -78,19 +78,16 @@ impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rotary_q: &rope::Rotary<B>,
-        rotary_k: &rope::Rotary<B>,
+        rotary: &rope::Rotary<B>,
         mask: Option<Tensor<B, 4, Bool>>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // RoPE runs on the projections' own `[batch, len, heads, head_dim]` layout (contiguous, so
-        // its slices and products stream through memory); only then are heads moved to dim 1.
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]);
-        let q = rotary_q.apply(heads(self.q_proj.forward(x.clone()), h)).swap_dims(1, 2);
-        let mut k = rotary_k.apply(heads(self.k_proj.forward(x.clone()), kvh)).swap_dims(1, 2);
-        let mut v = heads(self.v_proj.forward(x), kvh).swap_dims(1, 2);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]).swap_dims(1, 2);
+        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), h));
+        let mut k = rotary.apply(heads(self.k_proj.forward(x.clone()), kvh));
+        let mut v = heads(self.v_proj.forward(x), kvh);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
                 k = Tensor::cat(vec![past.key, k], 2);
@@ -228,8 +225,7 @@ impl<B: Backend> CausalLm<B> {
             Some(dtype) => (cast_to(cos, dtype), cast_to(sin, dtype)),
             None => (cos, sin),
         };
-        let rotary_q = rope::Rotary::new(cos.clone(), sin.clone(), batch, cfg.num_attention_heads);
-        let rotary_k = (cfg.num_key_value_heads != cfg.num_attention_heads).then(|| rope::Rotary::new(cos, sin, batch, cfg.num_key_value_heads));
+        let rotary = rope::Rotary::new(cos, sin);
 
         let padding = attention_mask.map(|m| {
             let [mb, ml] = m.dims();
@@ -268,8 +264,7 @@ impl<B: Backend> CausalLm<B> {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                &rotary_q,
-                rotary_k.as_ref().unwrap_or(&rotary_q),
+                &rotary,
                 mask,
                 slot,
             );

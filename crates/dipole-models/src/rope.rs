@@ -88,34 +88,38 @@ pub fn tables<B: Backend>(
     )
 }
 
-/// The rotation for one forward pass, laid out like the projections it rotates,
-/// `[batch, len, heads, head_dim]`: materialised once per forward (not per layer) so that every
-/// layer's products are same-shape and contiguous, which the CPU backend runs on its fast path
-/// instead of a broadcasting strided walk. `sin` carries rotate-half's sign: its first half is
+/// The rotation for one forward pass, as `[1, len * head_dim]` rows that every `(batch, head)` row of
+/// a contiguous `[batch, heads, len, head_dim]` tensor shares: products with a shared row are the
+/// CPU backend's SIMD broadcast path in the forward pass and in the backward pass alike (a
+/// rotation in the projections' `[batch, len, heads, head_dim]` layout left the backward pass a
+/// strided walk over the transposed gradient). `sin` carries rotate-half's sign: its first half is
 /// negated, so `rotate_half(x) * sin == cat(x2, x1) * signed_sin` with no `neg` pass.
 pub struct Rotary<B: Backend> {
-    pub cos: Tensor<B, 4>,
-    pub signed_sin: Tensor<B, 4>,
+    pub cos: Tensor<B, 2>,
+    pub signed_sin: Tensor<B, 2>,
 }
 
 impl<B: Backend> Rotary<B> {
-    /// From `[len, head_dim]` tables (see [`tables`]) for `batch` rows of `heads` heads.
-    pub fn new(cos: Tensor<B, 2>, sin: Tensor<B, 2>, batch: usize, heads: usize) -> Self {
+    /// From `[len, head_dim]` tables (see [`tables`]).
+    pub fn new(cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Self {
         let [len, d] = cos.dims();
         let half = d / 2;
         let signed = Tensor::cat(vec![sin.clone().narrow(1, 0, half).neg(), sin.narrow(1, half, half)], 1);
-        let spread = |t: Tensor<B, 2>| t.reshape([1, len, 1, d]).repeat(&[batch, 1, heads, 1]);
-        Self { cos: spread(cos), signed_sin: spread(signed) }
+        Self { cos: cos.reshape([1, len * d]), signed_sin: signed.reshape([1, len * d]) }
     }
 
-    /// Rotate-half RoPE on `x` `[batch, len, heads, head_dim]` (tables cast to `x`'s dtype, as
-    /// transformers does under mixed precision).
+    /// Rotate-half RoPE on `x` `[batch, heads, len, head_dim]` (tables cast to `x`'s dtype, as
+    /// transformers does under mixed precision). A transposed view is made contiguous first (one
+    /// copy, and one for its gradient), so the rotation's own work runs on contiguous rows.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
+        let [batch, heads, len, d] = x.dims();
         let half = d / 2;
         let dtype = x.dtype();
-        let swapped = Tensor::cat(vec![x.clone().narrow(3, half, half), x.clone().narrow(3, 0, half)], 3);
-        x * dipole_lora::cast_to(self.cos.clone(), dtype) + swapped * dipole_lora::cast_to(self.signed_sin.clone(), dtype)
+        let rows = x.reshape([batch * heads, len * d]);
+        let by_position = rows.clone().reshape([batch * heads, len, d]);
+        let swapped = Tensor::cat(vec![by_position.clone().narrow(2, half, half), by_position.narrow(2, 0, half)], 2).reshape([batch * heads, len * d]);
+        let rotated = rows * dipole_lora::cast_to(self.cos.clone(), dtype) + swapped * dipole_lora::cast_to(self.signed_sin.clone(), dtype);
+        rotated.reshape([batch, heads, len, d])
     }
 }
 

@@ -235,6 +235,11 @@ pub struct TrainSection {
     /// log-probs in f32 (PyTorch autocast's split; `fp16` adds dynamic loss scaling). Pays off on
     /// GPU backends; the CPU backend converts half-precision matmuls to f32 and back, so it is slower.
     pub mixed_precision: dipole_models::MixedPrecision,
+    /// Split each micro-batch's pairs into this many shards whose forward and backward passes run
+    /// on parallel threads, each with its own autodiff graph; the objective still sees the whole
+    /// micro-batch, so results equal the unsharded step's up to float rounding. 0 (auto): one shard
+    /// per CPU thread on the CPU backend (its elementwise kernels are single-threaded), 1 on GPUs.
+    pub batch_shards: usize,
     /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the
     /// frozen reference becomes `alpha * policy + (1 - alpha) * reference` (`frozen-copy` only).
     pub sync_ref_model: bool,
@@ -272,6 +277,7 @@ impl Default for TrainSection {
             eval_on_start: false,
             gradient_checkpointing: false,
             mixed_precision: dipole_models::MixedPrecision::No,
+            batch_shards: 0,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,

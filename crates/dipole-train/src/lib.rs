@@ -17,5 +17,5 @@ pub mod trainer;
 pub use config::{ReferenceStrategy, Stage, TrainConfig};
 pub use logps::{BatchTensors, PairLogps, pair_logps};
 pub use judge::{Generation, JudgeReport, LlmJudge, Rubric, RunReport, judge_with_rules, run_report};
-pub use step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps, sft_on_batch};
+pub use step::{Reference, StepOutput, TrainStep, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step};
 pub use trainer::{Resume, RunOptions, TrainSummary, train};

@@ -3,13 +3,16 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::{Module, ModuleMapper, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, sequence_logps_window_and_entropy, token_stats_with_entropy, wpo_weights_aligned};
 use dipole_models::CausalLm;
 
+use crate::grads::accumulate;
 use crate::logps::BatchTensors;
 
 /// Where the reference log-probs of a batch come from.
@@ -289,10 +292,136 @@ pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, dev
     }
 }
 
+/// A training micro-step's forward pass: the loss and metrics, and what its backward pass needs.
+pub struct TrainStep<B: AutodiffBackend> {
+    /// The loss (before any accumulation or loss scaling).
+    pub loss: f64,
+    pub metrics: BTreeMap<String, f64>,
+    /// Reference log-probs used, per pair (for caching).
+    pub reference_logps: Option<Vec<(f32, f32)>>,
+    /// The policy's summed completion log-probs, per pair.
+    pub policy_logps: Vec<(f32, f32)>,
+    graph: StepGraph<B>,
+}
+
+enum StepGraph<B: AutodiffBackend> {
+    /// One graph from the policy's parameters to the loss.
+    Whole { policy: CausalLm<B>, loss: Tensor<B, 1> },
+    /// Each shard's graph ends at its rows' summed log-probs; the loss's graph starts from a
+    /// detached copy of all of them (`merged`, a leaf).
+    Sharded { loss: Tensor<B, 1>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>> },
+}
+
+struct ShardGraph<B: AutodiffBackend> {
+    /// The policy with its own parameter leaves (same ids and values), so this shard's graph is
+    /// separate from the others' and its backward pass can run beside theirs.
+    policy: CausalLm<B>,
+    /// `[2b]` summed log-probs of the shard's rows, carrying gradients.
+    sums: Tensor<B, 1>,
+    /// Where those rows sit in the whole batch's `[2B]`.
+    rows: Vec<usize>,
+}
+
+impl<B: AutodiffBackend> TrainStep<B> {
+    fn whole(policy: &CausalLm<B>, out: StepOutput<B>) -> Self {
+        TrainStep {
+            loss: out.loss.clone().into_scalar().elem::<f64>(),
+            metrics: out.metrics,
+            reference_logps: out.reference_logps,
+            policy_logps: out.policy_logps,
+            graph: StepGraph::Whole { policy: policy.clone(), loss: out.loss },
+        }
+    }
+
+    /// Gradients of `factor * loss` for the policy's trainable parameters. A sharded step runs its
+    /// shards' backward passes on parallel threads and sums their gradients: by the chain rule
+    /// through the summed log-probs, the same gradients as one backward pass over the whole batch.
+    pub fn backward(self, factor: f64) -> GradientsParams {
+        match self.graph {
+            StepGraph::Whole { policy, loss } => GradientsParams::from_grads(loss.mul_scalar(factor).backward(), &policy),
+            StepGraph::Sharded { loss, merged, shards } => {
+                let grads = loss.mul_scalar(factor).backward();
+                let Some(upstream) = merged.grad(&grads) else {
+                    return GradientsParams::new();
+                };
+                let parts: Vec<(GradientsParams, CausalLm<B>)> = std::thread::scope(|scope| {
+                    let handles: Vec<_> = shards
+                        .into_iter()
+                        .map(|shard| {
+                            let upstream = upstream.clone();
+                            scope.spawn(move || {
+                                let device = upstream.device();
+                                let rows: Vec<i64> = shard.rows.iter().map(|&r| r as i64).collect();
+                                let n = rows.len();
+                                let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+                                let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
+                                let grads = (shard.sums * upstream).sum().backward();
+                                (GradientsParams::from_grads(grads, &shard.policy), shard.policy)
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().map(join).collect()
+                });
+                let mut parts = parts.into_iter();
+                let (mut total, policy) = parts.next().expect("a sharded step has shards");
+                for (g, _) in parts {
+                    accumulate::<B, CausalLm<B>>(&policy, &mut total, g);
+                }
+                total
+            }
+        }
+    }
+}
+
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Gives every trainable parameter a fresh autodiff leaf (same id, same values, no copy).
+struct FreshLeaves;
+
+impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        // detach keeps `require_grad`, as a new leaf outside every existing graph
+        Param::from_mapped_value(id, tensor.detach(), mapper)
+    }
+}
+
+/// How many shards a micro-batch of `pairs` pairs is split into: `requested`, or for 0 (auto) one
+/// per CPU thread on the CPU backends and 1 elsewhere (a GPU runs one batch's kernels at a time
+/// anyway); never more than the pairs.
+pub fn batch_shards<B: Backend>(requested: usize, pairs: usize, device: &B::Device) -> usize {
+    let wanted = match requested {
+        0 => {
+            let name = B::name(device);
+            if name.contains("flex") || name.contains("ndarray") { cpu_threads() } else { 1 }
+        }
+        n => n,
+    };
+    wanted.clamp(1, pairs.max(1))
+}
+
+/// The threads of the CPU backend's pool: `RAYON_NUM_THREADS`, else the machine's.
+fn cpu_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// One training micro-step's forward: the policy's pass, the reference's, then the objective.
-/// A reference model (no autodiff) runs on a second thread while the policy's forward runs on this
-/// one: the CPU backend's elementwise kernels are single-threaded, so the two passes overlap
-/// (results are the same as running them one after the other).
+///
+/// With `shards > 1` the batch's pairs are split into that many shards (see [`batch_shards`]),
+/// whose policy and reference passes run on parallel threads, each with its own autodiff graph.
+/// The objective still sees the whole batch (losses that couple pairs, batch-level metrics), so
+/// the loss, metrics and gradients are those of the unsharded step up to float rounding. On the
+/// CPU backend this is what keeps both cores busy: its elementwise kernels run on one thread.
+///
+/// With one shard, a reference model (no autodiff) runs on a second thread while the policy's
+/// forward runs on this one (results are the same as running them one after the other).
+#[allow(clippy::too_many_arguments)]
 pub fn preference_step<B: AutodiffBackend>(
     policy: &CausalLm<B>,
     reference: Reference<B>,
@@ -300,16 +429,80 @@ pub fn preference_step<B: AutodiffBackend>(
     config: &ObjectiveConfig,
     state: &mut ObjectiveState,
     training: bool,
+    shards: usize,
     device: &B::Device,
-) -> StepOutput<B> {
-    match resolve(policy, reference, batch.num_pairs()) {
-        Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, device),
-        Resolved::Model(model) => std::thread::scope(|scope| {
-            let ld_alpha = config.ld_alpha;
-            let pending = scope.spawn(move || model_logps(&model, batch, ld_alpha, device));
-            let pass = policy_pass(policy, batch, config, device);
-            let ref_pairs = pending.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            finish(pass, Some(ref_pairs), batch, config, state, training, device)
-        }),
+) -> TrainStep<B> {
+    let b = batch.num_pairs();
+    let resolved = resolve(policy, reference, b);
+    let n = shards.clamp(1, b.max(1));
+    if n == 1 {
+        let out = match resolved {
+            Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, device),
+            Resolved::Model(model) => std::thread::scope(|scope| {
+                let ld_alpha = config.ld_alpha;
+                let pending = scope.spawn(move || model_logps(&model, batch, ld_alpha, device));
+                let pass = policy_pass(policy, batch, config, device);
+                finish(pass, Some(join(pending)), batch, config, state, training, device)
+            }),
+        };
+        return TrainStep::whole(policy, out);
     }
+
+    let ranges: Vec<std::ops::Range<usize>> = (0..n).map(|k| k * b / n..(k + 1) * b / n).collect();
+    let subs: Vec<PreferenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
+    let (passes, shard_refs) = std::thread::scope(|scope| {
+        let refs: Vec<_> = match &resolved {
+            Resolved::Model(model) => subs.iter().map(|sub| scope.spawn(move || model_logps(model, sub, config.ld_alpha, device))).collect(),
+            Resolved::Values(_) => Vec::new(),
+        };
+        let passes: Vec<_> = subs
+            .iter()
+            .map(|sub| {
+                let own = policy.clone().map(&mut FreshLeaves);
+                scope.spawn(move || {
+                    let pass = policy_pass(&own, sub, config, device);
+                    (own, pass)
+                })
+            })
+            .collect();
+        (passes.into_iter().map(join).collect::<Vec<_>>(), refs.into_iter().map(join).collect::<Vec<_>>())
+    });
+    let ref_pairs = match resolved {
+        Resolved::Values(values) => values,
+        Resolved::Model(_) => Some(shard_refs.concat()),
+    };
+
+    let mut merged = vec![0f32; 2 * b];
+    let mut shards = Vec::with_capacity(n);
+    let mut stats = Vec::with_capacity(n);
+    let mut weights = Vec::with_capacity(n);
+    for ((own, pass), range) in passes.into_iter().zip(&ranges) {
+        let rows: Vec<usize> = range.clone().chain(b + range.start..b + range.end).collect();
+        let values: Vec<f32> = pass.sums.clone().detach().into_data().convert::<f32>().to_vec().expect("f32");
+        for (&row, v) in rows.iter().zip(values) {
+            merged[row] = v;
+        }
+        stats.push(pass.stats);
+        weights.extend(pass.weights);
+        shards.push(ShardGraph { policy: own, sums: pass.sums, rows });
+    }
+    let merged = Tensor::<B, 1>::from_data(TensorData::new(merged, [2 * b]), device).require_grad();
+    let pass = PolicyPass {
+        sums: merged.clone(),
+        stats: TokenStats::merge(&stats),
+        weights: (!weights.is_empty()).then(|| Tensor::cat(weights, 0)),
+    };
+    let out = finish(pass, ref_pairs, batch, config, state, training, device);
+    TrainStep {
+        loss: out.loss.clone().into_scalar().elem::<f64>(),
+        metrics: out.metrics,
+        reference_logps: out.reference_logps,
+        policy_logps: out.policy_logps,
+        graph: StepGraph::Sharded { loss: out.loss, merged, shards },
+    }
+}
+
+/// SFT's micro-step ([`sft_on_batch`]) as a [`TrainStep`].
+pub fn sft_step<B: AutodiffBackend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> TrainStep<B> {
+    TrainStep::whole(policy, sft_on_batch(policy, batch, device))
 }

@@ -26,7 +26,7 @@ use crate::grads::{accumulate, clip_global_norm, scale};
 use crate::scaler::LossScaler;
 use crate::precompute::{ReferenceCache, cache_key};
 use crate::schedule::Schedule;
-use crate::step::{Reference, StepOutput, objective_on_batch, preference_step, reference_logps, sft_on_batch};
+use crate::step::{Reference, StepOutput, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step};
 
 /// Everything a run needs besides its config.
 #[derive(Clone, Debug, Default)]
@@ -571,16 +571,17 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                     let pairs: Vec<PairInputs> = indices.iter().map(|&i| all[i].clone()).collect();
                     let mut batch = PreferenceBatch::new(&pairs, pad);
                     batch.labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
-                    let out = preference_step(&policy, reference_for(&indices, false), &batch, &objective, &mut state.objective, true, device);
+                    let shards = batch_shards::<B>(config.train.batch_shards, batch.num_pairs(), device);
+                    let out = preference_step(&policy, reference_for(&indices, false), &batch, &objective, &mut state.objective, true, shards, device);
                     (out, mask_tokens(&batch.attention_mask), batch.indices)
                 }
                 Examples::Sequences(all) => {
                     let examples: Vec<&CompletionInputs> = indices.iter().map(|&i| &all[i]).collect();
                     let batch = SequenceBatch::new(&examples, pad);
-                    (sft_on_batch(&policy, &batch, device), mask_tokens(&batch.attention_mask), batch.indices)
+                    (sft_step(&policy, &batch, device), mask_tokens(&batch.attention_mask), batch.indices)
                 }
             };
-            let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
+            let loss = out.loss;
             if !loss.is_finite() {
                 if config.train.skip_nonfinite {
                     eprintln!("step {}: loss is {loss} on records {records:?}; step skipped", state.step + 1);
@@ -596,18 +597,16 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 ));
             }
             // Accumulation averages, as PyTorch's loss / accumulation_steps does.
-            let mut scaled = out.loss.div_scalar(accum as f64);
-            if let Some(scaler) = &state.loss_scaler {
-                scaled = scaled.mul_scalar(scaler.scale);
-            }
-            let g = GradientsParams::from_grads(scaled.backward(), &policy);
+            let factor = state.loss_scaler.as_ref().map_or(1.0, |scaler| scaler.scale) / accum as f64;
+            let metrics = out.metrics.clone();
+            let g = out.backward(factor);
             match &mut grads {
                 Some(acc) => accumulate::<B, CausalLm<B>>(&policy, acc, g),
                 None => grads = Some(g),
             }
             step_loss += loss / accum as f64;
             step_tokens += tokens;
-            window.push(out.metrics);
+            window.push(metrics);
             step_batches.push(indices);
             state.batches_seen += 1;
         }

@@ -25,7 +25,7 @@ fn batch0() -> PreferenceBatch {
     PreferenceBatch::new(&prepared.pairs[..4], tokenizer.pad_id())
 }
 
-fn check_grads(policy_dir: &str, case: &str) {
+fn check_grads(policy_dir: &str, case: &str, shards: usize) {
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens/tiny-llama/standard/grad.json")).unwrap()).unwrap();
     let golden = &golden[case];
     let device = Default::default();
@@ -33,11 +33,11 @@ fn check_grads(policy_dir: &str, case: &str) {
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let batch = batch0();
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &ObjectiveConfig::default(), &mut state, true, &device);
-    let loss: f32 = out.loss.clone().into_scalar();
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &ObjectiveConfig::default(), &mut state, true, shards, &device);
+    let loss = out.loss;
     let want_loss = golden["loss"].as_f64().unwrap();
-    assert!((loss as f64 - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
-    let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
+    assert!((loss - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
+    let grads = out.backward(1.0);
     let mut total = 0.0f64;
     for (name, id, rank) in policy.named_params() {
         let sq: f64 = match rank {
@@ -56,12 +56,18 @@ fn check_grads(policy_dir: &str, case: &str) {
 
 #[test]
 fn sigmoid_gradients_match_torch_for_the_perturbed_policy() {
-    check_grads("tiny-llama-perturbed", "perturbed_policy");
+    check_grads("tiny-llama-perturbed", "perturbed_policy", 1);
+}
+
+/// A batch split over threads (4 pairs: shards of 1, 1 and 2) still gives TRL's gradients.
+#[test]
+fn sharded_step_gradients_match_torch() {
+    check_grads("tiny-llama-perturbed", "perturbed_policy", 3);
 }
 
 #[test]
 fn sigmoid_gradients_match_torch_when_policy_equals_reference() {
-    check_grads("tiny-llama", "policy_equals_ref");
+    check_grads("tiny-llama", "policy_equals_ref", 1);
 }
 
 #[test]
@@ -70,9 +76,9 @@ fn step_zero_identities() {
     let (policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch0(), &ObjectiveConfig::default(), &mut state, true, &device);
-    let loss: f32 = out.loss.into_scalar();
-    assert!((loss as f64 - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch0(), &ObjectiveConfig::default(), &mut state, true, 2, &device);
+    let loss = out.loss;
+    assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
     for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
         assert_eq!(out.metrics[key], 0.0, "{key}");
     }
@@ -205,9 +211,64 @@ fn chunked_reference_pass_equals_the_policy_pass_exactly() {
         .collect();
     let batch = PreferenceBatch::new(&pairs, 0);
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Policy(dipole_lora::AdapterMode::Active), &batch, &ObjectiveConfig::default(), &mut state, true, &device);
+    let out = preference_step(&policy, Reference::Policy(dipole_lora::AdapterMode::Active), &batch, &ObjectiveConfig::default(), &mut state, true, 1, &device);
     assert_eq!(out.reference_logps.as_ref(), Some(&out.policy_logps), "reference and policy log-probs differ");
     for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies"] {
         assert_eq!(out.metrics[key], 0.0, "{key}");
+    }
+}
+
+/// Shards change where the work runs, not the step: a LoRA policy with a coupled objective (WPO
+/// weights, LD-DPO, batch-level metrics) and KTO's batch-mean KL give the unsharded step's loss,
+/// metrics and gradients.
+#[test]
+fn sharded_steps_equal_the_whole_batch_step() {
+    let device = Default::default();
+    let (mut policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama-perturbed"), &device).unwrap();
+    policy.add_lora(&dipole_lora::LoraConfig { r: 4, ..Default::default() }, 7).unwrap();
+    let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
+    let grads_of = |g: &GradientsParams| -> Vec<(String, Vec<f32>)> {
+        policy
+            .named_params()
+            .into_iter()
+            .filter_map(|(name, id, rank)| {
+                let values = match rank {
+                    1 => g.get::<Flex, 1>(id).map(|t| t.into_data().to_vec().unwrap()),
+                    _ => g.get::<Flex, 2>(id).map(|t| t.into_data().to_vec().unwrap()),
+                };
+                values.map(|v| (name, v))
+            })
+            .collect()
+    };
+    let mut kto_batch = batch0();
+    kto_batch.labels = Some(vec![true, false, false, true]);
+    let cases = [
+        (ObjectiveConfig { use_weighting: true, ld_alpha: Some(0.5), ..Default::default() }, batch0()),
+        (ObjectiveConfig { loss_type: vec![LossType::Kto], ..Default::default() }, kto_batch),
+    ];
+    for (config, batch) in cases {
+        let run = |shards: usize| {
+            let mut state = ObjectiveState::default();
+            let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &config, &mut state, true, shards, &device);
+            let (loss, metrics) = (out.loss, out.metrics.clone());
+            (loss, metrics, grads_of(&out.backward(1.0)))
+        };
+        let (loss, metrics, grads) = run(1);
+        assert!(!grads.is_empty() && grads.iter().all(|(name, _)| name.contains("lora")), "only the adapters train");
+        for shards in [2, 4] {
+            let (sharded_loss, sharded_metrics, sharded_grads) = run(shards);
+            assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs().max(1.0), "{shards} shards: loss {sharded_loss} vs {loss}");
+            assert_eq!(sharded_metrics.keys().collect::<Vec<_>>(), metrics.keys().collect::<Vec<_>>());
+            for (key, want) in &metrics {
+                let got = sharded_metrics[key];
+                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{shards} shards: {key} {got} vs {want}");
+            }
+            assert_eq!(sharded_grads.len(), grads.len());
+            for ((name, got), (_, want)) in sharded_grads.iter().zip(&grads) {
+                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst <= 1e-4 * scale, "{shards} shards: {name} differs by {worst} (largest gradient {scale})");
+            }
+        }
     }
 }
