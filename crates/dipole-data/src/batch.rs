@@ -40,6 +40,11 @@ pub(crate) fn pad_rows(rows: &[&Sequence], pad_id: u32) -> (Vec<Vec<u32>>, Vec<V
     )
 }
 
+/// Columns up to the last real token of any row (right padding past it is unused).
+pub(crate) fn used_len(attention_mask: &[Vec<u8>]) -> usize {
+    attention_mask.iter().map(|r| r.iter().rposition(|&m| m == 1).map_or(0, |p| p + 1)).max().unwrap_or(0)
+}
+
 impl PreferenceBatch {
     pub fn new(pairs: &[PairInputs], pad_id: u32) -> Self {
         let rows: Vec<&Sequence> = pairs
@@ -78,11 +83,8 @@ impl PreferenceBatch {
         let b = self.num_pairs();
         assert!(pairs.start < pairs.end && pairs.end <= b, "shard {pairs:?} of a batch of {b} pairs");
         let rows: Vec<usize> = pairs.clone().chain(b + pairs.start..b + pairs.end).collect();
-        let seq_len = rows
-            .iter()
-            .map(|&r| self.attention_mask[r].iter().rposition(|&m| m == 1).map_or(0, |p| p + 1))
-            .max()
-            .unwrap_or(0);
+        let masks: Vec<Vec<u8>> = rows.iter().map(|&r| self.attention_mask[r].clone()).collect();
+        let seq_len = used_len(&masks);
         let take = |m: &Vec<Vec<u8>>| -> Vec<Vec<u8>> { rows.iter().map(|&r| m[r][..seq_len].to_vec()).collect() };
         Self {
             indices: self.indices[pairs.clone()].to_vec(),

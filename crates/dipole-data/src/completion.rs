@@ -154,6 +154,22 @@ impl SequenceBatch {
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
+
+    /// The rows `rows` of this batch as a batch of their own, with the padding that none of them
+    /// needs cut off.
+    pub fn shard(&self, rows: std::ops::Range<usize>) -> Self {
+        assert!(rows.start < rows.end && rows.end <= self.len(), "shard {rows:?} of a batch of {} rows", self.len());
+        let seq_len = crate::batch::used_len(&self.attention_mask[rows.clone()]);
+        let cut = |m: &[Vec<u8>]| -> Vec<Vec<u8>> { m.iter().map(|r| r[..seq_len].to_vec()).collect() };
+        Self {
+            indices: self.indices[rows.clone()].to_vec(),
+            input_ids: self.input_ids[rows.clone()].iter().map(|r| r[..seq_len].to_vec()).collect(),
+            attention_mask: cut(&self.attention_mask[rows.clone()]),
+            completion_mask: cut(&self.completion_mask[rows.clone()]),
+            labels: self.labels[rows].to_vec(),
+            seq_len,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +208,10 @@ mod tests {
         let batch = SequenceBatch::new(&plain.examples.iter().collect::<Vec<_>>(), 0);
         assert_eq!(batch.seq_len, pair.rejected.input_ids.len().max(pair.chosen.input_ids.len()));
         assert!(batch.input_ids.iter().all(|r| r.len() == batch.seq_len));
+        for row in 0..2 {
+            let alone = SequenceBatch::new(&[&plain.examples[row]], 0);
+            assert_eq!(batch.shard(row..row + 1), alone, "row {row} as a shard: its own padding only");
+        }
     }
 
     #[test]

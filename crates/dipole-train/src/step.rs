@@ -270,25 +270,49 @@ fn host_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 /// batch (TRL's `SFTTrainer` with a completion-only loss), with `mean_token_accuracy`, `entropy` and
 /// `num_tokens`.
 pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> StepOutput<B> {
+    let pass = sft_pass(policy, batch, device);
+    sft_output(pass.sums, pass.counts)
+}
+
+/// Token counts of an SFT batch: the loss's denominator and the metrics' numerators.
+#[derive(Clone, Copy, Default)]
+struct SftCounts {
+    tokens: f64,
+    entropy: f64,
+    correct: f64,
+}
+
+struct SftPass<B: Backend> {
+    /// `[rows]` summed completion log-probs (carrying gradients under autodiff).
+    sums: Tensor<B, 1>,
+    counts: SftCounts,
+}
+
+fn sft_pass<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> SftPass<B> {
     let t = BatchTensors::<B>::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device);
     let start = prediction_window(&batch.completion_mask);
     let out = batch_logps(policy, &t, start, None);
-    let tokens = out.mask.clone().sum();
-    let loss = out.sums.clone().sum().neg() / tokens.clone().clamp_min(1.0);
-    let (logits, mask) = (out.logits.detach(), out.mask);
+    let mask = out.mask;
     let entropy = (out.entropy * mask.clone()).sum();
-    let correct = (logits.argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask).sum();
-    let n = host_f64(tokens)[0];
-    let per_token = |x: Tensor<B, 1>| if n > 0.0 { host_f64(x)[0] / n } else { 0.0 };
+    let correct = (out.logits.detach().argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask.clone()).sum();
+    let host = Tensor::cat(vec![mask.sum(), entropy, correct], 0).detach();
+    let v = host_f64(host);
+    SftPass { sums: out.sums, counts: SftCounts { tokens: v[0], entropy: v[1], correct: v[2] } }
+}
+
+fn sft_output<B: Backend>(sums: Tensor<B, 1>, counts: SftCounts) -> StepOutput<B> {
+    let n = counts.tokens;
+    let loss = sums.clone().sum().neg().div_scalar(n.max(1.0));
+    let per_token = |x: f64| if n > 0.0 { x / n } else { 0.0 };
     let mut metrics = BTreeMap::new();
-    metrics.insert("entropy".to_string(), per_token(entropy));
-    metrics.insert("mean_token_accuracy".to_string(), per_token(correct));
+    metrics.insert("entropy".to_string(), per_token(counts.entropy));
+    metrics.insert("mean_token_accuracy".to_string(), per_token(counts.correct));
     metrics.insert("num_tokens".to_string(), n);
     StepOutput {
         loss,
         metrics,
         reference_logps: None,
-        policy_logps: host_f64(out.sums.detach()).into_iter().map(|v| (v as f32, 0.0)).collect(),
+        policy_logps: host_f64(sums.detach()).into_iter().map(|v| (v as f32, 0.0)).collect(),
     }
 }
 
@@ -323,14 +347,22 @@ struct ShardGraph<B: AutodiffBackend> {
 }
 
 impl<B: AutodiffBackend> TrainStep<B> {
-    fn whole(policy: &CausalLm<B>, out: StepOutput<B>) -> Self {
+    fn new(out: StepOutput<B>, graph: impl FnOnce(Tensor<B, 1>) -> StepGraph<B>) -> Self {
         TrainStep {
             loss: out.loss.clone().into_scalar().elem::<f64>(),
             metrics: out.metrics,
             reference_logps: out.reference_logps,
             policy_logps: out.policy_logps,
-            graph: StepGraph::Whole { policy: policy.clone(), loss: out.loss },
+            graph: graph(out.loss),
         }
+    }
+
+    fn whole(policy: &CausalLm<B>, out: StepOutput<B>) -> Self {
+        Self::new(out, |loss| StepGraph::Whole { policy: policy.clone(), loss })
+    }
+
+    fn sharded(out: StepOutput<B>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>>) -> Self {
+        Self::new(out, |loss| StepGraph::Sharded { loss, merged, shards })
     }
 
     /// Gradients of `factor * loss` for the policy's trainable parameters. A sharded step runs its
@@ -388,7 +420,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
     }
 }
 
-/// How many shards a micro-batch of `pairs` pairs is split into: `requested`, or for 0 (auto) one
+/// How many shards a micro-batch of `pairs` pairs (or SFT rows) is split into: `requested`, or for 0 (auto) one
 /// per CPU thread on the CPU backends and 1 elsewhere (a GPU runs one batch's kernels at a time
 /// anyway); never more than the pairs.
 pub fn batch_shards<B: Backend>(requested: usize, pairs: usize, device: &B::Device) -> usize {
@@ -493,16 +525,43 @@ pub fn preference_step<B: AutodiffBackend>(
         weights: (!weights.is_empty()).then(|| Tensor::cat(weights, 0)),
     };
     let out = finish(pass, ref_pairs, batch, config, state, training, device);
-    TrainStep {
-        loss: out.loss.clone().into_scalar().elem::<f64>(),
-        metrics: out.metrics,
-        reference_logps: out.reference_logps,
-        policy_logps: out.policy_logps,
-        graph: StepGraph::Sharded { loss: out.loss, merged, shards },
-    }
+    TrainStep::sharded(out, merged, shards)
 }
 
-/// SFT's micro-step ([`sft_on_batch`]) as a [`TrainStep`].
-pub fn sft_step<B: AutodiffBackend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> TrainStep<B> {
-    TrainStep::whole(policy, sft_on_batch(policy, batch, device))
+/// SFT's micro-step ([`sft_on_batch`]), its rows split over `shards` parallel threads as
+/// [`preference_step`] splits pairs; the loss is over the whole batch's tokens either way.
+pub fn sft_step<B: AutodiffBackend>(policy: &CausalLm<B>, batch: &SequenceBatch, shards: usize, device: &B::Device) -> TrainStep<B> {
+    let rows = batch.len();
+    let n = shards.clamp(1, rows.max(1));
+    if n == 1 {
+        return TrainStep::whole(policy, sft_on_batch(policy, batch, device));
+    }
+    let ranges: Vec<std::ops::Range<usize>> = (0..n).map(|k| k * rows / n..(k + 1) * rows / n).collect();
+    let subs: Vec<SequenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
+    let passes: Vec<(CausalLm<B>, SftPass<B>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = subs
+            .iter()
+            .map(|sub| {
+                let own = policy.clone().map(&mut FreshLeaves);
+                scope.spawn(move || {
+                    let pass = sft_pass(&own, sub, device);
+                    (own, pass)
+                })
+            })
+            .collect();
+        handles.into_iter().map(join).collect()
+    });
+    let mut merged = Vec::with_capacity(rows);
+    let mut counts = SftCounts::default();
+    let mut shards = Vec::with_capacity(n);
+    for ((own, pass), range) in passes.into_iter().zip(ranges) {
+        merged.extend(pass.sums.clone().detach().into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        counts.tokens += pass.counts.tokens;
+        counts.entropy += pass.counts.entropy;
+        counts.correct += pass.counts.correct;
+        shards.push(ShardGraph { policy: own, sums: pass.sums, rows: range.collect() });
+    }
+    let merged = Tensor::<B, 1>::from_data(TensorData::new(merged, [rows]), device).require_grad();
+    let out = sft_output(merged.clone(), counts);
+    TrainStep::sharded(out, merged, shards)
 }

@@ -578,7 +578,8 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 Examples::Sequences(all) => {
                     let examples: Vec<&CompletionInputs> = indices.iter().map(|&i| &all[i]).collect();
                     let batch = SequenceBatch::new(&examples, pad);
-                    (sft_step(&policy, &batch, device), mask_tokens(&batch.attention_mask), batch.indices)
+                    let shards = batch_shards::<B>(config.train.batch_shards, batch.len(), device);
+                    (sft_step(&policy, &batch, shards, device), mask_tokens(&batch.attention_mask), batch.indices)
                 }
             };
             let loss = out.loss;

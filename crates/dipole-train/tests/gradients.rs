@@ -272,3 +272,50 @@ fn sharded_steps_equal_the_whole_batch_step() {
         }
     }
 }
+
+/// SFT rows split over threads: the same loss over the whole batch's tokens, the same metrics and
+/// gradients as one pass.
+#[test]
+fn sharded_sft_step_equals_the_whole_batch_step() {
+    let device = Default::default();
+    let (policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama-perturbed"), &device).unwrap();
+    let pairs = batch0();
+    let b = pairs.num_pairs();
+    // the pairs' rows as SFT rows of uneven lengths
+    let examples: Vec<dipole_data::CompletionInputs> = (0..2 * b)
+        .map(|row| {
+            let len = pairs.attention_mask[row].iter().filter(|&&m| m == 1).count();
+            dipole_data::CompletionInputs {
+                index: row,
+                sequence: dipole_data::Sequence { input_ids: pairs.input_ids[row][..len].to_vec(), completion_mask: pairs.completion_mask[row][..len].to_vec() },
+                label: None,
+                source: (PathBuf::from("rows"), dipole_data::Location::Line(row + 1)),
+            }
+        })
+        .collect();
+    let batch = dipole_data::SequenceBatch::new(&examples.iter().collect::<Vec<_>>(), 0);
+    let run = |shards: usize| {
+        let out = dipole_train::sft_step(&policy, &batch, shards, &device);
+        let (loss, metrics) = (out.loss, out.metrics.clone());
+        let grads = out.backward(1.0);
+        let norms: Vec<f64> = policy
+            .named_params()
+            .into_iter()
+            .map(|(_, id, rank)| match rank {
+                1 => grads.get::<Flex, 1>(id).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar() as f64),
+                _ => grads.get::<Flex, 2>(id).map_or(0.0, |g| g.powi_scalar(2).sum().into_scalar() as f64),
+            })
+            .collect();
+        (loss, metrics, norms)
+    };
+    let (loss, metrics, norms) = run(1);
+    assert!(norms.iter().all(|&n| n > 0.0), "every parameter has a gradient");
+    let (sharded_loss, sharded_metrics, sharded_norms) = run(3);
+    assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs(), "loss {sharded_loss} vs {loss}");
+    for (key, want) in &metrics {
+        assert!((sharded_metrics[key] - want).abs() <= 1e-6 * want.abs().max(1.0), "{key}: {} vs {want}", sharded_metrics[key]);
+    }
+    for (got, want) in sharded_norms.iter().zip(&norms) {
+        assert!((got - want).abs() <= 1e-4 * want, "gradient norm² {got} vs {want}");
+    }
+}
