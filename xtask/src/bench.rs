@@ -219,11 +219,12 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     });
     let objective = ObjectiveConfig::default();
     let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, prompt, completion, 8000, k)).collect();
+    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
     let mut precompute_seconds = None;
     let cached: Vec<Vec<(f32, f32)>> = if precompute {
         let t = Instant::now();
         let mode = if lora { AdapterMode::Disabled } else { AdapterMode::Active };
-        let v = batches.iter().map(|b| reference_logps(&policy, Reference::Policy(mode), b, None, device).expect("reference")).collect();
+        let v = batches.iter().map(|b| reference_logps(&policy, Reference::Policy(mode), b, None, shards, device).expect("reference")).collect();
         precompute_seconds = Some(t.elapsed().as_secs_f64());
         v
     } else {
@@ -231,7 +232,6 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     };
     let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
     let mut state = ObjectiveState::default();
-    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
     let mut timed = 0.0;
     for step in 0..args.warmup + args.steps {
         let k = step % batches.len();
@@ -246,7 +246,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         };
         // as the trainer does: shards on parallel threads, reference passes beside the policy's
         let mut grads = if naive {
-            let values = reference_logps(&policy, reference, batch, None, device).expect("reference");
+            let values = reference_logps(&policy, reference, batch, None, shards, device).expect("reference");
             GradientsParams::from_grads(naive_dpo_loss(&policy, &values, batch, device).backward(), &policy)
         } else {
             preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device).backward(1.0)

@@ -57,7 +57,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
         let batch = PreferenceBatch::new(chunk, pad);
         let r = pair_logps(&reference, chunk, chunk.len(), pad, device);
         let ref_pairs: Vec<(f32, f32)> = r.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect();
-        let out = objective_on_batch(&policy, Some(ref_pairs), &batch, &objective, &mut state, false, device);
+        let out = objective_on_batch(&policy, Some(ref_pairs), &batch, &objective, &mut state, false, dipole_train::batch_shards::<B>(0, chunk.len(), device), device);
         loss += out.loss.into_scalar().elem::<f64>() * chunk.len() as f64;
         for (k, v) in out.metrics {
             *sums.entry(k).or_default() += v * chunk.len() as f64;

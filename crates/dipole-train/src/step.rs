@@ -129,17 +129,26 @@ pub fn model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_
     host_pairs(Tensor::cat(sums, 0), batch.num_pairs())
 }
 
-/// Reference log-probs of a batch under `reference` (no autodiff), `None` for reference-free runs.
+/// Reference log-probs of a batch under `reference` (no autodiff), `None` for reference-free runs;
+/// a model's pass runs on `shards` parallel threads.
 pub fn reference_logps<B: AutodiffBackend>(
     policy: &CausalLm<B>,
     reference: Reference<B>,
     batch: &PreferenceBatch,
     ld_alpha: Option<f64>,
+    shards: usize,
     device: &B::Device,
 ) -> Option<Vec<(f32, f32)>> {
     match resolve(policy, reference, batch.num_pairs()) {
         Resolved::Values(values) => values,
-        Resolved::Model(model) => Some(model_logps(&model, batch, ld_alpha, device)),
+        Resolved::Model(model) => {
+            let ranges = shard_ranges(batch.num_pairs(), shards);
+            if ranges.len() == 1 {
+                return Some(model_logps(&model, batch, ld_alpha, device));
+            }
+            let subs: Vec<PreferenceBatch> = ranges.into_iter().map(|r| batch.shard(r)).collect();
+            Some(parallel(&subs, |sub| model_logps(&model, sub, ld_alpha, device)).concat())
+        }
     }
 }
 
@@ -151,7 +160,10 @@ fn ld_tensor<B: Backend>(batch: &PreferenceBatch, alpha: f64, start: usize, devi
 }
 
 /// The objective and TRL's metrics for `policy` on one batch, given reference log-probs. Works on
-/// any backend: under autodiff the loss carries gradients, elsewhere it is evaluation.
+/// any backend: under autodiff the loss carries gradients, elsewhere it is evaluation, and there the
+/// policy's pass runs on `shards` parallel threads (see [`preference_step`]; under autodiff it runs
+/// in one piece, as training needs [`preference_step`]'s graphs for more).
+#[allow(clippy::too_many_arguments)]
 pub fn objective_on_batch<B: Backend>(
     policy: &CausalLm<B>,
     ref_pairs: Option<Vec<(f32, f32)>>,
@@ -159,10 +171,71 @@ pub fn objective_on_batch<B: Backend>(
     config: &ObjectiveConfig,
     state: &mut ObjectiveState,
     training: bool,
+    shards: usize,
     device: &B::Device,
 ) -> StepOutput<B> {
-    let pass = policy_pass(policy, batch, config, device);
+    let b = batch.num_pairs();
+    let ranges = shard_ranges(b, if B::ad_enabled(device) { 1 } else { shards });
+    let pass = if ranges.len() == 1 {
+        policy_pass(policy, batch, config, device)
+    } else {
+        let subs: Vec<PreferenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
+        let passes = parallel(&subs, |sub| policy_pass(policy, sub, config, device));
+        let merged = MergedPasses::new(passes, &ranges, b);
+        let sums = Tensor::from_data(TensorData::new(merged.values, [2 * b]), device);
+        PolicyPass { sums, stats: merged.stats, weights: merged.weights }
+    };
     finish(pass, ref_pairs, batch, config, state, training, device)
+}
+
+/// `items` split into `shards` near-equal ranges in order (at least one, never an empty one).
+fn shard_ranges(items: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
+    let n = shards.clamp(1, items.max(1));
+    (0..n).map(|k| k * items / n..(k + 1) * items / n).collect()
+}
+
+/// `f` on every item on its own thread, results in order.
+fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.iter().map(|item| scope.spawn(|| f(item))).collect();
+        handles.into_iter().map(join).collect()
+    })
+}
+
+/// Shards' policy passes as one pass over the whole batch.
+struct MergedPasses<B: Backend> {
+    /// `[2B]` summed log-probs in the batch's row order (chosen rows, then rejected rows).
+    values: Vec<f32>,
+    stats: TokenStats,
+    /// WPO weights per pair, in batch order.
+    weights: Option<Tensor<B, 1>>,
+    /// Each shard's own summed log-probs (carrying its graph under autodiff) and their rows in `values`.
+    shards: Vec<(Tensor<B, 1>, Vec<usize>)>,
+}
+
+impl<B: Backend> MergedPasses<B> {
+    fn new(passes: Vec<PolicyPass<B>>, ranges: &[std::ops::Range<usize>], b: usize) -> Self {
+        let mut values = vec![0f32; 2 * b];
+        let mut stats = Vec::with_capacity(passes.len());
+        let mut weights = Vec::new();
+        let mut shards = Vec::with_capacity(passes.len());
+        for (pass, range) in passes.into_iter().zip(ranges) {
+            let rows: Vec<usize> = range.clone().chain(b + range.start..b + range.end).collect();
+            let shard_values: Vec<f32> = pass.sums.clone().detach().into_data().convert::<f32>().to_vec().expect("f32");
+            for (&row, v) in rows.iter().zip(shard_values) {
+                values[row] = v;
+            }
+            stats.push(pass.stats);
+            weights.extend(pass.weights);
+            shards.push((pass.sums, rows));
+        }
+        MergedPasses {
+            values,
+            stats: TokenStats::merge(&stats),
+            weights: (!weights.is_empty()).then(|| Tensor::cat(weights, 0)),
+            shards,
+        }
+    }
 }
 
 /// What the objective needs from the policy's forward pass.
@@ -268,10 +341,33 @@ fn host_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 
 /// SFT on a batch of sequences: the mean negative log-likelihood over every completion token of the
 /// batch (TRL's `SFTTrainer` with a completion-only loss), with `mean_token_accuracy`, `entropy` and
-/// `num_tokens`.
-pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> StepOutput<B> {
-    let pass = sft_pass(policy, batch, device);
-    sft_output(pass.sums, pass.counts)
+/// `num_tokens`. Without autodiff the rows are split over `shards` parallel threads.
+pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, shards: usize, device: &B::Device) -> StepOutput<B> {
+    let ranges = shard_ranges(batch.len(), if B::ad_enabled(device) { 1 } else { shards });
+    if ranges.len() == 1 {
+        let pass = sft_pass(policy, batch, device);
+        return sft_output(pass.sums, pass.counts);
+    }
+    let subs: Vec<SequenceBatch> = ranges.into_iter().map(|r| batch.shard(r)).collect();
+    let (values, counts, _) = merge_sft(parallel(&subs, |sub| sft_pass(policy, sub, device)));
+    let n = values.len();
+    sft_output(Tensor::from_data(TensorData::new(values, [n]), device), counts)
+}
+
+/// Shards' SFT passes in row order: the summed log-probs' values, the summed counts, and each
+/// shard's own summed log-probs.
+fn merge_sft<B: Backend>(passes: Vec<SftPass<B>>) -> (Vec<f32>, SftCounts, Vec<Tensor<B, 1>>) {
+    let mut values = Vec::new();
+    let mut counts = SftCounts::default();
+    let mut sums = Vec::with_capacity(passes.len());
+    for pass in passes {
+        values.extend(pass.sums.clone().detach().into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
+        counts.tokens += pass.counts.tokens;
+        counts.entropy += pass.counts.entropy;
+        counts.correct += pass.counts.correct;
+        sums.push(pass.sums);
+    }
+    (values, counts, sums)
 }
 
 /// Token counts of an SFT batch: the loss's denominator and the metrics' numerators.
@@ -469,7 +565,7 @@ pub fn preference_step<B: AutodiffBackend>(
     let n = shards.clamp(1, b.max(1));
     if n == 1 {
         let out = match resolved {
-            Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, device),
+            Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, 1, device),
             Resolved::Model(model) => std::thread::scope(|scope| {
                 let ld_alpha = config.ld_alpha;
                 let pending = scope.spawn(move || model_logps(&model, batch, ld_alpha, device));
@@ -480,7 +576,7 @@ pub fn preference_step<B: AutodiffBackend>(
         return TrainStep::whole(policy, out);
     }
 
-    let ranges: Vec<std::ops::Range<usize>> = (0..n).map(|k| k * b / n..(k + 1) * b / n).collect();
+    let ranges = shard_ranges(b, n);
     let subs: Vec<PreferenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
     let (passes, shard_refs) = std::thread::scope(|scope| {
         let refs: Vec<_> = match &resolved {
@@ -503,64 +599,28 @@ pub fn preference_step<B: AutodiffBackend>(
         Resolved::Values(values) => values,
         Resolved::Model(_) => Some(shard_refs.concat()),
     };
-
-    let mut merged = vec![0f32; 2 * b];
-    let mut shards = Vec::with_capacity(n);
-    let mut stats = Vec::with_capacity(n);
-    let mut weights = Vec::with_capacity(n);
-    for ((own, pass), range) in passes.into_iter().zip(&ranges) {
-        let rows: Vec<usize> = range.clone().chain(b + range.start..b + range.end).collect();
-        let values: Vec<f32> = pass.sums.clone().detach().into_data().convert::<f32>().to_vec().expect("f32");
-        for (&row, v) in rows.iter().zip(values) {
-            merged[row] = v;
-        }
-        stats.push(pass.stats);
-        weights.extend(pass.weights);
-        shards.push(ShardGraph { policy: own, sums: pass.sums, rows });
-    }
-    let merged = Tensor::<B, 1>::from_data(TensorData::new(merged, [2 * b]), device).require_grad();
-    let pass = PolicyPass {
-        sums: merged.clone(),
-        stats: TokenStats::merge(&stats),
-        weights: (!weights.is_empty()).then(|| Tensor::cat(weights, 0)),
-    };
+    let (policies, passes): (Vec<CausalLm<B>>, Vec<PolicyPass<B>>) = passes.into_iter().unzip();
+    let merged = MergedPasses::new(passes, &ranges, b);
+    let leaf = Tensor::<B, 1>::from_data(TensorData::new(merged.values, [2 * b]), device).require_grad();
+    let shards = policies.into_iter().zip(merged.shards).map(|(policy, (sums, rows))| ShardGraph { policy, sums, rows }).collect();
+    let pass = PolicyPass { sums: leaf.clone(), stats: merged.stats, weights: merged.weights };
     let out = finish(pass, ref_pairs, batch, config, state, training, device);
-    TrainStep::sharded(out, merged, shards)
+    TrainStep::sharded(out, leaf, shards)
 }
 
 /// SFT's micro-step ([`sft_on_batch`]), its rows split over `shards` parallel threads as
 /// [`preference_step`] splits pairs; the loss is over the whole batch's tokens either way.
 pub fn sft_step<B: AutodiffBackend>(policy: &CausalLm<B>, batch: &SequenceBatch, shards: usize, device: &B::Device) -> TrainStep<B> {
     let rows = batch.len();
-    let n = shards.clamp(1, rows.max(1));
-    if n == 1 {
-        return TrainStep::whole(policy, sft_on_batch(policy, batch, device));
+    let ranges = shard_ranges(rows, shards);
+    if ranges.len() == 1 {
+        return TrainStep::whole(policy, sft_on_batch(policy, batch, 1, device));
     }
-    let ranges: Vec<std::ops::Range<usize>> = (0..n).map(|k| k * rows / n..(k + 1) * rows / n).collect();
     let subs: Vec<SequenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
-    let passes: Vec<(CausalLm<B>, SftPass<B>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = subs
-            .iter()
-            .map(|sub| {
-                let own = policy.clone().map(&mut FreshLeaves);
-                scope.spawn(move || {
-                    let pass = sft_pass(&own, sub, device);
-                    (own, pass)
-                })
-            })
-            .collect();
-        handles.into_iter().map(join).collect()
-    });
-    let mut merged = Vec::with_capacity(rows);
-    let mut counts = SftCounts::default();
-    let mut shards = Vec::with_capacity(n);
-    for ((own, pass), range) in passes.into_iter().zip(ranges) {
-        merged.extend(pass.sums.clone().detach().into_data().convert::<f32>().to_vec::<f32>().expect("f32"));
-        counts.tokens += pass.counts.tokens;
-        counts.entropy += pass.counts.entropy;
-        counts.correct += pass.counts.correct;
-        shards.push(ShardGraph { policy: own, sums: pass.sums, rows: range.collect() });
-    }
+    let own: Vec<CausalLm<B>> = subs.iter().map(|_| policy.clone().map(&mut FreshLeaves)).collect();
+    let jobs: Vec<(&CausalLm<B>, &SequenceBatch)> = own.iter().zip(&subs).collect();
+    let (merged, counts, sums) = merge_sft(parallel(&jobs, |(policy, sub)| sft_pass(*policy, sub, device)));
+    let shards = own.into_iter().zip(sums).zip(ranges).map(|((policy, sums), range)| ShardGraph { policy, sums, rows: range.collect() }).collect();
     let merged = Tensor::<B, 1>::from_data(TensorData::new(merged, [rows]), device).require_grad();
     let out = sft_output(merged.clone(), counts);
     TrainStep::sharded(out, merged, shards)

@@ -468,7 +468,8 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
                 let mut values = Vec::with_capacity(all.len());
                 for chunk in all.chunks(config.train.batch_size) {
                     let batch = PreferenceBatch::new(chunk, pad);
-                    let r = reference_logps(&initial, Reference::Policy(mode), &batch, objective.ld_alpha, device).expect("reference");
+                    let shards = batch_shards::<B>(config.train.batch_shards, batch.num_pairs(), device);
+                    let r = reference_logps(&initial, Reference::Policy(mode), &batch, objective.ld_alpha, shards, device).expect("reference");
                     values.extend(r);
                 }
                 Ok(values)
@@ -747,12 +748,14 @@ fn evaluate<B: AutodiffBackend>(
             Examples::Pairs(pairs, labels) => {
                 let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
                 batch.labels = labels.as_ref().map(|l| l[range].to_vec());
-                let ref_pairs = reference_logps(policy, reference_for(&indices, true), &batch, objective.ld_alpha, device);
-                objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, device)
+                let shards = batch_shards::<B>(config.train.batch_shards, batch.num_pairs(), device);
+                let ref_pairs = reference_logps(policy, reference_for(&indices, true), &batch, objective.ld_alpha, shards, device);
+                objective_on_batch(&inner, ref_pairs, &batch, objective, &mut state, false, shards, device)
             }
             Examples::Sequences(seqs) => {
                 let rows: Vec<&CompletionInputs> = indices.iter().map(|&i| &seqs[i]).collect();
-                sft_on_batch(&inner, &SequenceBatch::new(&rows, pad), device)
+                let shards = batch_shards::<B>(config.train.batch_shards, rows.len(), device);
+                sft_on_batch(&inner, &SequenceBatch::new(&rows, pad), shards, device)
             }
         };
         losses.push(out.loss.into_scalar().elem::<f64>());

@@ -319,3 +319,30 @@ fn sharded_sft_step_equals_the_whole_batch_step() {
         assert!((got - want).abs() <= 1e-4 * want, "gradient norm² {got} vs {want}");
     }
 }
+
+/// Evaluation (no autodiff) splits batches over threads too: reference log-probs, loss and
+/// metrics equal the one-piece pass's.
+#[test]
+fn sharded_evaluation_equals_the_whole_batch() {
+    let device = Default::default();
+    let (policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama-perturbed"), &device).unwrap();
+    let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
+    let inner = burn::module::AutodiffModule::valid(&policy);
+    let batch = batch0();
+    let config = ObjectiveConfig { use_weighting: true, ..Default::default() };
+    let run = |shards: usize| {
+        let refs = dipole_train::reference_logps(&policy, Reference::Model(reference.clone()), &batch, None, shards, &device).unwrap();
+        let out = dipole_train::objective_on_batch(&inner, Some(refs.clone()), &batch, &config, &mut ObjectiveState::default(), false, shards, &device);
+        (refs, out.loss.into_scalar() as f64, out.metrics)
+    };
+    let (refs, loss, metrics) = run(1);
+    let (sharded_refs, sharded_loss, sharded_metrics) = run(3);
+    for ((c, r), (sc, sr)) in refs.iter().zip(&sharded_refs) {
+        assert!((c - sc).abs() < 1e-4 && (r - sr).abs() < 1e-4, "reference ({c}, {r}) vs ({sc}, {sr})");
+    }
+    assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs().max(1.0), "loss {sharded_loss} vs {loss}");
+    assert_eq!(sharded_metrics.len(), metrics.len());
+    for (key, want) in &metrics {
+        assert!((sharded_metrics[key] - want).abs() <= 1e-5 * want.abs().max(1.0), "{key}: {} vs {want}", sharded_metrics[key]);
+    }
+}
