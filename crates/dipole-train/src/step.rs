@@ -426,7 +426,7 @@ pub struct TrainStep<B: AutodiffBackend> {
 
 enum StepGraph<B: AutodiffBackend> {
     /// One graph from the policy's parameters to the loss.
-    Whole { policy: CausalLm<B>, loss: Tensor<B, 1> },
+    Whole { policy: Box<CausalLm<B>>, loss: Tensor<B, 1> },
     /// Each shard's graph ends at its rows' summed log-probs; the loss's graph starts from a
     /// detached copy of all of them (`merged`, a leaf).
     Sharded { loss: Tensor<B, 1>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>> },
@@ -454,7 +454,7 @@ impl<B: AutodiffBackend> TrainStep<B> {
     }
 
     fn whole(policy: &CausalLm<B>, out: StepOutput<B>) -> Self {
-        Self::new(out, |loss| StepGraph::Whole { policy: policy.clone(), loss })
+        Self::new(out, |loss| StepGraph::Whole { policy: Box::new(policy.clone()), loss })
     }
 
     fn sharded(out: StepOutput<B>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>>) -> Self {
@@ -466,7 +466,7 @@ impl<B: AutodiffBackend> TrainStep<B> {
     /// through the summed log-probs, the same gradients as one backward pass over the whole batch.
     pub fn backward(self, factor: f64) -> GradientsParams {
         match self.graph {
-            StepGraph::Whole { policy, loss } => GradientsParams::from_grads(loss.mul_scalar(factor).backward(), &policy),
+            StepGraph::Whole { policy, loss } => GradientsParams::from_grads(loss.mul_scalar(factor).backward(), policy.as_ref()),
             StepGraph::Sharded { loss, merged, shards } => {
                 let grads = loss.mul_scalar(factor).backward();
                 let Some(upstream) = merged.grad(&grads) else {
