@@ -469,33 +469,37 @@ impl<B: AutodiffBackend> TrainStep<B> {
             StepGraph::Whole { policy, loss } => GradientsParams::from_grads(loss.mul_scalar(factor).backward(), policy.as_ref()),
             StepGraph::Sharded { loss, merged, shards } => {
                 let grads = loss.mul_scalar(factor).backward();
-                let Some(upstream) = merged.grad(&grads) else {
+                let upstream = merged.grad(&grads);
+                debug_assert!(upstream.is_some(), "the loss does not depend on the policy's log-probs");
+                let Some(upstream) = upstream else {
                     return GradientsParams::new();
                 };
-                let parts: Vec<(GradientsParams, CausalLm<B>)> = std::thread::scope(|scope| {
+                // Each shard's gradients are added in as soon as its backward pass ends, so finished
+                // shards do not each hold a full set until the last one is done.
+                let total: std::sync::Mutex<Option<GradientsParams>> = std::sync::Mutex::new(None);
+                std::thread::scope(|scope| {
                     let handles: Vec<_> = shards
                         .into_iter()
                         .map(|shard| {
-                            let upstream = upstream.clone();
+                            let (upstream, total) = (upstream.clone(), &total);
                             scope.spawn(move || {
                                 let device = upstream.device();
                                 let rows: Vec<i64> = shard.rows.iter().map(|&r| r as i64).collect();
                                 let n = rows.len();
                                 let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
                                 let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
-                                let grads = (shard.sums * upstream).sum().backward();
-                                (GradientsParams::from_grads(grads, &shard.policy), shard.policy)
+                                let grads = GradientsParams::from_grads((shard.sums * upstream).sum().backward(), &shard.policy);
+                                let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                                match total.as_mut() {
+                                    Some(acc) => accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads),
+                                    None => *total = Some(grads),
+                                }
                             })
                         })
                         .collect();
-                    handles.into_iter().map(join).collect()
+                    handles.into_iter().for_each(join);
                 });
-                let mut parts = parts.into_iter();
-                let (mut total, policy) = parts.next().expect("a sharded step has shards");
-                for (g, _) in parts {
-                    accumulate::<B, CausalLm<B>>(&policy, &mut total, g);
-                }
-                total
+                total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).expect("a sharded step has shards")
             }
         }
     }
