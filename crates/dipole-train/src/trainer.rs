@@ -56,6 +56,10 @@ pub struct TrainerState {
     /// fp16 mixed precision's dynamic loss scale.
     #[serde(default)]
     pub loss_scaler: Option<LossScaler>,
+    /// Shards of a full micro-batch (`train.batch_shards` resolved on the machine that ran it; 0 in
+    /// states written before shards existed).
+    #[serde(default)]
+    pub batch_shards: usize,
 }
 
 /// The outcome of a run.
@@ -511,6 +515,12 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         optimizer = optimizer.load_record(record);
         eprintln!("resumed from {} at step {}", dir.display(), state.step);
     }
+    // Auto shards follow the machine's cores; a different count changes results by float rounding only.
+    let shards = batch_shards::<B>(config.train.batch_shards, config.train.batch_size, device);
+    if resume_dir.is_some() && state.batch_shards != 0 && state.batch_shards != shards {
+        eprintln!("note: the run used {} batch shards, this machine uses {shards}: results differ from an uninterrupted run by float rounding", state.batch_shards);
+    }
+    state.batch_shards = shards;
 
     let reference_for = |indices: &[usize], eval: bool| -> Reference<B> {
         match strategy {

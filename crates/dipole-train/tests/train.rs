@@ -443,6 +443,7 @@ fn mixed_precision_tracks_the_fp32_run() {
             MixedPrecision::Fp16 => assert_eq!(state["loss_scaler"]["scale"].as_f64(), Some(dipole_train::scaler::INIT_SCALE)),
             _ => assert!(state["loss_scaler"].is_null()),
         }
+        assert_eq!(state["batch_shards"].as_u64(), Some(2), "{precision}: the shard count is recorded");
     }
 }
 
