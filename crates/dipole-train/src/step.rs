@@ -582,31 +582,23 @@ pub fn preference_step<B: AutodiffBackend>(
 
     let ranges = shard_ranges(b, n);
     let subs: Vec<PreferenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
+    let own: Vec<CausalLm<B>> = subs.iter().map(|_| policy.clone().map(&mut FreshLeaves)).collect();
+    let jobs: Vec<(&CausalLm<B>, &PreferenceBatch)> = own.iter().zip(&subs).collect();
     let (passes, shard_refs) = std::thread::scope(|scope| {
         let refs: Vec<_> = match &resolved {
             Resolved::Model(model) => subs.iter().map(|sub| scope.spawn(move || model_logps(model, sub, config.ld_alpha, device))).collect(),
             Resolved::Values(_) => Vec::new(),
         };
-        let passes: Vec<_> = subs
-            .iter()
-            .map(|sub| {
-                let own = policy.clone().map(&mut FreshLeaves);
-                scope.spawn(move || {
-                    let pass = policy_pass(&own, sub, config, device);
-                    (own, pass)
-                })
-            })
-            .collect();
-        (passes.into_iter().map(join).collect::<Vec<_>>(), refs.into_iter().map(join).collect::<Vec<_>>())
+        let passes = parallel(&jobs, |(policy, sub)| policy_pass(*policy, sub, config, device));
+        (passes, refs.into_iter().map(join).collect::<Vec<_>>())
     });
     let ref_pairs = match resolved {
         Resolved::Values(values) => values,
         Resolved::Model(_) => Some(shard_refs.concat()),
     };
-    let (policies, passes): (Vec<CausalLm<B>>, Vec<PolicyPass<B>>) = passes.into_iter().unzip();
     let merged = MergedPasses::new(passes, &ranges, b);
     let leaf = Tensor::<B, 1>::from_data(TensorData::new(merged.values, [2 * b]), device).require_grad();
-    let shards = policies.into_iter().zip(merged.shards).map(|(policy, (sums, rows))| ShardGraph { policy, sums, rows }).collect();
+    let shards = own.into_iter().zip(merged.shards).map(|(policy, (sums, rows))| ShardGraph { policy, sums, rows }).collect();
     let pass = PolicyPass { sums: leaf.clone(), stats: merged.stats, weights: merged.weights };
     let out = finish(pass, ref_pairs, batch, config, state, training, device);
     TrainStep::sharded(out, leaf, shards)
