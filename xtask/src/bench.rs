@@ -53,6 +53,9 @@ pub struct BenchArgs {
     /// Shards per batch (`train.batch_shards`; 0 = auto: one per CPU thread on the CPU backend).
     #[arg(long, default_value_t = 0)]
     pub shards: usize,
+    /// Run every row whole instead of each pair's prompt once (`train.prefix_sharing = false`).
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
@@ -76,6 +79,9 @@ pub struct BenchResult {
     /// Shards each batch was split into.
     #[serde(default)]
     pub shards: usize,
+    /// Whether each pair's prompt ran once (`train.prefix_sharing`).
+    #[serde(default)]
+    pub prefix_sharing: bool,
     pub params: usize,
     pub trainable_params: usize,
     pub seq_len: usize,
@@ -138,6 +144,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
         cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase(), "--shards", &args.shards.to_string()]);
+        if args.no_prefix_sharing {
+            cmd.arg("--no-prefix-sharing");
+        }
         if let Some(t) = args.threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
             cmd.args(["--threads", &t.to_string()]);
@@ -210,11 +219,13 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     let precision = if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No };
     precision.check_backend::<AB>(device).map_err(|e| anyhow!("{name}: {e}"))?;
     policy.set_mixed_precision(precision);
+    policy.prefix_sharing = !args.no_prefix_sharing;
     policy.assign_stable_param_ids();
     let trainable = policy.num_trainable_params();
     let frozen = (!lora && !precompute).then(|| {
         let mut m = CausalLm::<AB::InnerBackend>::init(config, 0, device);
         m.set_mixed_precision(precision);
+        m.prefix_sharing = !args.no_prefix_sharing;
         m
     });
     let objective = ObjectiveConfig::default();
@@ -269,6 +280,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         backend: format!("{:?}", args.backend).to_lowercase(),
         threads: args.threads,
         shards,
+        prefix_sharing: !args.no_prefix_sharing,
         params,
         trainable_params: trainable,
         seq_len: seq,

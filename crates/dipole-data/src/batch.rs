@@ -68,6 +68,11 @@ impl PreferenceBatch {
         self.indices.len()
     }
 
+    /// Real (non-padding) tokens per row.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.attention_mask.iter().map(|m| m.iter().filter(|&&x| x == 1).count()).collect()
+    }
+
     /// Completion tokens per row.
     pub fn completion_lengths(&self) -> Vec<usize> {
         self.completion_mask
@@ -118,6 +123,7 @@ mod tests {
         assert_eq!(b.attention_mask[2], vec![1, 1, 0, 0]);
         assert_eq!(b.completion_mask[1], vec![0, 0, 1, 1]);
         assert_eq!(b.completion_lengths(), vec![2, 2, 1, 1]);
+        assert_eq!(b.lengths(), vec![3, 4, 2, 3]);
 
         let first = b.shard(0..1);
         assert_eq!(first, PreferenceBatch::new(&pairs[..1], 0), "the shorter pair's padding is cut");

@@ -79,7 +79,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &rope::Rotary<B>,
-        mask: Option<Tensor<B, 4, Bool>>,
+        mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
@@ -106,20 +106,17 @@ impl<B: Backend> Attention<B> {
 
 /// Scaled dot-product attention, decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
 /// form is what autodiff differentiates, and using it for inference too makes a frozen reference
-/// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask` is true
-/// where a key is hidden (`[batch, 1, q_len, k_len]`); `None` means causal with no padding. Under
-/// mixed precision the scores are masked and softmaxed in f32, as transformers' eager attention does.
-fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>) -> Tensor<B, 4> {
+/// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
+/// `[batch, heads, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
+/// masked and softmaxed in f32, as transformers' eager attention does.
+fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
     let [batch, heads, q_len, d] = q.dims();
     let k_len = k.dims()[2];
+    assert_eq!(mask.dims(), [batch, heads, q_len, k_len], "attention mask shape");
     let compute = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
     let scores = cast_to(scores, DType::F32);
-    let mask = mask.unwrap_or_else(|| {
-        // bottom-right aligned, so cached decoding (k_len > q_len) sees every past key
-        Tensor::<B, 2, Bool>::tril_mask([q_len, k_len], (k_len - q_len) as i64, &scores.device()).reshape([1, 1, q_len, k_len])
-    });
-    let scores = scores.mask_fill(mask.expand([batch, heads, q_len, k_len]), f32::NEG_INFINITY);
+    let scores = scores.mask_fill(mask, f32::NEG_INFINITY);
     // NaN-safe softmax: a fully masked row gives zeros instead of 0/0.
     let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
     let numerator = (scores - max).exp();
@@ -177,6 +174,9 @@ pub struct CausalLm<B: Backend> {
     /// Which dtype the matmuls compute in (see [`MixedPrecision`]); set with
     /// [`set_mixed_precision`](Self::set_mixed_precision).
     pub mixed_precision: MixedPrecision,
+    /// Whether [`forward_hidden_pairs`](Self::forward_hidden_pairs) runs a pair's common prefix once
+    /// (default) or every row whole.
+    pub prefix_sharing: bool,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -212,7 +212,7 @@ impl<B: Backend> CausalLm<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let device = input_ids.device();
         let [batch, len] = input_ids.dims();
@@ -220,52 +220,175 @@ impl<B: Backend> CausalLm<B> {
         let total = past + len;
         let cfg = &self.config;
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
-        // In the dtype the projections come out in, so no layer casts (and keeps for backward) a copy.
-        let (cos, sin) = match self.mixed_precision.compute_dtype() {
-            Some(dtype) => (cast_to(cos, dtype), cast_to(sin, dtype)),
-            None => (cos, sin),
-        };
-        let rotary = rope::Rotary::new(cos, sin);
+        let rotary = self.rotary(cos, sin, 1);
 
-        let padding = attention_mask.map(|m| {
+        // The masks are built on the host, one `[batch, heads, len, total]` tensor per forward that
+        // every layer shares: a mask broadcast over heads would be made contiguous again by the CPU
+        // backend's `mask_fill` in every layer, forward and backward (an element-by-element walk).
+        let valid: Option<Vec<i64>> = attention_mask.map(|m| {
             let [mb, ml] = m.dims();
             assert!(
                 mb == batch && ml == total,
                 "attention_mask has shape [{mb}, {ml}], expected [{batch}, {total}] (cached + new positions)"
             );
-            m.equal_elem(0)
+            m.into_data().convert::<i64>().to_vec().expect("i64 mask")
         });
-        // Right padding never changes a real token's outputs; skip the mask when nothing is padded.
-        let padding = padding.filter(|p| p.clone().any().into_data().iter::<bool>().next().unwrap_or(false));
-        let build_mask = |window: Option<usize>| -> Option<Tensor<B, 4, Bool>> {
-            let window = window.filter(|w| *w < total);
-            if padding.is_none() && window.is_none() {
-                return None;
-            }
-            let mut mask = Tensor::<B, 2, Bool>::tril_mask([len, total], past as i64, &device);
-            if let Some(w) = window {
-                let too_far = Tensor::<B, 2, Bool>::triu_mask([len, total], past as i64 - w as i64 + 1, &device);
-                mask = mask.bool_or(too_far);
-            }
-            let mut mask = mask.reshape([1, 1, len, total]).expand([batch, 1, len, total]);
-            if let Some(p) = &padding {
-                mask = mask.bool_or(p.clone().reshape([batch, 1, 1, total]).expand([batch, 1, len, total]));
-            }
-            Some(mask)
+        let query_pos = vec![(past..total).collect::<Vec<_>>(); batch];
+        let key_pos: Vec<Vec<Option<usize>>> = (0..batch)
+            .map(|r| (0..total).map(|k| valid.as_ref().is_none_or(|v| v[r * total + k] != 0).then_some(k)).collect())
+            .collect();
+        let heads = cfg.num_attention_heads;
+        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, &device);
+        let mask_for = |window: Option<usize>| match window {
+            Some(w) if w < total => position_mask(&query_pos, &key_pos, Some(w), heads, &device),
+            _ => full.clone(),
         };
-        let full_mask = build_mask(None);
+        self.decode(input_ids, &rotary, mask_for, cache)
+    }
 
+    /// [`forward_hidden`](Self::forward_hidden) of right-padded rows `[2P, T]` (`lens[r]` real
+    /// tokens each) in which rows `p` and `P + p` are a pair, such as a prompt's chosen and rejected
+    /// completions: the tokens both rows of a pair begin with (the prompt, at least) go through the
+    /// model once, and each row's remaining tokens attend to that shared prefix's keys and values
+    /// (prefix sharing, Wang & Hegde 2024, arXiv:2410.20305). A causal model's hidden states of a
+    /// prefix do not depend on what follows, so the result equals `forward_hidden` up to float
+    /// rounding, gradients included, for fewer positions through every layer. Runs `forward_hidden`
+    /// instead when [`prefix_sharing`](Self::prefix_sharing) is off or the padded shapes would not
+    /// shrink by 5% (see [`prefix_plan`](Self::prefix_plan)).
+    pub fn forward_hidden_pairs(&self, input_ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> Tensor<B, 3> {
+        let rows = input_ids.len();
+        let t = input_ids.first().map_or(0, Vec::len);
+        let Some(PrefixPlan { shared, prefix_len, suffix_len }) = self.prefix_plan(input_ids, lens) else {
+            let mask: Vec<i64> = lens.iter().flat_map(|&l| (0..t).map(move |i| (i < l) as i64)).collect();
+            let mask = Tensor::from_data(TensorData::new(mask, [rows, t]), device);
+            return self.forward_hidden(ids_tensor(input_ids, device), Some(mask), None);
+        };
+        let pairs = rows / 2;
+        let cfg = &self.config;
+        let window = |w: Option<usize>| w.filter(|w| *w < t);
+        let padded = |ids: &[u32], len: usize| {
+            let mut v = ids.to_vec();
+            v.resize(len, 0);
+            v
+        };
+
+        // The prefixes `[P, Ls]`, keeping their keys and values.
+        let prefix_ids: Vec<Vec<u32>> = (0..pairs).map(|p| padded(&input_ids[p][..shared[p]], prefix_len)).collect();
+        let positions: Vec<usize> = (0..prefix_len).collect();
+        let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &positions, t, device);
+        let query_pos = vec![positions.clone(); pairs];
+        let key_pos: Vec<Vec<Option<usize>>> = shared.iter().map(|&s| positions.iter().map(|&k| (k < s).then_some(k)).collect()).collect();
+        let heads = cfg.num_attention_heads;
+        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, device);
+        let mut cache = KvCache::new(self.layers.len());
+        let prefix_hidden = self.decode(
+            ids_tensor(&prefix_ids, device),
+            &self.rotary(cos, sin, 1),
+            |w| match window(w) {
+                Some(w) => position_mask(&query_pos, &key_pos, Some(w), heads, device),
+                None => full.clone(),
+            },
+            Some(&mut cache),
+        );
+
+        // Every row's suffix `[2P, Lr]`, after its pair's prefix keys and values.
+        let suffix_ids: Vec<Vec<u32>> = (0..rows).map(|r| padded(&input_ids[r][shared[r % pairs]..lens[r]], suffix_len)).collect();
+        let query_pos: Vec<Vec<usize>> = (0..rows).map(|r| (shared[r % pairs]..shared[r % pairs] + suffix_len).collect()).collect();
+        let key_pos: Vec<Vec<Option<usize>>> = (0..rows)
+            .map(|r| {
+                let s = shared[r % pairs];
+                let prefix = (0..prefix_len).map(|k| (k < s).then_some(k));
+                let own = (0..suffix_len).map(|j| (j < lens[r] - s).then_some(s + j));
+                prefix.chain(own).collect()
+            })
+            .collect();
+        let rotary = if shared.iter().all(|&s| s == shared[0]) {
+            let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &query_pos[0], t, device);
+            self.rotary(cos, sin, 1)
+        } else {
+            let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &query_pos.concat(), t, device);
+            self.rotary(cos, sin, rows)
+        };
+        for layer in cache.layers.iter_mut() {
+            let prefix = layer.take().expect("the prefix pass fills every layer's cache");
+            *layer = Some(LayerCache {
+                key: Tensor::cat(vec![prefix.key.clone(), prefix.key], 0),
+                value: Tensor::cat(vec![prefix.value.clone(), prefix.value], 0),
+            });
+        }
+        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, device);
+        let suffix_hidden = self.decode(
+            ids_tensor(&suffix_ids, device),
+            &rotary,
+            |w| match window(w) {
+                Some(w) => position_mask(&query_pos, &key_pos, Some(w), heads, device),
+                None => full.clone(),
+            },
+            Some(&mut cache),
+        );
+
+        // Back to the rows' own layout: position `i` of row `r` from the prefix pass or its suffix;
+        // padding positions repeat the row's last token (their outputs are never read).
+        let h = cfg.hidden_size;
+        let both = Tensor::cat(
+            vec![prefix_hidden.reshape([pairs * prefix_len, h]), suffix_hidden.reshape([rows * suffix_len, h])],
+            0,
+        );
+        let index: Vec<i64> = (0..rows)
+            .flat_map(|r| {
+                let (p, s, last) = (r % pairs, shared[r % pairs], lens[r].max(1) - 1);
+                (0..t).map(move |i| {
+                    let i = i.min(last);
+                    if i < s { (p * prefix_len + i) as i64 } else { (pairs * prefix_len + r * suffix_len + i - s) as i64 }
+                })
+            })
+            .collect();
+        let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows * t]), device);
+        both.select(0, index).reshape([rows, t, h])
+    }
+
+    /// How [`forward_hidden_pairs`](Self::forward_hidden_pairs) splits these rows, or `None` when
+    /// it runs them whole (sharing off, nothing shared, or under 5% fewer padded positions).
+    pub fn prefix_plan(&self, input_ids: &[Vec<u32>], lens: &[usize]) -> Option<PrefixPlan> {
+        let rows = input_ids.len();
+        assert!(rows.is_multiple_of(2), "paired rows come in pairs, got {rows} rows");
+        assert_eq!(lens.len(), rows, "one length per row");
+        let t = input_ids.first().map_or(0, Vec::len);
+        let pairs = rows / 2;
+        let shared = shared_prefixes(input_ids, lens);
+        let prefix_len = shared.iter().copied().max().unwrap_or(0);
+        let suffix_len = (0..rows).map(|r| lens[r] - shared[r % pairs]).max().unwrap_or(0);
+        // a second pass is worth its fixed costs only if it saves at least 5% of the positions
+        let saves = (pairs * prefix_len + rows * suffix_len) * 20 <= rows * t * 19;
+        (self.prefix_sharing && prefix_len > 0 && saves).then_some(PrefixPlan { shared, prefix_len, suffix_len })
+    }
+
+    /// The rotation from `cos`/`sin` tables, in the dtype the projections come out in (so no
+    /// layer casts, and keeps for backward, a copy of its own).
+    fn rotary(&self, cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> rope::Rotary<B> {
+        let (cos, sin) = match self.mixed_precision.compute_dtype() {
+            Some(dtype) => (cast_to(cos, dtype), cast_to(sin, dtype)),
+            None => (cos, sin),
+        };
+        rope::Rotary::per_row(cos, sin, rows)
+    }
+
+    /// Embeddings through every layer and the final norm; `mask_for` gives the attention mask of a
+    /// layer with the given sliding window (see [`position_mask`]).
+    fn decode(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        rotary: &rope::Rotary<B>,
+        mask_for: impl Fn(Option<usize>) -> Tensor<B, 4, Bool>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
         let mut x = embedding(self.embed_tokens.val(), input_ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = match layer.sliding_window {
-                Some(w) if w < total => build_mask(Some(w)),
-                _ => full_mask.clone(),
-            };
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                &rotary,
-                mask,
+                rotary,
+                mask_for(layer.sliding_window),
                 slot,
             );
             // the residual stream keeps the parameters' dtype; only the branches compute in half
@@ -324,6 +447,52 @@ impl<B: Backend> DecoderLayer<B> {
             &mut self.mlp.down_proj,
         ]
     }
+}
+
+/// How a batch of paired rows runs with prefix sharing: `pairs * prefix_len` positions for the
+/// prefixes, then `2 * pairs * suffix_len` for the rows' own tokens (instead of `2 * pairs * T`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefixPlan {
+    /// Tokens pair `p`'s two rows share (see [`shared_prefixes`]).
+    pub shared: Vec<usize>,
+    /// The longest shared prefix (the prefix pass's padded length).
+    pub prefix_len: usize,
+    /// The most tokens any row has after its shared prefix (the second pass's padded length).
+    pub suffix_len: usize,
+}
+
+/// Per pair of rows `p` and `P + p` (right-padded, `lens` real tokens): how many leading tokens
+/// both rows share, leaving each row at least one token of its own.
+pub fn shared_prefixes(input_ids: &[Vec<u32>], lens: &[usize]) -> Vec<usize> {
+    let pairs = input_ids.len() / 2;
+    (0..pairs)
+        .map(|p| {
+            let (a, b) = (&input_ids[p][..lens[p]], &input_ids[pairs + p][..lens[pairs + p]]);
+            let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+            common.min(lens[p].saturating_sub(1)).min(lens[pairs + p].saturating_sub(1))
+        })
+        .collect()
+}
+
+/// `[rows, heads, queries, keys]`, true where a key is hidden from a query: padding keys (`None`),
+/// keys at later positions, and with a sliding `window` keys `window` or more positions back. The
+/// same for every head, but written out: see `forward_hidden`.
+fn position_mask<B: Backend>(query_pos: &[Vec<usize>], key_pos: &[Vec<Option<usize>>], window: Option<usize>, heads: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
+    let (rows, queries, keys) = (query_pos.len(), query_pos[0].len(), key_pos[0].len());
+    let mut hidden = Vec::with_capacity(rows * heads * queries * keys);
+    for (qs, ks) in query_pos.iter().zip(key_pos) {
+        let start = hidden.len();
+        for &q in qs {
+            hidden.extend(ks.iter().map(|k| match *k {
+                None => true,
+                Some(k) => k > q || window.is_some_and(|w| q - k >= w),
+            }));
+        }
+        for _ in 1..heads {
+            hidden.extend_from_within(start..start + queries * keys);
+        }
+    }
+    Tensor::from_data(TensorData::new(hidden, [rows, heads, queries, keys]), device)
 }
 
 /// Token ids `[rows][len]` (already padded to one length) as an Int tensor.

@@ -151,6 +151,7 @@ impl<B: Backend> CausalLm<B> {
             lm_head,
             config,
             mixed_precision: MixedPrecision::No,
+            prefix_sharing: true,
         })
     }
 }

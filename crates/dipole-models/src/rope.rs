@@ -69,11 +69,25 @@ pub fn tables<B: Backend>(
     len: usize,
     device: &B::Device,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let freqs = inv_freq(rope, head_dim, start + len);
+    let positions: Vec<usize> = (start..start + len).collect();
+    tables_at(rope, head_dim, &positions, start + len, device)
+}
+
+/// `cos` and `sin` tables, each `[positions.len(), head_dim]`, for arbitrary positions of a
+/// sequence `seq_len` long (the length dynamic NTK scaling is computed for).
+pub fn tables_at<B: Backend>(
+    rope: &RopeConfig,
+    head_dim: usize,
+    positions: &[usize],
+    seq_len: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let freqs = inv_freq(rope, head_dim, seq_len);
     let half = head_dim / 2;
+    let len = positions.len();
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
-    for pos in start..start + len {
+    for &pos in positions {
         // The angle is an f32 product as in transformers; cos/sin of it rounded once to f32.
         let row: Vec<f32> = freqs.iter().map(|f| pos as f32 * f).collect();
         for _ in 0..2 {
@@ -100,12 +114,19 @@ pub struct Rotary<B: Backend> {
 }
 
 impl<B: Backend> Rotary<B> {
-    /// From `[len, head_dim]` tables (see [`tables`]).
+    /// From `[len, head_dim]` tables (see [`tables`]) that every row of the batch shares.
     pub fn new(cos: Tensor<B, 2>, sin: Tensor<B, 2>) -> Self {
-        let [len, d] = cos.dims();
+        Self::per_row(cos, sin, 1)
+    }
+
+    /// From `[rows * len, head_dim]` tables holding each batch row's own positions (rows whose
+    /// tokens sit at different positions), or `rows` = 1 for positions every row shares.
+    pub fn per_row(cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> Self {
+        let [n, d] = cos.dims();
+        assert!(rows > 0 && n % rows == 0, "RoPE tables of {n} positions do not split into {rows} rows");
         let half = d / 2;
         let signed = Tensor::cat(vec![sin.clone().narrow(1, 0, half).neg(), sin.narrow(1, half, half)], 1);
-        Self { cos: cos.reshape([1, len * d]), signed_sin: signed.reshape([1, len * d]) }
+        Self { cos: cos.reshape([rows, n * d / rows]), signed_sin: signed.reshape([rows, n * d / rows]) }
     }
 
     /// Rotate-half RoPE on `x` `[batch, heads, len, head_dim]` (tables cast to `x`'s dtype, as
@@ -115,10 +136,20 @@ impl<B: Backend> Rotary<B> {
         let [batch, heads, len, d] = x.dims();
         let half = d / 2;
         let dtype = x.dtype();
+        let table_rows = self.cos.dims()[0];
         let rows = x.reshape([batch * heads, len * d]);
         let by_position = rows.clone().reshape([batch * heads, len, d]);
-        let swapped = Tensor::cat(vec![by_position.clone().narrow(2, half, half), by_position.narrow(2, 0, half)], 2).reshape([batch * heads, len * d]);
-        let rotated = rows * dipole_lora::cast_to(self.cos.clone(), dtype) + swapped * dipole_lora::cast_to(self.signed_sin.clone(), dtype);
+        let swapped = Tensor::cat(vec![by_position.clone().narrow(2, half, half), by_position.narrow(2, 0, half)], 2);
+        let (cos, sin) = (dipole_lora::cast_to(self.cos.clone(), dtype), dipole_lora::cast_to(self.signed_sin.clone(), dtype));
+        if table_rows == 1 {
+            let rotated = rows * cos + swapped.reshape([batch * heads, len * d]) * sin;
+            return rotated.reshape([batch, heads, len, d]);
+        }
+        assert_eq!(table_rows, batch, "RoPE tables for {table_rows} rows applied to a batch of {batch}");
+        // each batch row's table shared by its heads
+        let rows = rows.reshape([batch, heads, len * d]);
+        let [cos, sin] = [cos, sin].map(|t| t.reshape([batch, 1, len * d]));
+        let rotated = rows * cos + swapped.reshape([batch, heads, len * d]) * sin;
         rotated.reshape([batch, heads, len, d])
     }
 }

@@ -240,6 +240,11 @@ pub struct TrainSection {
     /// micro-batch, so results equal the unsharded step's up to float rounding. 0 (auto): one shard
     /// per CPU thread on the CPU backend (its elementwise kernels are single-threaded), 1 on GPUs.
     pub batch_shards: usize,
+    /// Run the tokens a pair's chosen and rejected rows begin with (the prompt) once per pair, both
+    /// completions attending to its keys and values (prefix sharing, arXiv:2410.20305): same
+    /// results up to float rounding, fewer positions through the model. Applies to a micro-batch
+    /// only when it saves at least 5% of its padded positions.
+    pub prefix_sharing: bool,
     /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the
     /// frozen reference becomes `alpha * policy + (1 - alpha) * reference` (`frozen-copy` only).
     pub sync_ref_model: bool,
@@ -278,6 +283,7 @@ impl Default for TrainSection {
             gradient_checkpointing: false,
             mixed_precision: dipole_models::MixedPrecision::No,
             batch_shards: 0,
+            prefix_sharing: true,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,

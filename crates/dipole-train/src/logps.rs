@@ -59,7 +59,8 @@ pub fn pair_logps<B: Backend>(
     for chunk in pairs.chunks(batch_size) {
         let batch = PreferenceBatch::new(chunk, pad_id);
         let t = BatchTensors::<B>::new(&batch, device);
-        let logits = model.forward(t.input_ids.clone(), Some(t.attention_mask));
+        // each pair's prompt runs once (see `CausalLm::forward_hidden_pairs`)
+        let logits = model.logits(model.forward_hidden_pairs(&batch.input_ids, &batch.lengths(), device));
         let logps = sequence_logps(logits, t.input_ids, t.completion_mask);
         let per_token: Vec<f32> = logps.per_token.into_data().convert::<f32>().to_vec().expect("f32");
         let width = batch.seq_len - 1;

@@ -74,10 +74,15 @@ struct WindowOutput<B: Backend> {
     entropy: Tensor<B, 2>,
 }
 
-/// Summed completion log-probs of `model` on a batch, with LD-DPO weights when configured. The
-/// `lm_head` runs only from the first completion position on.
-fn batch_logps<B: Backend>(model: &CausalLm<B>, t: &BatchTensors<B>, start: usize, ld: Option<&Tensor<B, 2>>) -> WindowOutput<B> {
-    let hidden = model.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+/// Final hidden states `[2B, T, hidden]` of a preference batch's rows, each pair's shared prompt
+/// run once when that saves positions (see `CausalLm::forward_hidden_pairs`).
+fn pair_hidden<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, device: &B::Device) -> Tensor<B, 3> {
+    model.forward_hidden_pairs(&batch.input_ids, &batch.lengths(), device)
+}
+
+/// Summed completion log-probs from a batch's final hidden states, with LD-DPO weights when
+/// configured. The `lm_head` runs only from the first completion position on.
+fn batch_logps<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, t: &BatchTensors<B>, start: usize, ld: Option<&Tensor<B, 2>>) -> WindowOutput<B> {
     let [rows, len, h] = hidden.dims();
     let logits = model.logits(hidden.slice([0..rows, start..len - 1, 0..h]));
     let (seq, entropy) = sequence_logps_window_and_entropy(logits.clone(), t.input_ids.clone(), t.completion_mask.clone(), start);
@@ -111,7 +116,7 @@ pub fn model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_
     let t = BatchTensors::<B>::new(batch, device);
     let start = prediction_window(&batch.completion_mask);
     let ld = ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
-    let hidden = model.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+    let hidden = pair_hidden(model, batch, device);
     let [rows, len, h] = hidden.dims();
     let width = len - 1 - start;
     let per_chunk = (LOGITS_CHUNK / (width * model.config.vocab_size).max(1)).max(1);
@@ -250,7 +255,7 @@ fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config
     let t = BatchTensors::<B>::new(batch, device);
     let start = prediction_window(&batch.completion_mask);
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
-    let out = batch_logps(policy, &t, start, ld.as_ref());
+    let out = batch_logps(policy, pair_hidden(policy, batch, device), &t, start, ld.as_ref());
     let stats = token_stats_with_entropy(out.logits.clone(), out.labels.clone(), out.mask.clone(), out.entropy);
     let weights = config
         .use_weighting
@@ -387,7 +392,8 @@ struct SftPass<B: Backend> {
 fn sft_pass<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> SftPass<B> {
     let t = BatchTensors::<B>::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device);
     let start = prediction_window(&batch.completion_mask);
-    let out = batch_logps(policy, &t, start, None);
+    let hidden = policy.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+    let out = batch_logps(policy, hidden, &t, start, None);
     let mask = out.mask;
     let entropy = (out.entropy * mask.clone()).sum();
     let correct = (out.logits.detach().argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask.clone()).sum();

@@ -246,6 +246,7 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
     }
     model.assign_stable_param_ids();
     model.set_mixed_precision(config.train.mixed_precision);
+    model.prefix_sharing = config.train.prefix_sharing;
     Ok(model)
 }
 
@@ -269,6 +270,7 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
     let device = reference.embed_tokens.device();
     let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device).map_err(|e| e.to_string())?;
     model.set_mixed_precision(reference.mixed_precision);
+    model.prefix_sharing = reference.prefix_sharing;
     Ok(model)
 }
 
@@ -301,6 +303,7 @@ fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> TrainResu
         CausalLm::<B>::load(&config.model.path, device).map_err(|e| e.to_string())?.0
     };
     model.set_mixed_precision(config.train.mixed_precision);
+    model.prefix_sharing = config.train.prefix_sharing;
     Ok(model)
 }
 
@@ -454,6 +457,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
             Some(dir) if config.train.sync_ref_model => {
                 let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device).map_err(|e| e.to_string())?.0;
                 reference.set_mixed_precision(config.train.mixed_precision);
+                reference.prefix_sharing = config.train.prefix_sharing;
                 Some(reference)
             }
             _ => Some(base_model::<B::InnerBackend>(config, device)?),

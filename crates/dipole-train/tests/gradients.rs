@@ -25,13 +25,18 @@ fn batch0() -> PreferenceBatch {
     PreferenceBatch::new(&prepared.pairs[..4], tokenizer.pad_id())
 }
 
-fn check_grads(policy_dir: &str, case: &str, shards: usize) {
+/// TRL's loss and per-parameter gradient norms; `prefix_sharing` on runs each pair's prompt once
+/// (this batch's prompts are long enough for it to apply), off runs every row whole.
+fn check_grads(policy_dir: &str, case: &str, shards: usize, prefix_sharing: bool) {
     let golden: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("goldens/tiny-llama/standard/grad.json")).unwrap()).unwrap();
     let golden = &golden[case];
     let device = Default::default();
-    let (policy, _) = CausalLm::<AD>::load(fixtures().join(policy_dir), &device).unwrap();
-    let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
+    let (mut policy, _) = CausalLm::<AD>::load(fixtures().join(policy_dir), &device).unwrap();
+    let (mut reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
+    policy.prefix_sharing = prefix_sharing;
+    reference.prefix_sharing = prefix_sharing;
     let batch = batch0();
+    assert_eq!(policy.prefix_plan(&batch.input_ids, &batch.lengths()).is_some(), prefix_sharing, "prefix sharing applies to this batch");
     let mut state = ObjectiveState::default();
     let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &ObjectiveConfig::default(), &mut state, true, shards, &device);
     let loss = out.loss;
@@ -56,18 +61,24 @@ fn check_grads(policy_dir: &str, case: &str, shards: usize) {
 
 #[test]
 fn sigmoid_gradients_match_torch_for_the_perturbed_policy() {
-    check_grads("tiny-llama-perturbed", "perturbed_policy", 1);
+    check_grads("tiny-llama-perturbed", "perturbed_policy", 1, true);
+}
+
+/// Every row run whole, as TRL does, gives the same gradients as prefix sharing.
+#[test]
+fn whole_row_gradients_match_torch() {
+    check_grads("tiny-llama-perturbed", "perturbed_policy", 1, false);
 }
 
 /// A batch split over threads (4 pairs: shards of 1, 1 and 2) still gives TRL's gradients.
 #[test]
 fn sharded_step_gradients_match_torch() {
-    check_grads("tiny-llama-perturbed", "perturbed_policy", 3);
+    check_grads("tiny-llama-perturbed", "perturbed_policy", 3, true);
 }
 
 #[test]
 fn sigmoid_gradients_match_torch_when_policy_equals_reference() {
-    check_grads("tiny-llama", "policy_equals_ref", 1);
+    check_grads("tiny-llama", "policy_equals_ref", 1, true);
 }
 
 #[test]

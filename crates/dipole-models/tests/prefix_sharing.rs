@@ -1,0 +1,152 @@
+//! Prefix sharing (`CausalLm::forward_hidden_pairs`): a pair's common prefix run once gives the
+//! hidden states, and the gradients, of running both rows whole.
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use dipole_models::{CausalLm, PrefixPlan, shared_prefixes};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+}
+
+/// Rows `[chosen.., rejected..]` right-padded with 0, and their lengths.
+fn paired(pairs: &[(&[u32], &[u32], &[u32])]) -> (Vec<Vec<u32>>, Vec<usize>) {
+    let rows: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|(prompt, chosen, _)| [*prompt, *chosen].concat())
+        .chain(pairs.iter().map(|(prompt, _, rejected)| [*prompt, *rejected].concat()))
+        .collect();
+    let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+    let t = *lens.iter().max().unwrap();
+    (rows.into_iter().map(|mut r| {
+        r.resize(t, 0);
+        r
+    }).collect(), lens)
+}
+
+/// Prompts of different lengths, one pair whose completions begin alike (shared past the prompt).
+fn uneven() -> (Vec<Vec<u32>>, Vec<usize>) {
+    paired(&[
+        (&[1, 5, 9, 13], &[20, 21, 22], &[30, 31]),
+        (&[1, 7], &[40, 41, 42, 43, 44], &[40, 41, 50]),
+        (&[1, 2, 3, 4, 5, 6], &[60], &[61, 62, 63, 64]),
+    ])
+}
+
+/// Largest difference over real positions of two `[rows, T, hidden]` tensors.
+fn max_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>, lens: &[usize]) -> f32 {
+    let [rows, t, h] = a.dims();
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
+    (0..rows)
+        .flat_map(|r| (0..lens[r]).flat_map(move |i| (0..h).map(move |j| (r * t + i) * h + j)))
+        .map(|k| (a[k] - b[k]).abs())
+        .fold(0.0, f32::max)
+}
+
+fn both_ways<B: Backend>(model: &mut CausalLm<B>, ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    model.prefix_sharing = true;
+    let shared = model.forward_hidden_pairs(ids, lens, device);
+    model.prefix_sharing = false;
+    let whole = model.forward_hidden_pairs(ids, lens, device);
+    (shared, whole)
+}
+
+#[test]
+fn shared_prefixes_stop_one_token_before_either_row_ends() {
+    let (ids, lens) = uneven();
+    assert_eq!(shared_prefixes(&ids, &lens), vec![4, 4, 6]);
+    // identical rows still keep a token of their own
+    let (ids, lens) = paired(&[(&[1, 2], &[3, 4], &[3, 4])]);
+    assert_eq!(shared_prefixes(&ids, &lens), vec![3]);
+}
+
+#[test]
+fn the_plan_runs_fewer_positions_or_falls_back() {
+    let device = Default::default();
+    let (mut model, _) = CausalLm::<Flex>::load(fixture("tiny-llama"), &device).unwrap();
+    let (ids, lens) = uneven();
+    // 3 * 6 + 6 * 4 = 42 positions instead of 6 * 10
+    assert_eq!(model.prefix_plan(&ids, &lens), Some(PrefixPlan { shared: vec![4, 4, 6], prefix_len: 6, suffix_len: 4 }));
+    model.prefix_sharing = false;
+    assert_eq!(model.prefix_plan(&ids, &lens), None, "switched off");
+    model.prefix_sharing = true;
+    // a one-token prompt before ten tokens each: 1 + 2 * 10 positions instead of 2 * 11 saves
+    // under 5%, not worth a second pass
+    let ten: Vec<u32> = (10..20).collect();
+    let (ids, lens) = paired(&[(&[1], &ten, &ten.iter().map(|t| t + 10).collect::<Vec<_>>())]);
+    assert_eq!(model.prefix_plan(&ids, &lens), None, "too little to gain");
+    let (ids, lens) = paired(&[(&[1, 2], &ten, &ten.iter().map(|t| t + 10).collect::<Vec<_>>())]);
+    assert!(model.prefix_plan(&ids, &lens).is_some(), "2 + 2 * 10 instead of 2 * 12 saves 8%");
+}
+
+#[test]
+fn hidden_states_equal_whole_rows_on_every_architecture() {
+    let device = Default::default();
+    // uneven prompts (a RoPE table per row) and equal ones (one shared table)
+    let even = paired(&[(&[1, 5, 9, 13], &[20, 21, 22], &[30, 31]), (&[1, 7, 8, 9], &[40, 41], &[50, 51, 52, 53])]);
+    for name in ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-llama3-rope"] {
+        let (mut model, _) = CausalLm::<Flex>::load(fixture(name), &device).unwrap();
+        for (ids, lens) in [uneven(), even.clone()] {
+            model.prefix_sharing = true;
+            assert!(model.prefix_plan(&ids, &lens).is_some(), "{name}: sharing applies");
+            let (shared, whole) = both_ways(&mut model, &ids, &lens, &device);
+            assert_eq!(shared.dims(), whole.dims());
+            let diff = max_diff(shared, whole, &lens);
+            assert!(diff < 1e-5, "{name}: shared-prefix hidden states differ by {diff}");
+        }
+    }
+}
+
+/// Mistral with a window of 3: the masks of both passes count positions from each row's start.
+#[test]
+fn sliding_windows_count_positions_across_the_split() {
+    let src = fixture("tiny-mistral");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 3")).unwrap();
+    let device = Default::default();
+    let (mut model, _) = CausalLm::<Flex>::load(dir.path(), &device).unwrap();
+    assert_eq!(model.layers[0].sliding_window, Some(3));
+    let (ids, lens) = uneven();
+    let (shared, whole) = both_ways(&mut model, &ids, &lens, &device);
+    let diff = max_diff(shared, whole, &lens);
+    assert!(diff < 1e-5, "windowed hidden states differ by {diff}");
+}
+
+/// Both rows' gradients flow back into the one prefix pass: every parameter's gradient equals
+/// the whole rows' (a fixed weighting of the real positions' hidden states as the loss).
+#[test]
+fn gradients_equal_whole_rows() {
+    type AD = Autodiff<Flex>;
+    let device = Default::default();
+    let (mut model, _) = CausalLm::<AD>::load(fixture("tiny-qwen2"), &device).unwrap();
+    let (ids, lens) = uneven();
+    let [rows, t, h] = [ids.len(), ids[0].len(), model.config.hidden_size];
+    let weights: Vec<f32> = (0..rows * t * h)
+        .map(|k| if k / h % t < lens[k / h / t] { ((k * 37 % 101) as f32 - 50.0) / 50.0 } else { 0.0 })
+        .collect();
+    let weights = Tensor::<AD, 3>::from_data(TensorData::new(weights, [rows, t, h]), &device);
+    let mut grads = Vec::new();
+    for sharing in [true, false] {
+        model.prefix_sharing = sharing;
+        let loss = (model.forward_hidden_pairs(&ids, &lens, &device) * weights.clone()).sum();
+        let g = loss.backward();
+        let layer = &model.layers[0];
+        let params = [
+            model.embed_tokens.val(),
+            layer.self_attn.q_proj.weight.val(),
+            layer.self_attn.k_proj.weight.val(),
+            layer.mlp.down_proj.weight.val(),
+        ];
+        grads.push(params.map(|p| p.grad(&g).expect("a gradient").into_data().to_vec::<f32>().unwrap()));
+    }
+    for (name, (a, b)) in ["embed_tokens", "q_proj", "k_proj", "down_proj"].iter().zip(grads[0].iter().zip(&grads[1])) {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(scale > 0.0 && diff < 1e-4 * scale, "{name}: gradients differ by {diff} (scale {scale})");
+    }
+}
