@@ -107,16 +107,17 @@ impl<B: Backend> Attention<B> {
 /// Scaled dot-product attention, decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
 /// form is what autodiff differentiates, and using it for inference too makes a frozen reference
 /// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
-/// `[batch, heads, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
+/// `[batch, heads or 1, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
 /// masked and softmaxed in f32, as transformers' eager attention does.
 fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
     let [batch, heads, q_len, d] = q.dims();
     let k_len = k.dims()[2];
-    assert_eq!(mask.dims(), [batch, heads, q_len, k_len], "attention mask shape");
+    let [mb, mh, mq, mk] = mask.dims();
+    assert!(mb == batch && (mh == heads || mh == 1) && mq == q_len && mk == k_len, "attention mask [{mb}, {mh}, {mq}, {mk}] for scores [{batch}, {heads}, {q_len}, {k_len}]");
     let compute = q.dtype();
     let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
     let scores = cast_to(scores, DType::F32);
-    let scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    let scores = scores.mask_fill(mask.expand([batch, heads, q_len, k_len]), f32::NEG_INFINITY);
     // NaN-safe softmax: a fully masked row gives zeros instead of 0/0.
     let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
     let numerator = (scores - max).exp();
@@ -222,9 +223,8 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
         let rotary = self.rotary(cos, sin, 1);
 
-        // The masks are built on the host, one `[batch, heads, len, total]` tensor per forward that
-        // every layer shares: a mask broadcast over heads would be made contiguous again by the CPU
-        // backend's `mask_fill` in every layer, forward and backward (an element-by-element walk).
+        // The masks are built on the host, one tensor per forward that every layer shares, written
+        // out for every head on CPU backends (see `mask_heads`).
         let valid: Option<Vec<i64>> = attention_mask.map(|m| {
             let [mb, ml] = m.dims();
             assert!(
@@ -237,7 +237,7 @@ impl<B: Backend> CausalLm<B> {
         let key_pos: Vec<Vec<Option<usize>>> = (0..batch)
             .map(|r| (0..total).map(|k| valid.as_ref().is_none_or(|v| v[r * total + k] != 0).then_some(k)).collect())
             .collect();
-        let heads = cfg.num_attention_heads;
+        let heads = mask_heads::<B>(cfg.num_attention_heads, &device);
         let full = position_mask::<B>(&query_pos, &key_pos, None, heads, &device);
         let mask_for = |window: Option<usize>| match window {
             Some(w) if w < total => position_mask(&query_pos, &key_pos, Some(w), heads, &device),
@@ -278,7 +278,7 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &positions, t, device);
         let query_pos = vec![positions.clone(); pairs];
         let key_pos: Vec<Vec<Option<usize>>> = shared.iter().map(|&s| positions.iter().map(|&k| (k < s).then_some(k)).collect()).collect();
-        let heads = cfg.num_attention_heads;
+        let heads = mask_heads::<B>(cfg.num_attention_heads, device);
         let full = position_mask::<B>(&query_pos, &key_pos, None, heads, device);
         let mut cache = KvCache::new(self.layers.len());
         let prefix_hidden = self.decode(
@@ -474,9 +474,17 @@ pub fn shared_prefixes(input_ids: &[Vec<u32>], lens: &[usize]) -> Vec<usize> {
         .collect()
 }
 
+/// Heads to write attention masks out for: all of them on burn's CPU backends, whose `mask_fill`
+/// copies a mask broadcast over heads element by element in every call; 1 elsewhere (GPU kernels
+/// broadcast for free, and a written-out mask would cost device memory and transfer).
+fn mask_heads<B: Backend>(heads: usize, device: &B::Device) -> usize {
+    let name = B::name(device);
+    if name.contains("flex") || name.contains("ndarray") { heads } else { 1 }
+}
+
 /// `[rows, heads, queries, keys]`, true where a key is hidden from a query: padding keys (`None`),
 /// keys at later positions, and with a sliding `window` keys `window` or more positions back. The
-/// same for every head, but written out: see `forward_hidden`.
+/// same for every head (`heads` = 1 leaves the broadcast to attention: see [`mask_heads`]).
 fn position_mask<B: Backend>(query_pos: &[Vec<usize>], key_pos: &[Vec<Option<usize>>], window: Option<usize>, heads: usize, device: &B::Device) -> Tensor<B, 4, Bool> {
     let (rows, queries, keys) = (query_pos.len(), query_pos[0].len(), key_pos[0].len());
     let mut hidden = Vec::with_capacity(rows * heads * queries * keys);
@@ -506,4 +514,37 @@ pub fn ids_tensor<B: Backend>(rows: &[Vec<u32>], device: &B::Device) -> Tensor<B
         })
         .collect();
     Tensor::from_data(TensorData::new(flat, [rows.len(), len]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// The mask GPU backends get (`[rows, 1, q, k]`, broadcast over heads in attention) hides the
+    /// same keys as the one written out for every head on CPU backends.
+    #[test]
+    fn broadcast_and_written_out_masks_agree() {
+        let device = Default::default();
+        let query_pos = vec![vec![2, 3, 4], vec![0, 1, 2]];
+        let key_pos = vec![vec![Some(0), Some(1), None, Some(3), Some(4)], vec![Some(0), Some(1), Some(2), None, None]];
+        let values = |n: usize| Tensor::<Flex, 1, Int>::arange(0..n as i64, &device).float().div_scalar(n as f64).sin();
+        let q = values(2 * 3 * 3 * 4).reshape([2, 3, 3, 4]);
+        let k = values(2 * 3 * 5 * 4).reshape([2, 3, 5, 4]).mul_scalar(0.5);
+        let v = values(2 * 3 * 5 * 4).reshape([2, 3, 5, 4]).cos();
+        for window in [None, Some(2)] {
+            let full = position_mask::<Flex>(&query_pos, &key_pos, window, 3, &device);
+            let one = position_mask::<Flex>(&query_pos, &key_pos, window, 1, &device);
+            assert_eq!(full.dims(), [2, 3, 3, 5]);
+            assert_eq!(one.clone().expand([2, 3, 3, 5]).into_data(), full.clone().into_data());
+            let a = attention(q.clone(), k.clone(), v.clone(), full);
+            let b = attention(q.clone(), k.clone(), v.clone(), one);
+            assert_eq!(a.into_data(), b.into_data());
+        }
+        // key 3 of row 0 (position 3) is hidden from query position 2, visible from 3; the window
+        // of 2 hides position 1 from query position 3
+        let mask: Vec<bool> = position_mask::<Flex>(&query_pos, &key_pos, Some(2), 1, &device).into_data().to_vec().unwrap();
+        assert_eq!(&mask[..5], &[true, false, true, true, true]);
+        assert_eq!(&mask[5..10], &[true, true, true, false, true]);
+    }
 }
