@@ -24,7 +24,7 @@ pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use export::ExportDtype;
 pub use generate::GenerateOptions;
-pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, shared_prefixes};
+pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes};
 pub use precision::MixedPrecision;
 pub use load::{LoadReport, ParamKind, RandomInit, WeightSource};
 pub use weights::Checkpoint;

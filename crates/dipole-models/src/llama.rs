@@ -223,8 +223,8 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
         let rotary = self.rotary(cos, sin, 1);
 
-        // The masks are built on the host, one tensor per forward that every layer shares, written
-        // out for every head on CPU backends (see `mask_heads`).
+        // The masks are built on the host, one tensor per forward and sliding window that the
+        // layers share, written out for every head on CPU backends (see `mask_heads`).
         let valid: Option<Vec<i64>> = attention_mask.map(|m| {
             let [mb, ml] = m.dims();
             assert!(
@@ -237,13 +237,8 @@ impl<B: Backend> CausalLm<B> {
         let key_pos: Vec<Vec<Option<usize>>> = (0..batch)
             .map(|r| (0..total).map(|k| valid.as_ref().is_none_or(|v| v[r * total + k] != 0).then_some(k)).collect())
             .collect();
-        let heads = mask_heads::<B>(cfg.num_attention_heads, &device);
-        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, &device);
-        let mask_for = |window: Option<usize>| match window {
-            Some(w) if w < total => position_mask(&query_pos, &key_pos, Some(w), heads, &device),
-            _ => full.clone(),
-        };
-        self.decode(input_ids, &rotary, mask_for, cache)
+        let masks = self.layer_masks(&query_pos, &key_pos, total, &device);
+        self.decode(input_ids, &rotary, &masks, cache)
     }
 
     /// [`forward_hidden`](Self::forward_hidden) of right-padded rows `[2P, T]` (`lens[r]` real
@@ -265,7 +260,6 @@ impl<B: Backend> CausalLm<B> {
         };
         let pairs = rows / 2;
         let cfg = &self.config;
-        let window = |w: Option<usize>| w.filter(|w| *w < t);
         let padded = |ids: &[u32], len: usize| {
             let mut v = ids.to_vec();
             v.resize(len, 0);
@@ -278,18 +272,9 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &positions, t, device);
         let query_pos = vec![positions.clone(); pairs];
         let key_pos: Vec<Vec<Option<usize>>> = shared.iter().map(|&s| positions.iter().map(|&k| (k < s).then_some(k)).collect()).collect();
-        let heads = mask_heads::<B>(cfg.num_attention_heads, device);
-        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, device);
+        let masks = self.layer_masks(&query_pos, &key_pos, t, device);
         let mut cache = KvCache::new(self.layers.len());
-        let prefix_hidden = self.decode(
-            ids_tensor(&prefix_ids, device),
-            &self.rotary(cos, sin, 1),
-            |w| match window(w) {
-                Some(w) => position_mask(&query_pos, &key_pos, Some(w), heads, device),
-                None => full.clone(),
-            },
-            Some(&mut cache),
-        );
+        let prefix_hidden = self.decode(ids_tensor(&prefix_ids, device), &self.rotary(cos, sin, 1), &masks, Some(&mut cache));
 
         // Every row's suffix `[2P, Lr]`, after its pair's prefix keys and values.
         let suffix_ids: Vec<Vec<u32>> = (0..rows).map(|r| padded(&input_ids[r][shared[r % pairs]..lens[r]], suffix_len)).collect();
@@ -316,16 +301,8 @@ impl<B: Backend> CausalLm<B> {
                 value: Tensor::cat(vec![prefix.value.clone(), prefix.value], 0),
             });
         }
-        let full = position_mask::<B>(&query_pos, &key_pos, None, heads, device);
-        let suffix_hidden = self.decode(
-            ids_tensor(&suffix_ids, device),
-            &rotary,
-            |w| match window(w) {
-                Some(w) => position_mask(&query_pos, &key_pos, Some(w), heads, device),
-                None => full.clone(),
-            },
-            Some(&mut cache),
-        );
+        let masks = self.layer_masks(&query_pos, &key_pos, t, device);
+        let suffix_hidden = self.decode(ids_tensor(&suffix_ids, device), &rotary, &masks, Some(&mut cache));
 
         // Back to the rows' own layout: position `i` of row `r` from the prefix pass or its suffix;
         // padding positions repeat the row's last token (their outputs are never read).
@@ -373,13 +350,32 @@ impl<B: Backend> CausalLm<B> {
         rope::Rotary::per_row(cos, sin, rows)
     }
 
-    /// Embeddings through every layer and the final norm; `mask_for` gives the attention mask of a
-    /// layer with the given sliding window (see [`position_mask`]).
+    /// Each layer's attention mask for these query and key positions in rows `len` long: one
+    /// tensor per distinct sliding window (windows of `len` or more are no window), shared by the
+    /// layers that use it (see [`position_mask`]).
+    fn layer_masks(&self, query_pos: &[Vec<usize>], key_pos: &[Vec<Option<usize>>], len: usize, device: &B::Device) -> Vec<Tensor<B, 4, Bool>> {
+        let heads = mask_heads::<B>(self.config.num_attention_heads, device);
+        let mut built: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
+        self.layers
+            .iter()
+            .map(|layer| {
+                let window = layer.sliding_window.filter(|w| *w < len);
+                if let Some((_, mask)) = built.iter().find(|(w, _)| *w == window) {
+                    return mask.clone();
+                }
+                let mask = position_mask(query_pos, key_pos, window, heads, device);
+                built.push((window, mask.clone()));
+                mask
+            })
+            .collect()
+    }
+
+    /// Embeddings through every layer and the final norm, layer `i` attending under `masks[i]`.
     fn decode(
         &self,
         input_ids: Tensor<B, 2, Int>,
         rotary: &rope::Rotary<B>,
-        mask_for: impl Fn(Option<usize>) -> Tensor<B, 4, Bool>,
+        masks: &[Tensor<B, 4, Bool>],
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let mut x = embedding(self.embed_tokens.val(), input_ids);
@@ -388,7 +384,7 @@ impl<B: Backend> CausalLm<B> {
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 rotary,
-                mask_for(layer.sliding_window),
+                masks[i].clone(),
                 slot,
             );
             // the residual stream keeps the parameters' dtype; only the branches compute in half
@@ -478,8 +474,14 @@ pub fn shared_prefixes(input_ids: &[Vec<u32>], lens: &[usize]) -> Vec<usize> {
 /// copies a mask broadcast over heads element by element in every call; 1 elsewhere (GPU kernels
 /// broadcast for free, and a written-out mask would cost device memory and transfer).
 fn mask_heads<B: Backend>(heads: usize, device: &B::Device) -> usize {
+    if is_cpu_backend::<B>(device) { heads } else { 1 }
+}
+
+/// Whether `B` is one of burn's CPU backends (flex, ndarray), whose elementwise kernels run on the
+/// calling thread and walk strided views element by element.
+pub fn is_cpu_backend<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device);
-    if name.contains("flex") || name.contains("ndarray") { heads } else { 1 }
+    name.contains("flex") || name.contains("ndarray")
 }
 
 /// `[rows, heads, queries, keys]`, true where a key is hidden from a query: padding keys (`None`),

@@ -242,7 +242,8 @@ pub struct TrainSection {
     pub batch_shards: usize,
     /// Run the tokens a pair's chosen and rejected rows begin with (the prompt) once per pair, both
     /// completions attending to its keys and values (prefix sharing, arXiv:2410.20305): same
-    /// results up to float rounding, fewer positions through the model. Applies to a micro-batch
+    /// results up to float rounding (LoRA dropout aside: the prompt draws one mask for both rows),
+    /// fewer positions through the model. Applies to a micro-batch
     /// only when it saves at least 5% of its padded positions.
     pub prefix_sharing: bool,
     /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the

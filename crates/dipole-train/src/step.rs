@@ -532,8 +532,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for FreshLeaves {
 pub fn batch_shards<B: Backend>(requested: usize, pairs: usize, device: &B::Device) -> usize {
     let wanted = match requested {
         0 => {
-            let name = B::name(device);
-            if name.contains("flex") || name.contains("ndarray") { cpu_threads() } else { 1 }
+            if dipole_models::is_cpu_backend::<B>(device) { cpu_threads() } else { 1 }
         }
         n => n,
     };
