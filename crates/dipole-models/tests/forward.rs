@@ -1,14 +1,15 @@
 //! Forward-pass behaviour: KV-cache decoding, padding, sliding windows, random init.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
+
+use common::fixture;
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
 use dipole_models::{CausalLm, KvCache, ids_tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
-}
 
 fn tiny_llama() -> PathBuf {
     fixture("tiny-llama")
@@ -57,11 +58,8 @@ fn random_init_has_the_configured_parameter_count() {
 /// change logits from position 4 on, but must change them at positions 1..=3.
 #[test]
 fn mistral_sliding_window_limits_what_each_position_sees() {
+    let dir = common::mistral_with_window(2);
     let src = fixture("tiny-mistral");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 2")).unwrap();
     let device = Default::default();
     let (model, _) = CausalLm::<Flex>::load(dir.path(), &device).unwrap();
     assert_eq!(model.layers[0].sliding_window, Some(2));

@@ -1,16 +1,16 @@
 //! Prefix sharing (`CausalLm::forward_hidden_pairs`): a pair's common prefix run once gives the
 //! hidden states, and the gradients, of running both rows whole.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+
+use common::fixture;
 
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use dipole_models::{CausalLm, PrefixPlan, shared_prefixes};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
-}
 
 /// Rows `[chosen.., rejected..]` right-padded with 0, and their lengths.
 fn paired(pairs: &[(&[u32], &[u32], &[u32])]) -> (Vec<Vec<u32>>, Vec<usize>) {
@@ -103,11 +103,7 @@ fn hidden_states_equal_whole_rows_on_every_architecture() {
 /// Mistral with a window of 3: the masks of both passes count positions from each row's start.
 #[test]
 fn sliding_windows_count_positions_across_the_split() {
-    let src = fixture("tiny-mistral");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), cfg.replace("\"sliding_window\": 4096", "\"sliding_window\": 3")).unwrap();
+    let dir = common::mistral_with_window(3);
     let device = Default::default();
     let (mut model, _) = CausalLm::<Flex>::load(dir.path(), &device).unwrap();
     assert_eq!(model.layers[0].sliding_window, Some(3));
