@@ -255,7 +255,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         } else {
             Reference::Model(frozen.clone().expect("frozen copy"))
         };
-        // as the trainer does: shards on parallel threads, reference passes beside the policy's
+        // as the trainer does: shards on parallel threads, each running its reference pass, then its policy's
         let mut grads = if naive {
             let values = reference_logps(&policy, reference, batch, None, shards, device).expect("reference");
             GradientsParams::from_grads(naive_dpo_loss(&policy, &values, batch, device).backward(), &policy)
