@@ -89,7 +89,8 @@ impl<B: Backend> LoraAdapter<B> {
         };
         let dtype = x.dtype();
         let low = burn::tensor::module::linear(x, cast_to(self.a.val(), dtype), None);
-        burn::tensor::module::linear(low, cast_to(self.b.val(), dtype), None).mul_scalar(self.scale)
+        // the scale folded into the small `[r, out]` matrix: no pass over the `[rows, out]` output
+        burn::tensor::module::linear(low, cast_to(self.b.val(), dtype).mul_scalar(self.scale), None)
     }
 
     /// The dense `[in, out]` update `scale * a @ b` (for merging only).

@@ -79,13 +79,14 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rotary: &rope::Rotary<B>,
+        query_rotary: &rope::Rotary<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]).swap_dims(1, 2);
-        let q = rotary.apply(heads(self.q_proj.forward(x.clone()), h));
+        let q = query_rotary.apply(heads(self.q_proj.forward(x.clone()), h));
         let mut k = rotary.apply(heads(self.k_proj.forward(x.clone()), kvh));
         let mut v = heads(self.v_proj.forward(x), kvh);
         if let Some(slot) = cache {
@@ -104,25 +105,29 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-/// Scaled dot-product attention, decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
+/// Dot-product attention of queries already scaled by `1/sqrt(head_dim)` (see
+/// [`Rotary::scaled`](rope::Rotary::scaled)), decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
 /// form is what autodiff differentiates, and using it for inference too makes a frozen reference
 /// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
 /// `[batch, heads or 1, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
 /// masked and softmaxed in f32, as transformers' eager attention does.
 fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
-    let [batch, heads, q_len, d] = q.dims();
+    let [batch, heads, q_len, _] = q.dims();
     let k_len = k.dims()[2];
     let [mb, mh, mq, mk] = mask.dims();
     assert!(mb == batch && (mh == heads || mh == 1) && mq == q_len && mk == k_len, "attention mask [{mb}, {mh}, {mq}, {mk}] for scores [{batch}, {heads}, {q_len}, {k_len}]");
     let compute = q.dtype();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(1.0 / (d as f64).sqrt());
-    let scores = cast_to(scores, DType::F32);
+    let scores = cast_to(q.matmul(k.swap_dims(2, 3)), DType::F32);
     let scores = scores.mask_fill(mask.expand([batch, heads, q_len, k_len]), f32::NEG_INFINITY);
-    // NaN-safe softmax: a fully masked row gives zeros instead of 0/0.
-    let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
+    // NaN-safe softmax: a fully masked row gives zeros instead of 0/0. The shift by the row's max
+    // only keeps exp in range and cancels out of the softmax, so it is detached: no gradient is
+    // taken through it (it would be zero), sparing its argmax, scatter and reduction passes.
+    let max = scores.clone().detach().max_dim(3).clamp_min(f32::MIN);
     let numerator = (scores - max).exp();
     let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
-    let probs = cast_to(numerator / sum, compute);
+    // times the reciprocal rather than divided: the gradient of a product by a per-row factor is two
+    // passes over the scores where a quotient's is five
+    let probs = cast_to(numerator * sum.recip(), compute);
     probs.matmul(v)
 }
 
@@ -379,11 +384,13 @@ impl<B: Backend> CausalLm<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let mut x = embedding(self.embed_tokens.val(), input_ids);
+        let query_rotary = rotary.scaled((self.config.head_dim as f64).powf(-0.5));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 rotary,
+                &query_rotary,
                 masks[i].clone(),
                 slot,
             );

@@ -129,6 +129,14 @@ impl<B: Backend> Rotary<B> {
         Self { cos: cos.reshape([rows, n * d / rows]), signed_sin: signed.reshape([rows, n * d / rows]) }
     }
 
+    /// This rotation followed by a multiplication by `factor`, folded into the tables. Queries use
+    /// it for attention's `1/sqrt(head_dim)`: the scaling then costs nothing instead of a pass over
+    /// every `[q, k]` score forward and backward (exact when the factor is a power of two, as for
+    /// head dims 64 and 256).
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self { cos: self.cos.clone().mul_scalar(factor), signed_sin: self.signed_sin.clone().mul_scalar(factor) }
+    }
+
     /// Rotate-half RoPE on `x` `[batch, heads, len, head_dim]` (tables cast to `x`'s dtype, as
     /// transformers does under mixed precision). A transposed view is made contiguous first (one
     /// copy, and one for its gradient), so the rotation's own work runs on contiguous rows.
