@@ -89,8 +89,9 @@ impl<B: Backend> LoraAdapter<B> {
         };
         let dtype = x.dtype();
         let low = burn::tensor::module::linear(x, cast_to(self.a.val(), dtype), None);
-        // the scale folded into the small `[r, out]` matrix: no pass over the `[rows, out]` output
-        burn::tensor::module::linear(low, cast_to(self.b.val(), dtype).mul_scalar(self.scale), None)
+        // the scale folded into the small `[r, out]` matrix (in the parameter's dtype, before any
+        // cast): no pass over the `[rows, out]` output
+        burn::tensor::module::linear(low, cast_to(self.b.val().mul_scalar(self.scale), dtype), None)
     }
 
     /// The dense `[in, out]` update `scale * a @ b` (for merging only).

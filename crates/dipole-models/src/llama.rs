@@ -47,6 +47,12 @@ pub struct LayerCache<B: Backend> {
     pub value: Tensor<B, 4>,
 }
 
+/// One forward pass's RoPE rotations: keys', and queries' with attention's `1/sqrt(head_dim)` folded in.
+struct Rotations<B: Backend> {
+    key: rope::Rotary<B>,
+    query: rope::Rotary<B>,
+}
+
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
@@ -78,16 +84,15 @@ impl<B: Backend> Attention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
-        rotary: &rope::Rotary<B>,
-        query_rotary: &rope::Rotary<B>,
+        rotary: &Rotations<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]).swap_dims(1, 2);
-        let q = query_rotary.apply(heads(self.q_proj.forward(x.clone()), h));
-        let mut k = rotary.apply(heads(self.k_proj.forward(x.clone()), kvh));
+        let q = rotary.query.apply(heads(self.q_proj.forward(x.clone()), h));
+        let mut k = rotary.key.apply(heads(self.k_proj.forward(x.clone()), kvh));
         let mut v = heads(self.v_proj.forward(x), kvh);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
@@ -106,8 +111,8 @@ impl<B: Backend> Attention<B> {
 }
 
 /// Dot-product attention of queries already scaled by `1/sqrt(head_dim)` (see
-/// [`Rotary::scaled`](rope::Rotary::scaled)), decomposed (QKᵀ, mask, softmax, ·V) as burn's own fallback is: that
-/// form is what autodiff differentiates, and using it for inference too makes a frozen reference
+/// [`Rotary::scaled`](rope::Rotary::scaled)), decomposed (QKᵀ, mask, softmax, ·V) into burn tensor ops:
+/// that form is what autodiff differentiates, and using it for inference too makes a frozen reference
 /// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
 /// `[batch, heads or 1, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
 /// masked and softmaxed in f32, as transformers' eager attention does.
@@ -345,14 +350,16 @@ impl<B: Backend> CausalLm<B> {
         (self.prefix_sharing && prefix_len > 0 && saves).then_some(PrefixPlan { shared, prefix_len, suffix_len })
     }
 
-    /// The rotation from `cos`/`sin` tables, in the dtype the projections come out in (so no
-    /// layer casts, and keeps for backward, a copy of its own).
-    fn rotary(&self, cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> rope::Rotary<B> {
-        let (cos, sin) = match self.mixed_precision.compute_dtype() {
-            Some(dtype) => (cast_to(cos, dtype), cast_to(sin, dtype)),
-            None => (cos, sin),
-        };
-        rope::Rotary::per_row(cos, sin, rows)
+    /// The rotations for keys and (scaled by `1/sqrt(head_dim)`) queries from f32 `cos`/`sin`
+    /// tables, scaled before they are cast to the dtype the projections come out in (so no layer
+    /// casts, and keeps for backward, a copy of its own).
+    fn rotary(&self, cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> Rotations<B> {
+        let key = rope::Rotary::per_row(cos, sin, rows);
+        let query = key.scaled((self.config.head_dim as f64).powf(-0.5));
+        match self.mixed_precision.compute_dtype() {
+            Some(dtype) => Rotations { key: key.cast(dtype), query: query.cast(dtype) },
+            None => Rotations { key, query },
+        }
     }
 
     /// Each layer's attention mask for these query and key positions in rows `len` long: one
@@ -379,18 +386,16 @@ impl<B: Backend> CausalLm<B> {
     fn decode(
         &self,
         input_ids: Tensor<B, 2, Int>,
-        rotary: &rope::Rotary<B>,
+        rotary: &Rotations<B>,
         masks: &[Tensor<B, 4, Bool>],
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let mut x = embedding(self.embed_tokens.val(), input_ids);
-        let query_rotary = rotary.scaled((self.config.head_dim as f64).powf(-0.5));
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             let attn = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 rotary,
-                &query_rotary,
                 masks[i].clone(),
                 slot,
             );

@@ -131,10 +131,15 @@ impl<B: Backend> Rotary<B> {
 
     /// This rotation followed by a multiplication by `factor`, folded into the tables. Queries use
     /// it for attention's `1/sqrt(head_dim)`: the scaling then costs nothing instead of a pass over
-    /// every `[q, k]` score forward and backward (exact when the factor is a power of two, as for
-    /// head dims 64 and 256).
+    /// every `[q, k]` score forward and backward (exact, barring underflow, when the factor is a power
+    /// of two, as for head dims 64 and 256). Scale f32 tables, then [`cast`](Self::cast) them.
     pub fn scaled(&self, factor: f64) -> Self {
         Self { cos: self.cos.clone().mul_scalar(factor), signed_sin: self.signed_sin.clone().mul_scalar(factor) }
+    }
+
+    /// The tables in `dtype` (the dtype the projections come out in under mixed precision).
+    pub fn cast(self, dtype: burn::tensor::DType) -> Self {
+        Self { cos: dipole_lora::cast_to(self.cos, dtype), signed_sin: dipole_lora::cast_to(self.signed_sin, dtype) }
     }
 
     /// Rotate-half RoPE on `x` `[batch, heads, len, head_dim]` (tables cast to `x`'s dtype, as
