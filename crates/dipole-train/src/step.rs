@@ -583,7 +583,8 @@ fn cpu_threads() -> usize {
 /// CPU backend this is what keeps both cores busy: its elementwise kernels run on one thread.
 ///
 /// With one shard, a reference model (no autodiff) runs on a second thread while the policy's
-/// forward runs on this one (results are the same as running them one after the other).
+/// forward runs on this one, each on half of the CPU threads (results are the same as running them
+/// one after the other).
 #[allow(clippy::too_many_arguments)]
 pub fn preference_step<B: AutodiffBackend>(
     policy: &CausalLm<B>,
@@ -603,8 +604,9 @@ pub fn preference_step<B: AutodiffBackend>(
             Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, 1, device),
             Resolved::Model(model) => std::thread::scope(|scope| {
                 let ld_alpha = config.ld_alpha;
-                let pending = scope.spawn(move || model_logps(&model, batch, ld_alpha, device));
-                let pass = policy_pass(policy, batch, config, device);
+                // each pass on its own half of the CPU threads (see `with_threads`)
+                let pending = scope.spawn(move || with_threads(shard_threads(2, 0), || model_logps(&model, batch, ld_alpha, device)));
+                let pass = with_threads(shard_threads(2, 1), || policy_pass(policy, batch, config, device));
                 finish(pass, Some(join(pending)), batch, config, state, training, device)
             }),
         };
