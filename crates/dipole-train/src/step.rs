@@ -482,9 +482,10 @@ impl<B: AutodiffBackend> TrainStep<B> {
                 let Some(upstream) = upstream else {
                     return GradientsParams::new();
                 };
-                // Each shard's gradients are added in as soon as its backward pass ends, so finished
-                // shards do not each hold a full set until the last one is done.
-                let total: std::sync::Mutex<Option<GradientsParams>> = std::sync::Mutex::new(None);
+                // Shards' gradients are summed in shard order (float addition is not associative:
+                // completion order would make runs of three or more shards differ in their last
+                // bits), each added in as soon as the shards before it are.
+                let total: std::sync::Mutex<InOrderSum<GradientsParams>> = std::sync::Mutex::new(InOrderSum::default());
                 let n_shards = shards.len();
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = shards
@@ -501,18 +502,48 @@ impl<B: AutodiffBackend> TrainStep<B> {
                                 let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
                                 let grads = GradientsParams::from_grads((shard.sums * upstream).sum().backward(), &shard.policy);
                                 let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                                match total.as_mut() {
-                                    Some(acc) => accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads),
-                                    None => *total = Some(grads),
-                                }
+                                total.add(k, grads, |acc, grads| accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads));
                             }))
                         })
                         .collect();
                     handles.into_iter().for_each(join);
                 });
-                total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).expect("a sharded step has shards")
+                total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).finish().expect("a sharded step has shards")
             }
         }
+    }
+}
+
+/// A sum of items `0..n` that arrive in any order, added up in index order so that the result
+/// does not depend on which arrives first; an item waits only until those before it are in.
+struct InOrderSum<T> {
+    next: usize,
+    sum: Option<T>,
+    waiting: BTreeMap<usize, T>,
+}
+
+impl<T> Default for InOrderSum<T> {
+    fn default() -> Self {
+        InOrderSum { next: 0, sum: None, waiting: BTreeMap::new() }
+    }
+}
+
+impl<T> InOrderSum<T> {
+    fn add(&mut self, index: usize, item: T, mut add_to: impl FnMut(&mut T, T)) {
+        self.waiting.insert(index, item);
+        while let Some(item) = self.waiting.remove(&self.next) {
+            match self.sum.as_mut() {
+                Some(sum) => add_to(sum, item),
+                None => self.sum = Some(item),
+            }
+            self.next += 1;
+        }
+    }
+
+    /// The sum, or `None` if nothing arrived; panics if an item is missing (a shard was lost).
+    fn finish(self) -> Option<T> {
+        assert!(self.waiting.is_empty(), "item {} of the sum never arrived", self.next);
+        self.sum
     }
 }
 
@@ -674,6 +705,30 @@ mod tests {
             let total: usize = (0..n).map(|k| shard_threads(n, k)).sum();
             assert_eq!(total, cpu_threads().max(n), "{n} shards share every thread, one each at least");
         }
+    }
+
+    #[test]
+    fn shard_gradients_are_summed_in_shard_order_whatever_order_they_finish_in() {
+        // non-associative in f32: (1e8 + -1e8) + 1 = 1, but 1e8 + (-1e8 + 1) = 0
+        let items = [1e8f32, -1e8, 1.0, 0.5];
+        let in_order = ((items[0] + items[1]) + items[2]) + items[3];
+        for arrival in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            let mut sum = InOrderSum::default();
+            for k in arrival {
+                sum.add(k, items[k], |acc, x| *acc += x);
+            }
+            assert_eq!(sum.finish().map(f32::to_bits), Some(in_order.to_bits()), "arrival order {arrival:?}");
+        }
+        assert_eq!(InOrderSum::<f32>::default().finish(), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "item 1 of the sum never arrived")]
+    fn a_missing_shard_is_an_error_not_a_partial_sum() {
+        let mut sum = InOrderSum::default();
+        sum.add(0, 1.0f32, |acc, x| *acc += x);
+        sum.add(2, 1.0f32, |acc, x| *acc += x);
+        sum.finish();
     }
 
     #[test]
