@@ -95,6 +95,21 @@ pub struct BenchResult {
     pub peak_rss_mib: f64,
     /// Seconds of the one-off reference pass (precompute configurations).
     pub precompute_seconds: Option<f64>,
+    /// Where a step's seconds go (means over the timed steps).
+    #[serde(default)]
+    pub phases: PhaseSeconds,
+}
+
+/// A step's seconds by phase. Exact on CPU backends, whose kernels finish before the call returns;
+/// GPU backends queue kernels, so there only the forward pass (which reads the loss back) and the
+/// whole step (which reads a weight back) end at a sync, and backward vs optimizer is approximate.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct PhaseSeconds {
+    /// The reference's and the policy's forward passes and the objective.
+    pub forward: f64,
+    pub backward: f64,
+    /// Global-norm clipping and AdamW.
+    pub optimizer: f64,
 }
 
 fn peak_rss_mib() -> f64 {
@@ -139,7 +154,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
-    println!("{:<16} {:>10} {:>10} {:>12} {:>10} {:>11}", "config", "tok/s", "s/step", "GFLOP/s", "peak MiB", "trainable");
+    println!(
+        "{:<16} {:>10} {:>10} {:>12} {:>10} {:>11} {:>8} {:>8} {:>8}",
+        "config", "tok/s", "s/step", "GFLOP/s", "peak MiB", "trainable", "fwd s", "bwd s", "opt s"
+    );
     for c in &configs {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
@@ -158,13 +176,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let line = String::from_utf8_lossy(&out.stdout);
         let r: BenchResult = serde_json::from_str(line.lines().last().unwrap_or("")).with_context(|| format!("bench {c} output"))?;
         println!(
-            "{:<16} {:>10.1} {:>10.3} {:>12.2} {:>10.1} {:>11}",
+            "{:<16} {:>10.1} {:>10.3} {:>12.2} {:>10.1} {:>11} {:>8.3} {:>8.3} {:>8.3}",
             r.config,
             r.tokens_per_second,
             r.seconds_per_step,
             r.achieved_flops / 1e9,
             r.peak_rss_mib,
-            r.trainable_params
+            r.trainable_params,
+            r.phases.forward,
+            r.phases.backward,
+            r.phases.optimizer
         );
         results.push(r);
     }
@@ -244,6 +265,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
     let mut state = ObjectiveState::default();
     let mut timed = 0.0;
+    let mut phases = PhaseSeconds::default();
     for step in 0..args.warmup + args.steps {
         let k = step % batches.len();
         let batch = &batches[k];
@@ -256,20 +278,32 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
             Reference::Model(frozen.clone().expect("frozen copy"))
         };
         // as the trainer does: shards on parallel threads, each running its reference pass, then its policy's
-        let mut grads = if naive {
+        let (mut grads, forward, backward) = if naive {
             let values = reference_logps(&policy, reference, batch, None, shards, device).expect("reference");
-            GradientsParams::from_grads(naive_dpo_loss(&policy, &values, batch, device).backward(), &policy)
+            let loss = naive_dpo_loss(&policy, &values, batch, device);
+            let forward = started.elapsed().as_secs_f64();
+            (GradientsParams::from_grads(loss.backward(), &policy), forward, Instant::now())
         } else {
-            preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device).backward(1.0)
+            let train_step = preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device);
+            let forward = started.elapsed().as_secs_f64();
+            let backward = Instant::now();
+            (train_step.backward(1.0), forward, backward)
         };
+        let backward_seconds = backward.elapsed().as_secs_f64();
+        let optimizer_started = Instant::now();
         clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
         policy = optimizer.step(1e-6, policy, grads);
         // reading a value waits for the device
         let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
         if step >= args.warmup {
             timed += started.elapsed().as_secs_f64();
+            phases.forward += forward;
+            phases.backward += backward_seconds;
+            phases.optimizer += optimizer_started.elapsed().as_secs_f64();
         }
     }
+    let per_step = |total: f64| total / args.steps as f64;
+    let phases = PhaseSeconds { forward: per_step(phases.forward), backward: per_step(phases.backward), optimizer: per_step(phases.optimizer) };
     let seq = prompt + completion;
     let tokens_per_step = (2 * 4 * seq) as f64;
     let seconds_per_step = timed / args.steps as f64;
@@ -291,5 +325,6 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         achieved_flops: flops_per_step / seconds_per_step,
         peak_rss_mib: peak_rss_mib(),
         precompute_seconds,
+        phases,
     })
 }
