@@ -201,10 +201,15 @@ fn shard_ranges(items: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
 
 /// `f` on every item on its own thread, results in order; the CPU threads are split between them
 /// (see [`with_threads`]).
-fn parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let (n, f) = (items.len(), &f);
+fn parallel<I, R>(items: I, f: impl Fn(I::Item) -> R + Sync) -> Vec<R>
+where
+    I: IntoIterator<IntoIter: ExactSizeIterator, Item: Send>,
+    R: Send,
+{
+    let (items, f) = (items.into_iter(), &f);
+    let n = items.len();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = items.iter().enumerate().map(|(k, item)| scope.spawn(move || with_threads(shard_threads(n, k), || f(item)))).collect();
+        let handles: Vec<_> = items.enumerate().map(|(k, item)| scope.spawn(move || with_threads(shard_threads(n, k), || f(item)))).collect();
         handles.into_iter().map(join).collect()
     })
 }
@@ -486,27 +491,16 @@ impl<B: AutodiffBackend> TrainStep<B> {
                 // completion order would make runs of three or more shards differ in their last
                 // bits), each added in as soon as the shards before it are.
                 let total: std::sync::Mutex<InOrderSum<GradientsParams>> = std::sync::Mutex::new(InOrderSum::default());
-                let n_shards = shards.len();
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = shards
-                        .into_iter()
-                        .enumerate()
-                        .map(|(k, shard)| {
-                            let (upstream, total) = (upstream.clone(), &total);
-                            let threads = shard_threads(n_shards, k);
-                            scope.spawn(move || with_threads(threads, move || {
-                                let device = upstream.device();
-                                let rows: Vec<i64> = shard.rows.iter().map(|&r| r as i64).collect();
-                                let n = rows.len();
-                                let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
-                                let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
-                                let grads = GradientsParams::from_grads((shard.sums * upstream).sum().backward(), &shard.policy);
-                                let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                                total.add(k, grads, |acc, grads| accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads));
-                            }))
-                        })
-                        .collect();
-                    handles.into_iter().for_each(join);
+                let jobs = shards.into_iter().map(|shard| (shard, upstream.clone())).enumerate();
+                parallel(jobs, |(k, (shard, upstream))| {
+                    let device = upstream.device();
+                    let rows: Vec<i64> = shard.rows.iter().map(|&r| r as i64).collect();
+                    let n = rows.len();
+                    let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
+                    let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
+                    let grads = GradientsParams::from_grads((shard.sums * upstream).sum().backward(), &shard.policy);
+                    let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    total.add(k, grads, |acc, grads| accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads));
                 });
                 total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).finish().expect("a sharded step has shards")
             }
