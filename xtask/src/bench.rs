@@ -282,14 +282,16 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
             let values = reference_logps(&policy, reference, batch, None, shards, device).expect("reference");
             let loss = naive_dpo_loss(&policy, &values, batch, device);
             let forward = started.elapsed().as_secs_f64();
-            (GradientsParams::from_grads(loss.backward(), &policy), forward, Instant::now())
+            let backward_started = Instant::now();
+            let grads = GradientsParams::from_grads(loss.backward(), &policy);
+            (grads, forward, backward_started.elapsed().as_secs_f64())
         } else {
             let train_step = preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device);
             let forward = started.elapsed().as_secs_f64();
-            let backward = Instant::now();
-            (train_step.backward(1.0), forward, backward)
+            let backward_started = Instant::now();
+            let grads = train_step.backward(1.0);
+            (grads, forward, backward_started.elapsed().as_secs_f64())
         };
-        let backward_seconds = backward.elapsed().as_secs_f64();
         let optimizer_started = Instant::now();
         clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
         policy = optimizer.step(1e-6, policy, grads);
@@ -298,7 +300,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         if step >= args.warmup {
             timed += started.elapsed().as_secs_f64();
             phases.forward += forward;
-            phases.backward += backward_seconds;
+            phases.backward += backward;
             phases.optimizer += optimizer_started.elapsed().as_secs_f64();
         }
     }
