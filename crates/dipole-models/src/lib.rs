@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod generate;
 pub mod llama;
 pub mod load;

@@ -5,12 +5,12 @@
 //! Every projection is a [`LoraLinear`], so adapters attach to any of them by HF module name.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
 use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
 use crate::config::ModelConfig;
+use crate::fused;
 use crate::precision::MixedPrecision;
 use crate::rope;
 
@@ -111,28 +111,15 @@ impl<B: Backend> Attention<B> {
 }
 
 /// Dot-product attention of queries already scaled by `1/sqrt(head_dim)` (see
-/// [`Rotary::scaled`](rope::Rotary::scaled)), decomposed (QKᵀ, mask, softmax, ·V) into burn tensor ops:
-/// that form is what autodiff differentiates, and using it for inference too makes a frozen reference
+/// [`Rotary::scaled`](rope::Rotary::scaled)): QKᵀ, masked softmax (fused on the CPU backend, see
+/// [`fused`]), ·V. Inference runs the same ops as training, which makes a frozen reference
 /// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
 /// `[batch, heads or 1, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
 /// masked and softmaxed in f32, as transformers' eager attention does.
 fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
-    let [batch, heads, q_len, _] = q.dims();
-    let k_len = k.dims()[2];
-    let [mb, mh, mq, mk] = mask.dims();
-    assert!(mb == batch && (mh == heads || mh == 1) && mq == q_len && mk == k_len, "attention mask [{mb}, {mh}, {mq}, {mk}] for scores [{batch}, {heads}, {q_len}, {k_len}]");
     let compute = q.dtype();
     let scores = cast_to(q.matmul(k.swap_dims(2, 3)), DType::F32);
-    let scores = scores.mask_fill(mask.expand([batch, heads, q_len, k_len]), f32::NEG_INFINITY);
-    // NaN-safe softmax: a fully masked row gives zeros instead of 0/0. The shift by the row's max
-    // only keeps exp in range and cancels out of the softmax, so it is detached: no gradient is
-    // taken through it (it would be zero), sparing its argmax, scatter and reduction passes.
-    let max = scores.clone().detach().max_dim(3).clamp_min(f32::MIN);
-    let numerator = (scores - max).exp();
-    let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
-    // times the reciprocal rather than divided: the gradient of a product by a per-row factor is two
-    // passes over the scores where a quotient's is five
-    let probs = cast_to(numerator * sum.recip(), compute);
+    let probs = cast_to(fused::masked_softmax(scores, mask), compute);
     probs.matmul(v)
 }
 
@@ -157,7 +144,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         self.down_proj
-            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+            .forward(fused::silu_mul(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
