@@ -18,6 +18,8 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, DType, Tensor, TensorData, TensorPrimitive, backend::Backend};
 
+use crate::rope::Rotary;
+
 /// Softmax over the last axis of `scores` `[batch, heads, q, k]` (f32) with keys hidden where `mask`
 /// `[batch, heads or 1, q, k]` is true; a row with every key hidden gives zeros (not 0/0).
 pub fn masked_softmax<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
@@ -59,6 +61,72 @@ pub fn silu_mul<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>
         Ok((gate, up)) => back(silu_mul_autodiff(gate, up)),
         Err((gate, up)) => silu_mul_ops(gate, up),
     }
+}
+
+/// Projection output `x` `[batch, len, heads * head_dim]` as heads `[batch, heads, len, head_dim]`,
+/// each head rotated by `rotary` (RoPE) if given: what attention needs of a q, k or v projection.
+/// On the CPU backend one pass writes the heads contiguously, where the tensor-op form copies the
+/// transposed view element by element before rotating it (and its gradient back the same way).
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, rotary: Option<&Rotary<B>>) -> Tensor<B, 4> {
+    let [_, _, width] = x.dims();
+    assert!(heads > 0 && width % heads == 0, "{width} features do not split into {heads} heads");
+    let tables_f32 = rotary.is_none_or(|r| r.cos.dtype() == DType::F32 && r.signed_sin.dtype() == DType::F32);
+    if x.dtype() != DType::F32 || !tables_f32 {
+        return split_heads_ops(x, heads, rotary);
+    }
+    let tables = |r: &Rotary<B>| (r.cos.clone(), r.signed_sin.clone());
+    let args = match cast::<_, (Tensor<Flex, 3>, Option<(Tensor<Flex, 2>, Tensor<Flex, 2>)>)>((x, rotary.map(tables))) {
+        Ok((x, tables)) => {
+            let tables = tables.map(|(c, s)| (c.into_primitive().tensor(), s.into_primitive().tensor()));
+            return back(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(rows_to_heads(x.into_primitive().tensor(), heads, tables.as_ref()))));
+        }
+        Err(args) => args,
+    };
+    let args = match cast::<_, (Tensor<Autodiff<Flex>, 3>, Option<(Tensor<Autodiff<Flex>, 2>, Tensor<Autodiff<Flex>, 2>)>)>(args) {
+        Ok((x, tables)) => return back(split_heads_autodiff(x, heads, tables)),
+        Err(args) => args,
+    };
+    type Balanced = Autodiff<Flex, BalancedCheckpointing>;
+    match cast::<_, (Tensor<Balanced, 3>, Option<(Tensor<Balanced, 2>, Tensor<Balanced, 2>)>)>(args) {
+        Ok((x, tables)) => back(split_heads_autodiff(x, heads, tables)),
+        Err((x, _)) => split_heads_ops(x, heads, rotary),
+    }
+}
+
+/// Attention's output heads `[batch, heads, len, head_dim]` back as rows `[batch, len, heads * head_dim]`
+/// for the output projection (the inverse of [`split_heads`] without rotation).
+pub fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    if x.dtype() != DType::F32 {
+        return merge_heads_ops(x);
+    }
+    let x = match cast::<_, Tensor<Flex, 4>>(x) {
+        Ok(x) => return back(Tensor::<Flex, 3>::from_primitive(TensorPrimitive::Float(heads_to_rows(x.into_primitive().tensor(), None)))),
+        Err(x) => x,
+    };
+    let x = match cast::<_, Tensor<Autodiff<Flex>, 4>>(x) {
+        Ok(x) => return back(merge_heads_autodiff(x)),
+        Err(x) => x,
+    };
+    match cast::<_, Tensor<Autodiff<Flex, BalancedCheckpointing>, 4>>(x) {
+        Ok(x) => back(merge_heads_autodiff(x)),
+        Err(x) => merge_heads_ops(x),
+    }
+}
+
+/// [`split_heads`] as burn tensor ops, for every backend.
+pub fn split_heads_ops<B: Backend>(x: Tensor<B, 3>, heads: usize, rotary: Option<&Rotary<B>>) -> Tensor<B, 4> {
+    let [batch, len, width] = x.dims();
+    let x = x.reshape([batch, len, heads, width / heads]).swap_dims(1, 2);
+    match rotary {
+        Some(rotary) => rotary.apply(x),
+        None => x,
+    }
+}
+
+/// [`merge_heads`] as burn tensor ops, for every backend.
+pub fn merge_heads_ops<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [batch, heads, len, d] = x.dims();
+    x.swap_dims(1, 2).reshape([batch, len, heads * d])
 }
 
 /// [`masked_softmax`] as burn tensor ops, for every backend.
@@ -148,6 +216,55 @@ fn silu_mul_autodiff<C: CheckpointStrategy, const D: usize>(gate: Tensor<Autodif
     let out = silu_mul_forward(gate.primitive.clone(), up.primitive.clone());
     let out = match SiluMulBackward.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward step of [`split_heads`]: the state is the head count and the RoPE tables.
+#[derive(Debug)]
+struct SplitHeadsBackward;
+
+impl Backward<Flex, 1> for SplitHeadsBackward {
+    type State = Option<(FlexTensor, FlexTensor)>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let tables = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| heads_to_rows(grad, tables.as_ref()));
+    }
+}
+
+fn split_heads_autodiff<C: CheckpointStrategy>(x: Tensor<Autodiff<Flex, C>, 3>, heads: usize, tables: Option<(Tensor<Autodiff<Flex, C>, 2>, Tensor<Autodiff<Flex, C>, 2>)>) -> Tensor<Autodiff<Flex, C>, 4> {
+    // the tables are constants: no gradient flows to them
+    let tables = tables.map(|(c, s)| (c.into_primitive().tensor().primitive, s.into_primitive().tensor().primitive));
+    let x = x.into_primitive().tensor();
+    let out = rows_to_heads(x.primitive.clone(), heads, tables.as_ref());
+    let out = match SplitHeadsBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(tables, out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward step of [`merge_heads`]: the state is the head count.
+#[derive(Debug)]
+struct MergeHeadsBackward;
+
+impl Backward<Flex, 1> for MergeHeadsBackward {
+    type State = usize;
+
+    fn backward(self, ops: Ops<usize, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let heads = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| rows_to_heads(grad, heads, None));
+    }
+}
+
+fn merge_heads_autodiff<C: CheckpointStrategy>(x: Tensor<Autodiff<Flex, C>, 4>) -> Tensor<Autodiff<Flex, C>, 3> {
+    let heads = x.dims()[1];
+    let x = x.into_primitive().tensor();
+    let out = heads_to_rows(x.primitive.clone(), None);
+    let out = match MergeHeadsBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(heads, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
@@ -258,6 +375,106 @@ fn silu_mul_backward(gate: FlexTensor, up: FlexTensor, grad: FlexTensor) -> (Fle
         silu_mul_backward_chunk(&g[at..at + n], &u[at..at + n], &dy[at..at + n], d_gate, d_up);
     });
     (tensor(d_gate, shape.clone()), tensor(d_up, shape))
+}
+
+/// RoPE tables as f32 slices `[rows, len * head_dim]` (rows = 1: shared by the batch).
+struct Tables<'a> {
+    cos: &'a [f32],
+    signed_sin: &'a [f32],
+    rows: usize,
+}
+
+impl<'a> Tables<'a> {
+    fn new(tables: &'a (FlexTensor, FlexTensor), batch: usize, per_row: usize) -> Self {
+        let (cos, signed_sin) = (f32s(&tables.0), f32s(&tables.1));
+        let rows = dims(&tables.0)[0];
+        assert!(cos.len() == rows * per_row && signed_sin.len() == cos.len() && (rows == 1 || rows == batch), "RoPE tables {:?} for a batch of {batch} rows of {per_row}", dims(&tables.0));
+        Self { cos, signed_sin, rows }
+    }
+
+    /// The tables of batch row `b` at position `t`, each `d` long.
+    fn at(&self, b: usize, t: usize, d: usize) -> (&'a [f32], &'a [f32]) {
+        let row = if self.rows == 1 { 0 } else { b };
+        let start = row * self.cos.len() / self.rows + t * d;
+        (&self.cos[start..start + d], &self.signed_sin[start..start + d])
+    }
+}
+
+/// `[batch, len, heads * d]` -> `[batch, heads, len, d]`, each head vector `v` replaced by
+/// `v * cos + swap_halves(v) * signed_sin` if `tables` are given (rotate-half RoPE; see [`Rotary`]).
+fn rows_to_heads(x: FlexTensor, heads: usize, tables: Option<&(FlexTensor, FlexTensor)>) -> FlexTensor {
+    let x = contiguous(x);
+    let [batch, len, width] = dims(&x)[..] else { unreachable!("3-d rows") };
+    let d = width / heads;
+    let tables = tables.map(|t| Tables::new(t, batch, len * d));
+    let src = f32s(&x);
+    let mut out = vec![0f32; src.len()];
+    in_parallel(out.chunks_mut(len * d).enumerate(), |(bh, block)| {
+        let (b, h) = (bh / heads, bh % heads);
+        for (t, dst) in block.chunks_mut(d).enumerate() {
+            let v = &src[(b * len + t) * width + h * d..][..d];
+            match &tables {
+                Some(tables) => {
+                    let (cos, sin) = tables.at(b, t, d);
+                    rotate(v, cos, sin, dst);
+                }
+                None => dst.copy_from_slice(v),
+            }
+        }
+    });
+    tensor(out, vec![batch, heads, len, d])
+}
+
+/// `[batch, heads, len, d]` -> `[batch, len, heads * d]`; with `tables`, the transpose of
+/// [`rows_to_heads`]'s rotation (its gradient): `g * cos + swap_halves(g * signed_sin)`.
+fn heads_to_rows(x: FlexTensor, tables: Option<&(FlexTensor, FlexTensor)>) -> FlexTensor {
+    let x = contiguous(x);
+    let [batch, heads, len, d] = dims(&x)[..] else { unreachable!("4-d heads") };
+    let width = heads * d;
+    let tables = tables.map(|t| Tables::new(t, batch, len * d));
+    let src = f32s(&x);
+    let mut out = vec![0f32; src.len()];
+    let per_task = rows_per_task(width);
+    in_parallel(out.chunks_mut(per_task * width).enumerate(), |(task, chunk)| {
+        for (i, row) in chunk.chunks_mut(width).enumerate() {
+            let r = task * per_task + i;
+            let (b, t) = (r / len, r % len);
+            for (h, dst) in row.chunks_mut(d).enumerate() {
+                let g = &src[((b * heads + h) * len + t) * d..][..d];
+                match &tables {
+                    Some(tables) => {
+                        let (cos, sin) = tables.at(b, t, d);
+                        rotate_transposed(g, cos, sin, dst);
+                    }
+                    None => dst.copy_from_slice(g),
+                }
+            }
+        }
+    });
+    tensor(out, vec![batch, len, width])
+}
+
+/// `out = v * cos + swap_halves(v) * signed_sin`, as the tensor-op form computes it (a product
+/// each, then their sum: no fused multiply-add, so both forms agree to the bit).
+fn rotate(v: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = v.len() / 2;
+    let (v1, v2) = v.split_at(half);
+    let (out1, out2) = out.split_at_mut(half);
+    for i in 0..half {
+        out1[i] = v1[i] * cos[i] + v2[i] * sin[i];
+        out2[i] = v2[i] * cos[half + i] + v1[i] * sin[half + i];
+    }
+}
+
+/// The transpose of [`rotate`]: `out = g * cos + swap_halves(g * signed_sin)`.
+fn rotate_transposed(g: &[f32], cos: &[f32], sin: &[f32], out: &mut [f32]) {
+    let half = g.len() / 2;
+    let (g1, g2) = g.split_at(half);
+    let (out1, out2) = out.split_at_mut(half);
+    for i in 0..half {
+        out1[i] = g1[i] * cos[i] + g2[i] * sin[half + i];
+        out2[i] = g2[i] * cos[half + i] + g1[i] * sin[i];
+    }
 }
 
 /// Defines `$name(args)`, which runs `$kernel::<FMA>(args)` compiled for AVX2 and FMA where the
@@ -569,6 +786,49 @@ mod tests {
         let grads = silu_mul(gate.clone(), up.clone()).sum().backward();
         assert!(gate.grad(&grads).is_some());
         assert!(up.grad(&grads).is_none());
+    }
+
+    /// Rotary tables `[rows, len * d]` with values like cos/sin (the kernels do not care which).
+    fn rotary<B: Backend>(rows: usize, len: usize, d: usize) -> Rotary<B> {
+        Rotary { cos: values::<B, 2>([rows, len * d], 1.0, 0.9), signed_sin: values::<B, 2>([rows, len * d], 1.0, 1.7) }
+    }
+
+    fn heads_round_trip<B: burn::tensor::backend::AutodiffBackend>(fused: bool, table_rows: Option<usize>) -> [Tensor<B::InnerBackend, 3>; 2] {
+        let (batch, len, heads, d) = (2, 5, 3, 8);
+        let x = values::<B, 3>([batch, len, heads * d], 2.0, 0.1).require_grad();
+        let rotary = table_rows.map(|rows| rotary::<B>(rows, len, d));
+        let weights = values::<B, 4>([batch, heads, len, d], 1.0, 0.6);
+        let split = if fused { split_heads(x.clone(), heads, rotary.as_ref()) } else { split_heads_ops(x.clone(), heads, rotary.as_ref()) };
+        // something that mixes heads and positions before merging them back
+        let mixed = split * weights.clone() + weights.swap_dims(2, 3).matmul(values::<B, 4>([batch, heads, len, len], 1.0, 0.2)).swap_dims(2, 3);
+        let merged = if fused { merge_heads(mixed) } else { merge_heads_ops(mixed) };
+        let grads = (merged.clone() * values::<B, 3>([batch, len, heads * d], 1.0, 3.3)).sum().backward();
+        [merged.inner(), x.grad(&grads).expect("x's gradient")]
+    }
+
+    #[test]
+    fn split_and_merge_heads_with_and_without_rope_match_the_tensor_ops() {
+        // tables shared by the batch, one per batch row, none (values)
+        for table_rows in [Some(1), Some(2), None] {
+            let [out, grad] = heads_round_trip::<Ad>(true, table_rows);
+            let [expected_out, expected_grad] = heads_round_trip::<Ad>(false, table_rows);
+            // same products and sums as the tensor ops: equal to the bit
+            assert_eq!(out.clone().into_data(), expected_out.into_data(), "{table_rows:?}: output");
+            assert_close(grad.clone(), expected_grad, &format!("{table_rows:?}: gradient"));
+            let [_, grad_balanced] = heads_round_trip::<AdBalanced>(true, table_rows);
+            assert_eq!(grad_balanced.into_data(), grad.into_data(), "{table_rows:?}: checkpointed gradient");
+        }
+        let x = values::<Flex, 3>([2, 5, 24], 2.0, 0.1);
+        let rotary = rotary::<Flex>(2, 5, 8);
+        assert_eq!(split_heads(x.clone(), 3, Some(&rotary)).into_data(), split_heads_ops(x.clone(), 3, Some(&rotary)).into_data());
+        let heads = values::<Flex, 4>([2, 3, 5, 8], 1.0, 0.4);
+        assert_eq!(merge_heads(heads.clone()).into_data(), merge_heads_ops(heads).into_data());
+    }
+
+    #[test]
+    #[should_panic(expected = "RoPE tables [3, 40] for a batch of 2 rows of 40")]
+    fn rope_tables_for_another_batch_are_an_error() {
+        split_heads(values::<Flex, 3>([2, 5, 24], 2.0, 0.1), 3, Some(&rotary::<Flex>(3, 5, 8)));
     }
 
     #[test]

@@ -88,12 +88,10 @@ impl<B: Backend> Attention<B> {
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<LayerCache<B>>>,
     ) -> Tensor<B, 3> {
-        let [batch, len, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, d]).swap_dims(1, 2);
-        let q = rotary.query.apply(heads(self.q_proj.forward(x.clone()), h));
-        let mut k = rotary.key.apply(heads(self.k_proj.forward(x.clone()), kvh));
-        let mut v = heads(self.v_proj.forward(x), kvh);
+        let (h, kvh) = (self.num_heads, self.num_kv_heads);
+        let q = fused::split_heads(self.q_proj.forward(x.clone()), h, Some(&rotary.query));
+        let mut k = fused::split_heads(self.k_proj.forward(x.clone()), kvh, Some(&rotary.key));
+        let mut v = fused::split_heads(self.v_proj.forward(x), kvh, None);
         if let Some(slot) = cache {
             if let Some(past) = slot.take() {
                 k = Tensor::cat(vec![past.key, k], 2);
@@ -106,7 +104,7 @@ impl<B: Backend> Attention<B> {
         }
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
         let out = attention(q, k, v, mask);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, len, h * d]))
+        self.o_proj.forward(fused::merge_heads(out))
     }
 }
 
