@@ -9,7 +9,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Distribution, Tensor};
 use criterion::{Criterion, criterion_group, criterion_main};
 use dipole_benches::{bench_model, random_ids};
-use dipole_loss::token_logps;
+use dipole_loss::{token_logps, token_logps_ops};
+use dipole_models::fused::{masked_softmax, masked_softmax_ops};
 
 type B = Flex;
 type AD = Autodiff<Flex>;
@@ -38,9 +39,15 @@ fn logps(c: &mut Criterion) {
     let device = Default::default();
     let logits = Tensor::<AD, 3>::random([8, 192, 8000], Distribution::Normal(0.0, 1.0), &device).require_grad();
     let labels = random_ids::<AD>(8, 192, &device);
-    c.bench_function("logps logsumexp (dipole) fwd+bwd", |b| {
+    c.bench_function("logps logsumexp (dipole kernel) fwd+bwd", |b| {
         b.iter(|| {
             let lp = token_logps(logits.clone(), labels.clone()).sum();
+            let _ = lp.backward();
+        })
+    });
+    c.bench_function("logps logsumexp tensor ops fwd+bwd", |b| {
+        b.iter(|| {
+            let lp = token_logps_ops(logits.clone(), labels.clone()).sum();
             let _ = lp.backward();
         })
     });
@@ -68,9 +75,28 @@ fn attn(c: &mut Criterion) {
     });
 }
 
+/// The attention softmax of a 4-pair step's rows (causal mask): dipole's fused kernel against the
+/// same maths as burn tensor ops, forward and backward.
+fn softmax(c: &mut Criterion) {
+    let device = Default::default();
+    let scores = Tensor::<AD, 4>::random([8, 6, 256, 256], Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let causal: Vec<bool> = (0..8 * 6).flat_map(|_| (0..256).flat_map(|i| (0..256).map(move |j| j > i))).collect();
+    let mask = Tensor::<AD, 4, burn::tensor::Bool>::from_data(burn::tensor::TensorData::new(causal, [8, 6, 256, 256]), &device);
+    c.bench_function("masked softmax (dipole kernel) fwd+bwd", |b| {
+        b.iter(|| {
+            let _ = (masked_softmax(scores.clone(), mask.clone()) * scores.clone().detach()).sum().backward();
+        })
+    });
+    c.bench_function("masked softmax tensor ops fwd+bwd", |b| {
+        b.iter(|| {
+            let _ = (masked_softmax_ops(scores.clone(), mask.clone()) * scores.clone().detach()).sum().backward();
+        })
+    });
+}
+
 criterion_group! {
     name = parts;
     config = Criterion::default().sample_size(10);
-    targets = forward, logps, attn
+    targets = forward, logps, attn, softmax
 }
 criterion_main!(parts);

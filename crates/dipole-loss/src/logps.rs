@@ -3,6 +3,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, backend::Backend};
+use dipole_kernels::logps::try_token_logps;
 
 /// Log-probs of each row's completion tokens.
 #[derive(Clone, Debug)]
@@ -17,8 +18,18 @@ pub struct SequenceLogps<B: Backend> {
 
 /// `log p(label)` per position from `logits` `[rows, L, vocab]` and `labels` `[rows, L]`, as
 /// `logit[label] − logsumexp(logits)` with a detached max shift. Under autodiff this keeps one
-/// `[rows, L, vocab]` intermediate (the `exp`) instead of the several of a full log-softmax.
+/// `[rows, L, vocab]` intermediate (the `exp`) instead of the several of a full log-softmax. On
+/// burn's CPU backend a fused kernel (`dipole_kernels::logps`) does it in one pass and its gradient
+/// in another.
 pub fn token_logps<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    match try_token_logps(logits, labels, false) {
+        Ok((logps, _)) => logps,
+        Err((logits, labels)) => token_logps_ops(logits, labels),
+    }
+}
+
+/// [`token_logps`] as burn tensor ops, for every backend.
+pub fn token_logps_ops<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let (lse, _) = logsumexp(logits.clone());
     let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
     (picked - lse).squeeze_dim::<2>(2)
@@ -37,6 +48,14 @@ fn logsumexp<B: Backend>(logits: Tensor<B, 3>) -> (Tensor<B, 3>, (Tensor<B, 3>, 
 /// `H = lse − Σ softmax · logit` (`[rows, L]`, without gradient): TRL's `entropy` metric for the
 /// price of one product and one sum, where `−Σ p log p` needs a second log-softmax.
 pub fn token_logps_and_entropy<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match try_token_logps(logits, labels, true) {
+        Ok((logps, entropy)) => (logps, entropy.expect("the kernel's entropy")),
+        Err((logits, labels)) => token_logps_and_entropy_ops(logits, labels),
+    }
+}
+
+/// [`token_logps_and_entropy`] as burn tensor ops, for every backend.
+pub fn token_logps_and_entropy_ops<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let (lse, (exp, sum)) = logsumexp(logits.clone());
     let entropy = entropy_from(lse.clone(), exp, sum, logits.clone());
     let picked = logits.gather(2, labels.unsqueeze_dim::<3>(2));
@@ -228,8 +247,56 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         let alone: Vec<f32> = token_entropy(logits.clone()).into_data().to_vec().unwrap();
-        assert_eq!(alone, entropy);
+        for (a, b) in alone.iter().zip(&entropy) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
         // and the log-probs are token_logps' exactly
         assert_eq!(logps.into_data(), token_logps(logits, labels).into_data());
+    }
+
+    type Ad = burn::backend::Autodiff<Flex>;
+
+    /// Logits `[3, 5, 37]` (a vocabulary that is not a multiple of the vector width) spread over ±12.
+    fn logits<B: Backend>() -> Tensor<B, 3> {
+        let values: Vec<f32> = (0..3 * 5 * 37).map(|i| 12.0 * (i as f32 * 0.613).sin() * (i as f32 * 0.071).cos()).collect();
+        Tensor::from_data(TensorData::new(values, [3, 5, 37]), &Default::default())
+    }
+
+    fn labels<B: Backend>() -> Tensor<B, 2, Int> {
+        Tensor::from_data(TensorData::new((0..15i64).map(|i| i * 7 % 37).collect::<Vec<_>>(), [3, 5]), &Default::default())
+    }
+
+    fn close(a: Vec<f32>, b: Vec<f32>, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 2e-6 * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_kernel_matches_the_tensor_ops_with_its_gradient() {
+        let (fused, fused_entropy) = token_logps_and_entropy(logits::<Flex>(), labels());
+        let (ops, ops_entropy) = token_logps_and_entropy_ops(logits::<Flex>(), labels());
+        close(fused.clone().into_data().to_vec().unwrap(), ops.into_data().to_vec().unwrap(), "log-probs");
+        close(fused_entropy.into_data().to_vec().unwrap(), ops_entropy.into_data().to_vec().unwrap(), "entropy");
+        // with or without the entropy, in inference and under autodiff: the same log-probs, to the bit
+        assert_eq!(token_logps(logits::<Flex>(), labels()).into_data(), fused.clone().into_data());
+        let gradient = |fused: bool| {
+            let x = logits::<Ad>().require_grad();
+            let weights = Tensor::<Ad, 2>::from_data(TensorData::new((0..15).map(|i| (i as f32 * 0.3).cos()).collect::<Vec<_>>(), [3, 5]), &Default::default());
+            let logps = if fused { token_logps_and_entropy(x.clone(), labels()).0 } else { token_logps_ops(x.clone(), labels()) };
+            let grads = (logps.clone() * weights).sum().backward();
+            (logps.inner(), x.grad(&grads).unwrap())
+        };
+        let ((logps, grad), (_, expected)) = (gradient(true), gradient(false));
+        assert_eq!(logps.into_data(), fused.into_data());
+        close(grad.into_data().to_vec().unwrap(), expected.into_data().to_vec().unwrap(), "gradient");
+    }
+
+    #[test]
+    #[should_panic(expected = "label 40 at position 2 (row-major) is outside the vocabulary of 37")]
+    fn a_label_outside_the_vocabulary_is_an_error() {
+        let labels = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![0i64, 1, 40, 2, 3], [1, 5]), &Default::default());
+        token_logps(logits::<Flex>().slice([0..1, 0..5, 0..37]), labels);
     }
 }

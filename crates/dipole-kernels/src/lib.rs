@@ -1,0 +1,112 @@
+//! Fused kernels for burn's CPU backend (`Flex`, with or without autodiff): the elementwise chains
+//! of a decoder step that burn runs as several tensor ops, each a pass over memory that allocates its
+//! output (and libm's scalar `expf` per element), run here as one pass forward and one backward with
+//! a vectorized `exp`, each a custom autodiff op that keeps fewer tensors for the backward pass.
+//! Attention's masked softmax and head layout (with RoPE), SwiGLU's `silu(gate) * up`, and the
+//! log-probs of labels under a vocabulary of logits.
+//!
+//! Every entry point is a `try_*` function generic over the backend: on `Flex`, `Autodiff<Flex>` and
+//! `Autodiff<Flex, BalancedCheckpointing>` with f32 tensors it runs the kernel, otherwise it hands its
+//! inputs back (`Err`) for the caller's tensor-op form (which GPU backends fuse themselves). The
+//! crates that own the maths (dipole-models, dipole-loss) keep that form and test the kernels
+//! against it. Inference and training run the same kernel, so a frozen reference equal to the policy
+//! gives bit-identical log-probs.
+
+use std::any::Any;
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::TensorData;
+
+#[macro_use]
+mod simd;
+pub mod attention;
+pub mod logps;
+pub mod swiglu;
+
+/// `value` as a `U` if it is one (the kernels' backends are concrete types, callers' generic).
+fn cast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
+    let boxed: Box<dyn Any> = Box::new(value);
+    match boxed.downcast::<U>() {
+        Ok(u) => Ok(*u),
+        Err(boxed) => Err(*boxed.downcast::<T>().expect("the value's own type")),
+    }
+}
+
+/// A kernel's result back as the caller's type (which [`cast`] found it to be).
+fn back<T: 'static, U: 'static>(value: T) -> U {
+    cast(value).unwrap_or_else(|_| unreachable!("the kernel returns the type it was given"))
+}
+
+/// Returns `Ok` from the enclosing `try_*` function with `$flex` if `$args` are `$ty` with `$X` =
+/// `Flex`, with `$autodiff` if they are with `$X` = `Autodiff<Flex>` under either checkpointing
+/// strategy; evaluates to `Err($args)` otherwise.
+macro_rules! on_cpu {
+    ($args:expr, $X:ident => $ty:ty, flex: |$f:pat_param| $flex:expr, autodiff: |$a:pat_param| $autodiff:expr $(,)?) => {{
+        use burn::backend::{Autodiff, Flex, autodiff::checkpoint::strategy::BalancedCheckpointing};
+        let args = $args;
+        let args = {
+            type $X = Flex;
+            match $crate::cast::<_, $ty>(args) {
+                Ok($f) => return Ok($crate::back($flex)),
+                Err(args) => args,
+            }
+        };
+        let args = {
+            type $X = Autodiff<Flex>;
+            match $crate::cast::<_, $ty>(args) {
+                Ok($a) => return Ok($crate::back($autodiff)),
+                Err(args) => args,
+            }
+        };
+        let args = {
+            type $X = Autodiff<Flex, BalancedCheckpointing>;
+            match $crate::cast::<_, $ty>(args) {
+                Ok($a) => return Ok($crate::back($autodiff)),
+                Err(args) => args,
+            }
+        };
+        Err(args)
+    }};
+}
+pub(crate) use on_cpu;
+
+// Flex tensors in and out of the kernels: contiguous slices in, a new tensor out, work split over
+// the current rayon pool.
+
+pub(crate) fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.layout().shape().as_slice().to_vec()
+}
+
+pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() { t } else { t.to_contiguous() }
+}
+
+pub(crate) fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+pub(crate) fn tensor(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+/// Elements per parallel task: enough that a task's work outweighs handing it to a thread.
+pub(crate) const TASK_ELEMENTS: usize = 1 << 15;
+
+/// Runs `f` on each of `parts` (chunks of the outputs), in parallel on the current rayon pool.
+pub(crate) fn in_parallel<T: Send>(parts: impl Iterator<Item = T>, f: impl Fn(T) + Sync) {
+    if rayon_core::current_num_threads() == 1 {
+        parts.for_each(f);
+        return;
+    }
+    let (f, parts): (_, Vec<T>) = (&f, parts.collect());
+    rayon_core::scope(|scope| {
+        for part in parts {
+            scope.spawn(move |_| f(part));
+        }
+    });
+}
+
+/// Rows per parallel task for rows `len` long.
+pub(crate) fn rows_per_task(len: usize) -> usize {
+    (TASK_ELEMENTS / len.max(1)).max(1)
+}
