@@ -143,6 +143,9 @@ fn softmax_forward(scores: FlexTensor, mask: FlexTensor) -> FlexTensor {
     let (start, end) = mask.layout().contiguous_offsets().expect("contiguous mask");
     let hidden = &mask.storage::<u8>()[start..end];
     let values = f32s(&scores);
+    if values.is_empty() {
+        return tensor(Vec::new(), shape);
+    }
     let mut out = vec![0f32; values.len()];
     let per_task = rows_per_task(k);
     in_parallel(out.chunks_mut(per_task * k).enumerate(), |(task, chunk)| {
@@ -163,6 +166,9 @@ fn softmax_backward(probs: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let k = *shape.last().expect("4-d probabilities");
     let (p, g) = (f32s(&probs), f32s(&grad));
     assert_eq!(p.len(), g.len(), "softmax gradient shape {:?} for output {shape:?}", dims(&grad));
+    if p.is_empty() {
+        return tensor(Vec::new(), shape);
+    }
     let mut out = vec![0f32; p.len()];
     let per_task = rows_per_task(k) * k;
     in_parallel(out.chunks_mut(per_task).enumerate(), |(task, chunk)| {
@@ -204,8 +210,12 @@ fn rows_to_heads(x: FlexTensor, heads: usize, tables: Option<&(FlexTensor, FlexT
     let x = contiguous(x);
     let [batch, len, width] = dims(&x)[..] else { unreachable!("3-d rows") };
     let d = width / heads;
+    let out_shape = vec![batch, heads, len, d];
     let tables = tables.map(|t| Tables::new(t, batch, len * d));
     let src = f32s(&x);
+    if src.is_empty() {
+        return tensor(Vec::new(), out_shape);
+    }
     let mut out = vec![0f32; src.len()];
     in_parallel(out.chunks_mut(len * d).enumerate(), |(bh, block)| {
         let (b, h) = (bh / heads, bh % heads);
@@ -220,7 +230,7 @@ fn rows_to_heads(x: FlexTensor, heads: usize, tables: Option<&(FlexTensor, FlexT
             }
         }
     });
-    tensor(out, vec![batch, heads, len, d])
+    tensor(out, out_shape)
 }
 
 /// `[batch, heads, len, d]` -> `[batch, len, heads * d]`; with `tables`, the transpose of
@@ -229,8 +239,12 @@ fn heads_to_rows(x: FlexTensor, tables: Option<&(FlexTensor, FlexTensor)>) -> Fl
     let x = contiguous(x);
     let [batch, heads, len, d] = dims(&x)[..] else { unreachable!("4-d heads") };
     let width = heads * d;
+    let out_shape = vec![batch, len, width];
     let tables = tables.map(|t| Tables::new(t, batch, len * d));
     let src = f32s(&x);
+    if src.is_empty() {
+        return tensor(Vec::new(), out_shape);
+    }
     let mut out = vec![0f32; src.len()];
     let per_task = rows_per_task(width);
     in_parallel(out.chunks_mut(per_task * width).enumerate(), |(task, chunk)| {
@@ -249,7 +263,7 @@ fn heads_to_rows(x: FlexTensor, tables: Option<&(FlexTensor, FlexTensor)>) -> Fl
             }
         }
     });
-    tensor(out, vec![batch, len, width])
+    tensor(out, out_shape)
 }
 
 /// `out = v * cos + swap_halves(v) * signed_sin`, as the tensor-op form computes it (a product

@@ -239,6 +239,18 @@ mod tests {
     }
 
     #[test]
+    fn empty_inputs_give_empty_outputs() {
+        let device = Default::default();
+        let scores = Tensor::<Flex, 4>::zeros([1, 2, 3, 0], &device);
+        let mask = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(Vec::<bool>::new(), [1, 2, 3, 0]), &device);
+        assert_eq!(masked_softmax(scores, mask).dims(), [1, 2, 3, 0]);
+        let rows = Tensor::<Flex, 3>::zeros([2, 0, 24], &device);
+        let heads = split_heads(rows, 3, None);
+        assert_eq!(heads.dims(), [2, 3, 0, 8]);
+        assert_eq!(merge_heads(heads).dims(), [2, 0, 24]);
+    }
+
+    #[test]
     fn other_dtypes_take_the_tensor_ops() {
         let gate = values::<Flex, 2>([3, 40], 2.0, 0.5).cast(DType::F16);
         let up = values::<Flex, 2>([3, 40], 2.0, 0.9).cast(DType::F16);
