@@ -298,7 +298,10 @@ simd_dispatch! {
 fn softmax_row_kernel<const FMA: bool>(scores: &[f32], hidden: &[u8], out: &mut [f32]) {
     let max = lane_max(scores, hidden);
     if max == f32::NEG_INFINITY {
-        out.fill(0.0);
+        // every key hidden (zeros), or every visible score NaN (NaN, as the tensor-op form gives:
+        // a diverging run must not look like a masked row)
+        let nan = scores.iter().zip(hidden).any(|(s, &h)| h == 0 && s.is_nan());
+        out.fill(if nan { f32::NAN } else { 0.0 });
         return;
     }
     for ((o, &s), &h) in out.iter_mut().zip(scores).zip(hidden) {

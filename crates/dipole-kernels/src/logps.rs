@@ -70,10 +70,10 @@ fn logps_autodiff<C: CheckpointStrategy>(logits: Tensor<Autodiff<Flex, C>, 3>, l
     (Tensor::from_primitive(TensorPrimitive::Float(logps)), entropy)
 }
 
-/// Labels as indices, row-major (a negative label becomes out of range).
+/// Labels as indices, row-major.
 fn label_indices(labels: FlexTensor) -> Vec<usize> {
     let values: Vec<i64> = labels.into_data().convert::<i64>().to_vec().expect("integer labels");
-    values.into_iter().map(|v| usize::try_from(v).unwrap_or(usize::MAX)).collect()
+    values.into_iter().enumerate().map(|(p, v)| usize::try_from(v).unwrap_or_else(|_| panic!("label {v} at position {p} (row-major) is negative"))).collect()
 }
 
 fn check_label(label: usize, position: usize, vocab: usize) {
@@ -118,6 +118,9 @@ fn backward(logits: &FlexTensor, labels: &[usize], lse: &[f32], grad: FlexTensor
     let vocab = shape[2];
     let (x, g) = (f32s(&logits), f32s(&grad));
     assert_eq!(g.len() * vocab, x.len(), "log-prob gradient {:?} for logits {shape:?}", dims(&grad));
+    if x.is_empty() {
+        return tensor(Vec::new(), shape);
+    }
     let mut out = vec![0f32; x.len()];
     let per_task = rows_per_task(vocab);
     in_parallel(out.chunks_mut(per_task * vocab).enumerate(), |(task, chunk)| {

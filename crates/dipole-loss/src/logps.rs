@@ -294,6 +294,13 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "label -3 at position 1 (row-major) is negative")]
+    fn a_negative_label_is_an_error() {
+        let labels = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![0i64, -3, 4, 2, 3], [1, 5]), &Default::default());
+        token_logps(logits::<Flex>().slice([0..1, 0..5, 0..37]), labels);
+    }
+
+    #[test]
     #[should_panic(expected = "label 40 at position 2 (row-major) is outside the vocabulary of 37")]
     fn a_label_outside_the_vocabulary_is_an_error() {
         let labels = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![0i64, 1, 40, 2, 3], [1, 5]), &Default::default());

@@ -127,6 +127,17 @@ mod tests {
     }
 
     #[test]
+    fn a_row_of_nan_scores_stays_nan_as_in_the_tensor_ops() {
+        let mut values = vec![0.5f32; 2 * 4];
+        values[..4].fill(f32::NAN);
+        let scores = Tensor::<Flex, 4>::from_data(TensorData::new(values, [1, 1, 2, 4]), &Default::default());
+        let mask = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(vec![false; 8], [1, 1, 2, 4]), &Default::default());
+        let probs = masked_softmax(scores, mask).into_data().to_vec::<f32>().unwrap();
+        assert!(probs[..4].iter().all(|p| p.is_nan()), "{probs:?}");
+        assert_eq!(probs[4..], [0.25; 4]);
+    }
+
+    #[test]
     fn masked_softmax_reads_non_contiguous_scores() {
         let scores = values::<Flex, 4>([2, 3, 19, 11], 4.0, 1.1).swap_dims(2, 3);
         assert_close(masked_softmax(scores.clone(), mask(2, 3, 11, 19)), masked_softmax_ops(scores, mask(2, 3, 11, 19)), "probabilities");
