@@ -10,7 +10,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{Bool, DType, Tensor, TensorPrimitive, backend::Backend};
 
 use crate::simd::{exp, lane_dot, lane_max, lane_sum};
-use crate::{contiguous, dims, f32s, in_parallel, on_cpu, rows_per_task, tensor};
+use crate::{contiguous, dims, f32s, for_each_row, on_cpu, tensor};
 
 /// Softmax over the last axis of f32 `scores` `[batch, heads, q, k]` with keys hidden where `mask`
 /// `[batch, heads or 1, q, k]` is true; a row with every key hidden gives zeros (not 0/0).
@@ -143,19 +143,12 @@ fn softmax_forward(scores: FlexTensor, mask: FlexTensor) -> FlexTensor {
     let (start, end) = mask.layout().contiguous_offsets().expect("contiguous mask");
     let hidden = &mask.storage::<u8>()[start..end];
     let values = f32s(&scores);
-    if values.is_empty() {
-        return tensor(Vec::new(), shape);
-    }
     let mut out = vec![0f32; values.len()];
-    let per_task = rows_per_task(k);
-    in_parallel(out.chunks_mut(per_task * k).enumerate(), |(task, chunk)| {
-        for (i, row) in chunk.chunks_mut(k).enumerate() {
-            let r = task * per_task + i;
-            // row r is (batch, head, query) = (r / (h q), r / q % h, r % q); the mask row drops the head when shared
-            let (b, head, query) = (r / (h * q), r / q % h, r % q);
-            let m = ((b * mask_heads + if mask_heads == 1 { 0 } else { head }) * q + query) * k;
-            softmax_row(&values[r * k..(r + 1) * k], &hidden[m..m + k], row);
-        }
+    for_each_row(&mut out, k, |r, row| {
+        // row r is (batch, head, query) = (r / (h q), r / q % h, r % q); the mask row drops the head when shared
+        let (b, head, query) = (r / (h * q), r / q % h, r % q);
+        let m = ((b * mask_heads + if mask_heads == 1 { 0 } else { head }) * q + query) * k;
+        softmax_row(&values[r * k..(r + 1) * k], &hidden[m..m + k], row);
     });
     tensor(out, shape)
 }
@@ -166,18 +159,8 @@ fn softmax_backward(probs: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let k = *shape.last().expect("4-d probabilities");
     let (p, g) = (f32s(&probs), f32s(&grad));
     assert_eq!(p.len(), g.len(), "softmax gradient shape {:?} for output {shape:?}", dims(&grad));
-    if p.is_empty() {
-        return tensor(Vec::new(), shape);
-    }
     let mut out = vec![0f32; p.len()];
-    let per_task = rows_per_task(k) * k;
-    in_parallel(out.chunks_mut(per_task).enumerate(), |(task, chunk)| {
-        let offset = task * per_task;
-        for (i, row) in chunk.chunks_mut(k).enumerate() {
-            let at = offset + i * k;
-            softmax_backward_row(&p[at..at + k], &g[at..at + k], row);
-        }
-    });
+    for_each_row(&mut out, k, |r, row| softmax_backward_row(&p[r * k..(r + 1) * k], &g[r * k..(r + 1) * k], row));
     tensor(out, shape)
 }
 
@@ -210,14 +193,11 @@ fn rows_to_heads(x: FlexTensor, heads: usize, tables: Option<&(FlexTensor, FlexT
     let x = contiguous(x);
     let [batch, len, width] = dims(&x)[..] else { unreachable!("3-d rows") };
     let d = width / heads;
-    let out_shape = vec![batch, heads, len, d];
     let tables = tables.map(|t| Tables::new(t, batch, len * d));
     let src = f32s(&x);
-    if src.is_empty() {
-        return tensor(Vec::new(), out_shape);
-    }
     let mut out = vec![0f32; src.len()];
-    in_parallel(out.chunks_mut(len * d).enumerate(), |(bh, block)| {
+    // a row of the output is one (batch, head) block of `len` vectors
+    for_each_row(&mut out, len * d, |bh, block| {
         let (b, h) = (bh / heads, bh % heads);
         for (t, dst) in block.chunks_mut(d).enumerate() {
             let v = &src[(b * len + t) * width + h * d..][..d];
@@ -230,7 +210,7 @@ fn rows_to_heads(x: FlexTensor, heads: usize, tables: Option<&(FlexTensor, FlexT
             }
         }
     });
-    tensor(out, out_shape)
+    tensor(out, vec![batch, heads, len, d])
 }
 
 /// `[batch, heads, len, d]` -> `[batch, len, heads * d]`; with `tables`, the transpose of
@@ -239,31 +219,23 @@ fn heads_to_rows(x: FlexTensor, tables: Option<&(FlexTensor, FlexTensor)>) -> Fl
     let x = contiguous(x);
     let [batch, heads, len, d] = dims(&x)[..] else { unreachable!("4-d heads") };
     let width = heads * d;
-    let out_shape = vec![batch, len, width];
     let tables = tables.map(|t| Tables::new(t, batch, len * d));
     let src = f32s(&x);
-    if src.is_empty() {
-        return tensor(Vec::new(), out_shape);
-    }
     let mut out = vec![0f32; src.len()];
-    let per_task = rows_per_task(width);
-    in_parallel(out.chunks_mut(per_task * width).enumerate(), |(task, chunk)| {
-        for (i, row) in chunk.chunks_mut(width).enumerate() {
-            let r = task * per_task + i;
-            let (b, t) = (r / len, r % len);
-            for (h, dst) in row.chunks_mut(d).enumerate() {
-                let g = &src[((b * heads + h) * len + t) * d..][..d];
-                match &tables {
-                    Some(tables) => {
-                        let (cos, sin) = tables.at(b, t, d);
-                        rotate_transposed(g, cos, sin, dst);
-                    }
-                    None => dst.copy_from_slice(g),
+    for_each_row(&mut out, width, |r, row| {
+        let (b, t) = (r / len, r % len);
+        for (h, dst) in row.chunks_mut(d).enumerate() {
+            let g = &src[((b * heads + h) * len + t) * d..][..d];
+            match &tables {
+                Some(tables) => {
+                    let (cos, sin) = tables.at(b, t, d);
+                    rotate_transposed(g, cos, sin, dst);
                 }
+                None => dst.copy_from_slice(g),
             }
         }
     });
-    tensor(out, out_shape)
+    tensor(out, vec![batch, len, width])
 }
 
 /// `out = v * cos + swap_halves(v) * signed_sin`, as the tensor-op form computes it (a product

@@ -110,3 +110,17 @@ pub(crate) fn in_parallel<T: Send>(parts: impl Iterator<Item = T>, f: impl Fn(T)
 pub(crate) fn rows_per_task(len: usize) -> usize {
     (TASK_ELEMENTS / len.max(1)).max(1)
 }
+
+/// Runs `f(r, row)` for every row `r` of `out` (rows `len` long), the rows split into tasks on the
+/// current rayon pool; nothing for an empty output.
+pub(crate) fn for_each_row(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.is_empty() || len == 0 {
+        return;
+    }
+    let per_task = rows_per_task(len);
+    in_parallel(out.chunks_mut(per_task * len).enumerate(), |(task, chunk)| {
+        for (i, row) in chunk.chunks_mut(len).enumerate() {
+            f(task * per_task + i, row);
+        }
+    });
+}

@@ -15,7 +15,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::tensor::{DType, Int, Tensor, TensorPrimitive, backend::Backend};
 
 use crate::simd::{exp, lane_dot, lane_max_all, lane_sum};
-use crate::{contiguous, dims, f32s, in_parallel, on_cpu, rows_per_task, tensor};
+use crate::{contiguous, dims, f32s, for_each_row, in_parallel, on_cpu, rows_per_task, tensor};
 
 /// Per-position log-probs `[rows, len]` of `labels` `[rows, len]` under f32 `logits`
 /// `[rows, len, vocab]`, and with `entropy` each position's predictive entropy `[rows, len]`
@@ -118,17 +118,10 @@ fn backward(logits: &FlexTensor, labels: &[usize], lse: &[f32], grad: FlexTensor
     let vocab = shape[2];
     let (x, g) = (f32s(&logits), f32s(&grad));
     assert_eq!(g.len() * vocab, x.len(), "log-prob gradient {:?} for logits {shape:?}", dims(&grad));
-    if x.is_empty() {
-        return tensor(Vec::new(), shape);
-    }
     let mut out = vec![0f32; x.len()];
-    let per_task = rows_per_task(vocab);
-    in_parallel(out.chunks_mut(per_task * vocab).enumerate(), |(task, chunk)| {
-        for (i, row) in chunk.chunks_mut(vocab).enumerate() {
-            let p = task * per_task + i;
-            position_gradient(&x[p * vocab..(p + 1) * vocab], lse[p], g[p], row);
-            row[labels[p]] += g[p];
-        }
+    for_each_row(&mut out, vocab, |p, row| {
+        position_gradient(&x[p * vocab..(p + 1) * vocab], lse[p], g[p], row);
+        row[labels[p]] += g[p];
     });
     tensor(out, shape)
 }
