@@ -13,6 +13,7 @@
 //! gives bit-identical log-probs.
 
 use std::any::Any;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::backend::flex::FlexTensor;
 use burn::tensor::TensorData;
@@ -22,6 +23,49 @@ mod simd;
 pub mod attention;
 pub mod logps;
 pub mod swiglu;
+
+/// The environment variable that turns the fused kernels off (`0`, `off`, `false`) or on (`1`,
+/// `on`, `true`) for a whole process: with them off the CPU backend runs the tensor-op forms, which
+/// is the graph GPU backends run, so that graph can be checked on a machine without a GPU.
+pub const FUSED_KERNELS_VAR: &str = "DIPOLE_FUSED_KERNELS";
+
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+static FUSED: AtomicU8 = AtomicU8::new(UNSET);
+
+/// What [`FUSED_KERNELS_VAR`] asks for: `None` when it is unset, an error naming the variable and
+/// the values it takes when it holds anything else.
+pub fn fused_from_env() -> Result<Option<bool>, String> {
+    match std::env::var(FUSED_KERNELS_VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) if ["1", "on", "true"].contains(&v.to_ascii_lowercase().as_str()) => Ok(Some(true)),
+        Ok(v) if ["0", "off", "false"].contains(&v.to_ascii_lowercase().as_str()) => Ok(Some(false)),
+        Ok(v) => Err(format!("{FUSED_KERNELS_VAR}={v:?}: expected 1/on/true or 0/off/false")),
+        Err(e) => Err(format!("{FUSED_KERNELS_VAR}: {e}")),
+    }
+}
+
+/// Turns the fused kernels on or off for the whole process (every thread, every model).
+pub fn set_fused(enabled: bool) {
+    FUSED.store(if enabled { ON } else { OFF }, Ordering::Relaxed);
+}
+
+/// Whether the `try_*` entry points run their kernels: what [`set_fused`] last said, else
+/// [`FUSED_KERNELS_VAR`], else on. A malformed variable leaves them on; programs that want it
+/// to be an error check [`fused_from_env`] first (`cargo xtask` does).
+pub fn fused_enabled() -> bool {
+    match FUSED.load(Ordering::Relaxed) {
+        ON => true,
+        OFF => false,
+        _ => {
+            let enabled = fused_from_env().ok().flatten().unwrap_or(true);
+            // a racing `set_fused` wins over the environment
+            let _ = FUSED.compare_exchange(UNSET, if enabled { ON } else { OFF }, Ordering::Relaxed, Ordering::Relaxed);
+            FUSED.load(Ordering::Relaxed) == ON
+        }
+    }
+}
 
 /// `value` as a `U` if it is one (the kernels' backends are concrete types, callers' generic).
 fn cast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
@@ -39,11 +83,15 @@ fn back<T: 'static, U: 'static>(value: T) -> U {
 
 /// Returns `Ok` from the enclosing `try_*` function with `$flex` if `$args` are `$ty` with `$X` =
 /// `Flex`, with `$autodiff` if they are with `$X` = `Autodiff<Flex>` under either checkpointing
-/// strategy; evaluates to `Err($args)` otherwise.
+/// strategy; evaluates to `Err($args)` otherwise, and always when the kernels are off
+/// ([`fused_enabled`]).
 macro_rules! on_cpu {
     ($args:expr, $X:ident => $ty:ty, flex: |$f:pat_param| $flex:expr, autodiff: |$a:pat_param| $autodiff:expr $(,)?) => {{
         use burn::backend::{Autodiff, Flex, autodiff::checkpoint::strategy::BalancedCheckpointing};
         let args = $args;
+        if !$crate::fused_enabled() {
+            return Err(args);
+        }
         let args = {
             type $X = Flex;
             match $crate::cast::<_, $ty>(args) {
