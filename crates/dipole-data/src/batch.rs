@@ -19,8 +19,11 @@ pub struct PreferenceBatch {
     pub labels: Option<Vec<bool>>,
 }
 
-/// Right-pads sequences to the longest: `(input_ids, attention_mask, completion_mask, seq_len)`.
-pub(crate) fn pad_rows(rows: &[&Sequence], pad_id: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<Vec<u8>>, usize) {
+/// `(input_ids, attention_mask, completion_mask, seq_len)`.
+pub(crate) type Padded = (Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<Vec<u8>>, usize);
+
+/// Right-pads sequences to the longest.
+pub(crate) fn pad_rows(rows: &[&Sequence], pad_id: u32) -> Padded {
     let seq_len = rows.iter().map(|s| s.input_ids.len()).max().unwrap_or(0);
     let padded = |v: &[u32], fill: u32| {
         let mut v = v.to_vec();

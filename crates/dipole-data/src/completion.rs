@@ -6,7 +6,7 @@ use std::path::Path;
 use crate::chat::ChatTemplate;
 use crate::dataset::LengthOptions;
 use crate::error::{DataError, Location, Result};
-use crate::record::{Content, ReadOptions, read_rows};
+use crate::record::{Content, ReadOptions, no_valid_records, read_rows};
 use crate::tokenize::{Sequence, build_sequence, limit_prompt, tokenize_completion};
 use crate::tokenizer::Tokenizer;
 
@@ -64,9 +64,6 @@ pub fn load_completions_with(
             items.push((&r.path, r.location, &r.prompt, &r.rejected, Some(false)));
         }
     }
-    if items.is_empty() {
-        return Err(DataError::at(path, None, format!("no valid records ({} skipped)", rows.skipped.len())));
-    }
     let mut out = PreparedCompletions { skipped: rows.skipped, ..Default::default() };
     for (file, location, prompt, completion, label) in items {
         let (prompt_ids, completion_ids) = match tokenize_completion(tokenizer, template.as_ref(), prompt, completion) {
@@ -90,6 +87,10 @@ pub fn load_completions_with(
         }
         let sequence = build_sequence(prompt_ids, &completion_ids, lengths.max_length, lengths.truncation);
         out.examples.push(CompletionInputs { index, sequence, label, source: (file.to_path_buf(), location) });
+    }
+    // read_rows gave rows, so none left means every one was skipped at tokenisation
+    if out.examples.is_empty() && out.dropped.is_empty() {
+        return Err(no_valid_records(path, &out.skipped));
     }
     Ok(out)
 }

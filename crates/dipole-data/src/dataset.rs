@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::chat::ChatTemplate;
 use crate::error::{DataError, Result};
-use crate::record::{PreferenceRecord, ReadOptions, read_preferences};
+use crate::record::{PreferenceRecord, ReadOptions, no_valid_records, read_preferences};
 use crate::tokenize::{PairInputs, TokenizedPair, TruncationMode, prepare_pair_with_prompt_limit, tokenize_pair};
 use crate::tokenizer::Tokenizer;
 
@@ -44,8 +44,24 @@ pub struct PreparedPairs {
 }
 
 /// Tokenises and length-filters records. A record that cannot be tokenised is an error naming its
-/// file and line, or, with `skip_invalid`, a reported skip.
+/// file and line, or, with `skip_invalid`, a reported skip; when none can be, that is an error.
 pub fn prepare_records(
+    records: &[PreferenceRecord],
+    tokenizer: &Tokenizer,
+    lengths: LengthOptions,
+    skip_invalid: bool,
+) -> Result<PreparedPairs> {
+    let out = tokenize_records(records, tokenizer, lengths, skip_invalid)?;
+    if out.tokenized.is_empty() && !out.skipped.is_empty() {
+        // the records' file, or the folder of their shards
+        let first = &records[0].path;
+        let path = if records.iter().all(|r| r.path == *first) { first.clone() } else { first.parent().unwrap_or(first).to_path_buf() };
+        return Err(no_valid_records(&path, &out.skipped));
+    }
+    Ok(out)
+}
+
+fn tokenize_records(
     records: &[PreferenceRecord],
     tokenizer: &Tokenizer,
     lengths: LengthOptions,
@@ -93,9 +109,13 @@ pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, lengths: LengthOptions) ->
 /// [`load_pairs`] with read options (format, `skip_invalid`).
 pub fn load_pairs_with(path: &Path, tokenizer: &Tokenizer, lengths: LengthOptions, options: ReadOptions) -> Result<PreparedPairs> {
     let (records, skipped) = read_preferences(path, options)?;
-    let mut prepared = prepare_records(&records, tokenizer, lengths, options.skip_invalid)?;
+    let mut prepared = tokenize_records(&records, tokenizer, lengths, options.skip_invalid)?;
     let mut all = skipped;
     all.append(&mut prepared.skipped);
     prepared.skipped = all;
+    if prepared.tokenized.is_empty() {
+        // read_preferences gave records, so every one was skipped at tokenisation
+        return Err(no_valid_records(path, &prepared.skipped));
+    }
     Ok(prepared)
 }

@@ -56,11 +56,35 @@ fn cell(array: &dyn Array, row: usize) -> std::result::Result<Value, String> {
     })
 }
 
+/// A name given twice among `fields` (columns, or a struct's fields), as a reason; JSON objects
+/// would keep only one of them.
+fn duplicate_names(fields: &Fields, column: Option<&str>) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for f in fields {
+        if !seen.insert(f.name()) {
+            return Err(match column {
+                None => format!("duplicate column \"{}\"", f.name()),
+                Some(c) => format!("column \"{c}\" has a duplicate struct field \"{}\"", f.name()),
+            });
+        }
+        let mut dtype = f.data_type();
+        while let DataType::List(inner) | DataType::LargeList(inner) = dtype {
+            dtype = inner.data_type();
+        }
+        if let DataType::Struct(inner) = dtype {
+            duplicate_names(inner, Some(column.unwrap_or(f.name())))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every row of a Parquet file as a JSON object, with its row number.
 pub fn read_values(path: &Path) -> Result<Vec<(Location, std::result::Result<Value, String>)>> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| DataError::at(path, None, format!("not a readable Parquet file: {e}")))?
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| DataError::at(path, None, format!("not a readable Parquet file: {e}")))?;
+    duplicate_names(builder.schema().fields(), None).map_err(|reason| DataError::at(path, None, reason))?;
+    let reader = builder
         .build()
         .map_err(|e| DataError::at(path, None, format!("not a readable Parquet file: {e}")))?;
     let mut out = Vec::new();

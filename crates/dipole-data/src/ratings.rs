@@ -33,8 +33,11 @@ fn number(v: Option<&Value>) -> Option<f64> {
     }
 }
 
+/// A prompt with its `(response, rating)`s.
+type Rated = (String, Vec<(String, f64)>);
+
 /// Rated responses per prompt, in first-seen order.
-fn collect(values: &[(Location, Value)], path: &Path) -> Result<Vec<(String, Vec<(String, f64)>)>> {
+fn collect(values: &[(Location, Value)], path: &Path) -> Result<Vec<Rated>> {
     let mut order: Vec<String> = Vec::new();
     let mut groups: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
     for (loc, v) in values {

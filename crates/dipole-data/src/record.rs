@@ -6,14 +6,23 @@
 //!   `extract_prompt`);
 //! - unpaired (KTO): `{prompt, completion, label: bool}`.
 //!
-//! Each field is a string (standard) or a list of `{role, content}` messages (conversational).
-//! Extra columns are kept out of the way and ignored.
+//! Each field is a string (standard) or a list of `{role, content}` messages (conversational), one
+//! format per file; roles are those of [`ROLES`]. Extra columns are kept out of the way and ignored.
+//! A key given twice, or a JSONL line that is not UTF-8, is that row's error.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
 use crate::error::{DataError, Location, Result};
+use crate::json;
+
+/// The fields that hold text or messages.
+pub const CONTENT_FIELDS: &[&str] = &["prompt", "chosen", "rejected", "completion"];
+
+/// Message roles a record may use. Not "tool": a [`Message`] has no tool calls or call ids, so a
+/// tool turn would reach the chat template without what it answers.
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
 
 /// One chat message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,8 +119,13 @@ fn parse_content(obj: &Map<String, Value>, key: &str) -> std::result::Result<Con
                     ));
                 };
                 let role = match m.get("role") {
-                    Some(Value::String(r)) if !r.is_empty() => r.clone(),
-                    Some(Value::String(_)) => return Err(format!("field \"{key}\" message {i} has an empty \"role\"")),
+                    Some(Value::String(r)) if ROLES.contains(&r.as_str()) => r.clone(),
+                    Some(Value::String(r)) if r.is_empty() => return Err(format!("field \"{key}\" message {i} has an empty \"role\"")),
+                    // templates branch on the role: an unknown one is dropped or misrendered silently
+                    Some(Value::String(r)) => {
+                        let roles: Vec<String> = ROLES.iter().map(|r| format!("\"{r}\"")).collect();
+                        return Err(format!("field \"{key}\" message {i} has role {r:?}: expected one of {}", roles.join(", ")));
+                    }
                     Some(other) => {
                         return Err(format!("field \"{key}\" message {i}: \"role\" must be a string, found {}", json_kind(other)));
                     }
@@ -252,38 +266,86 @@ pub struct Rows {
     pub total: usize,
 }
 
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// The reason for bytes that are not UTF-8 (columns count bytes, from 1, as serde_json's do).
+fn not_utf8(e: &std::str::Utf8Error, line_start: usize) -> String {
+    format!("not valid UTF-8 at column {}", e.valid_up_to() - line_start + 1)
+}
+
+/// One JSONL row: JSON with no key given twice in any object.
+fn parse_line(line: &[u8]) -> std::result::Result<Value, String> {
+    let (value, duplicates) = json::parse(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    match duplicates.first() {
+        Some(d) => Err(d.reason()),
+        None => Ok(value),
+    }
+}
+
 /// The raw JSON values of one file with their locations.
 pub fn raw_values(path: &Path, format: Format) -> Result<Vec<(Location, std::result::Result<Value, String>)>> {
     match format {
+        // Bytes, not a String: one line that is not UTF-8 is that line's error, not the file's.
         Format::Jsonl => {
-            let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            Ok(text
-                .split('\n')
+            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+            let bytes = bytes.strip_prefix(BOM).unwrap_or(&bytes);
+            Ok(bytes
+                .split(|&b| b == b'\n')
                 .enumerate()
                 .filter_map(|(i, raw)| {
-                    let line = raw.strip_suffix('\r').unwrap_or(raw);
-                    (!line.trim().is_empty()).then(|| {
-                        (Location::Line(i + 1), serde_json::from_str::<Value>(line).map_err(|e| format!("not valid JSON: {e}")))
-                    })
+                    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+                    let parsed = match std::str::from_utf8(raw) {
+                        Err(e) => Err(not_utf8(&e, 0)),
+                        Ok(line) if line.trim().is_empty() => return None,
+                        Ok(line) => parse_line(line.as_bytes()),
+                    };
+                    Some((Location::Line(i + 1), parsed))
                 })
                 .collect())
         }
         Format::Json => {
-            let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-            let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-            let value: Value = serde_json::from_str(text).map_err(|e| DataError::at(path, Some(e.line()), format!("not valid JSON: {e}")))?;
-            let items = match value {
-                Value::Array(items) => items,
+            let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+            let bytes = bytes.strip_prefix(BOM).unwrap_or(&bytes);
+            if let Err(e) = std::str::from_utf8(bytes) {
+                let before = &bytes[..e.valid_up_to()];
+                let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+                let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                return Err(DataError::at(path, Some(line), not_utf8(&e, line_start)));
+            }
+            let (value, duplicates) =
+                json::parse(bytes).map_err(|e| DataError::at(path, Some(e.line()), format!("not valid JSON: {e}")))?;
+            let (items, inside) = match value {
+                Value::Array(items) => (items, None),
                 Value::Object(mut o) if o.get("data").is_some_and(Value::is_array) => match o.remove("data") {
-                    Some(Value::Array(items)) => items,
+                    Some(Value::Array(items)) => (items, Some("data")),
                     _ => unreachable!(),
                 },
                 other => {
                     return Err(DataError::at(path, None, format!("expected a JSON array of records, found {}", json_kind(&other))));
                 }
             };
-            Ok(items.into_iter().enumerate().map(|(i, v)| (Location::Element(i), Ok(v))).collect())
+            // A duplicate inside an element is that element's error; elsewhere, the file's.
+            let mut bad: Vec<Option<String>> = vec![None; items.len()];
+            for d in duplicates {
+                let in_items = match (inside, d.at.split_first()) {
+                    (None, _) => Some(d.at.as_slice()),
+                    (Some(key), Some((json::Step::Key(k), rest))) if k == key => Some(rest),
+                    _ => None,
+                };
+                match in_items {
+                    Some([json::Step::Index(i), at @ ..]) => {
+                        let reason = json::Duplicate { at: at.to_vec(), key: d.key }.reason();
+                        bad[*i].get_or_insert(reason);
+                    }
+                    _ => return Err(DataError::at(path, None, d.reason())),
+                }
+            }
+            Ok(items
+                .into_iter()
+                .zip(bad)
+                .enumerate()
+                .map(|(i, (v, bad))| (Location::Element(i), bad.map_or(Ok(v), Err)))
+                .collect())
         }
         Format::Parquet => crate::parquet_io::read_values(path),
     }
@@ -316,10 +378,33 @@ pub fn dataset_files(path: &Path, format: Option<Format>) -> Result<Vec<(PathBuf
     Ok(vec![(path.to_path_buf(), format)])
 }
 
+/// The error for a file (or dataset) none of whose rows is valid, with the first skipped row's
+/// reason (`data check` shows no list when it fails).
+pub fn no_valid_records(path: &Path, skipped: &[DataError]) -> DataError {
+    let n = skipped.len();
+    let first = match skipped.first() {
+        Some(e) if e.path == path => match e.location {
+            Some(loc) => format!("; first: {loc}: {}", e.reason),
+            None => format!("; first: {}", e.reason),
+        },
+        Some(e) => format!("; first: {e}"),
+        None => String::new(),
+    };
+    DataError::at(path, None, format!("no valid records ({n} invalid {} skipped{first})", if n == 1 { "row" } else { "rows" }))
+}
+
+fn style(conversational: bool) -> &'static str {
+    if conversational { "conversational" } else { "standard" }
+}
+
 /// Reads every row of a dataset (file or folder of shards).
 pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
     let mut rows = Rows::default();
+    // The dataset's first valid row and whether it is conversational: TRL picks the format from
+    // the first row, so a row in the other one would be tokenised wrongly.
+    let mut first: Option<(PathBuf, Location, bool)> = None;
     for (file, format) in dataset_files(path, options.format)? {
+        let (valid_before, skipped_before) = (rows.preference.len() + rows.unpaired.len(), rows.skipped.len());
         for (location, value) in raw_values(&file, format)? {
             rows.total += 1;
             let parsed = value.and_then(|v| {
@@ -327,8 +412,30 @@ pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
                 parse_row(&v, index, &file, location)
             });
             match parsed {
-                Ok(Row::Preference(r)) => rows.preference.push(r),
-                Ok(Row::Unpaired(r)) => rows.unpaired.push(r),
+                Ok(row) => {
+                    let conversational = match &row {
+                        Row::Preference(r) => r.prompt.is_conversational(),
+                        Row::Unpaired(r) => r.prompt.is_conversational(),
+                    };
+                    match &first {
+                        None => first = Some((file.clone(), location, conversational)),
+                        Some((first_file, first_at, c)) if *c != conversational => {
+                            let (this, that) = (style(conversational), style(*c));
+                            let reason = if *first_file == file {
+                                format!("{location} is {this} but {first_at} is {that}: one format per file")
+                            } else {
+                                let name = first_file.file_name().unwrap_or(first_file.as_os_str()).to_string_lossy();
+                                format!("{location} is {this} but {first_at} of {name} is {that}: one format per dataset")
+                            };
+                            return Err(DataError::located(&file, Some(location), reason));
+                        }
+                        Some(_) => {}
+                    }
+                    match row {
+                        Row::Preference(r) => rows.preference.push(r),
+                        Row::Unpaired(r) => rows.unpaired.push(r),
+                    }
+                }
                 Err(reason) => {
                     let err = DataError::located(&file, Some(location), reason);
                     if !options.skip_invalid {
@@ -337,6 +444,10 @@ pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
                     rows.skipped.push(err);
                 }
             }
+        }
+        // Every row skipped is a wrong file (or schema), not noisy rows: never an empty dataset.
+        if rows.preference.len() + rows.unpaired.len() == valid_before && rows.skipped.len() > skipped_before {
+            return Err(no_valid_records(&file, &rows.skipped[skipped_before..]));
         }
     }
     if !rows.preference.is_empty() && !rows.unpaired.is_empty() {
@@ -356,11 +467,9 @@ pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
 /// Reads preference records; any bad row is an error naming its location.
 pub fn read_preferences(path: &Path, options: ReadOptions) -> Result<(Vec<PreferenceRecord>, Vec<DataError>)> {
     let rows = read_rows(path, options)?;
-    if rows.preference.is_empty() && !rows.unpaired.is_empty() {
-        return Err(DataError::at(path, None, "this is a prompt-completion dataset (SFT or KTO rows); preference pairs need chosen and rejected".into()));
-    }
+    // read_rows returns at least one valid row
     if rows.preference.is_empty() {
-        return Err(DataError::at(path, None, format!("no valid records ({} skipped)", rows.skipped.len())));
+        return Err(DataError::at(path, None, "this is a prompt-completion dataset (SFT or KTO rows); preference pairs need chosen and rejected".into()));
     }
     Ok((rows.preference, rows.skipped))
 }

@@ -163,7 +163,7 @@ pub(crate) fn limit_prompt(prompt: &[u32], max_prompt_length: Option<usize>, max
         Some(m) if prompt.len() > m => &prompt[prompt.len() - m..],
         _ => prompt,
     };
-    (!max_length.is_some_and(|max| prompt.len() >= max)).then_some(prompt)
+    max_length.is_none_or(|max| prompt.len() < max).then_some(prompt)
 }
 
 /// Applies TRL's length rules: `None` when the prompt alone reaches `max_length` (TRL removes such

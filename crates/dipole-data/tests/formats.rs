@@ -49,25 +49,28 @@ fn folder_of_shards_reads_in_name_order() {
 
 #[test]
 fn implicit_prompt_is_the_common_beginning() {
+    // one file per format: a file may not mix them
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("implicit.jsonl");
+    let conversational = dir.path().join("implicit-conversational.jsonl");
+    let standard = dir.path().join("implicit-standard.jsonl");
     std::fs::write(
-        &path,
-        concat!(
-            r#"{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}], "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}"#,
-            "\n",
-            r#"{"chosen": "Question: sky? Answer: blue", "rejected": "Question: sky? Answer: red", "source": "extra columns are ignored"}"#,
-            "\n"
-        ),
+        &conversational,
+        r#"{"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}], "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}"#,
     )
     .unwrap();
-    let (r, _) = read_preferences(&path, ReadOptions::default()).unwrap();
+    std::fs::write(
+        &standard,
+        r#"{"chosen": "Question: sky? Answer: blue", "rejected": "Question: sky? Answer: red", "source": "extra columns are ignored"}"#,
+    )
+    .unwrap();
+    let (r, _) = read_preferences(&conversational, ReadOptions::default()).unwrap();
     match &r[0].prompt {
         Content::Messages(m) => assert_eq!(m.len(), 1),
         other => panic!("{other:?}"),
     }
-    assert_eq!(r[1].prompt, Content::Text("Question: sky? Answer:".into()));
-    assert_eq!(r[1].chosen, Content::Text(" blue".into()));
+    let (r, _) = read_preferences(&standard, ReadOptions::default()).unwrap();
+    assert_eq!(r[0].prompt, Content::Text("Question: sky? Answer:".into()));
+    assert_eq!(r[0].chosen, Content::Text(" blue".into()));
 }
 
 #[test]
