@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Tensor, backend::Backend};
 use dipole_lora::{AdapterMode, LoraAdapter, LoraConfig, LoraError, LoraLinear, PeftAdapter};
 
+use crate::error::non_finite_count;
 use crate::llama::CausalLm;
 
 impl<B: Backend> CausalLm<B> {
@@ -75,7 +76,7 @@ impl<B: Backend> CausalLm<B> {
     /// Loads a PEFT adapter folder as the trainable adapter; every module it names must exist with
     /// matching sizes.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<LoraConfig, LoraError> {
-        let peft = PeftAdapter::load(dir)?;
+        let peft = load_finite(dir)?;
         self.attach(&peft, false)?;
         self.freeze_base();
         Ok(peft.config)
@@ -84,7 +85,7 @@ impl<B: Backend> CausalLm<B> {
     /// Loads a PEFT adapter folder as the frozen reference adapter, used under
     /// [`AdapterMode::Reference`].
     pub fn load_reference_adapter(&mut self, dir: &Path) -> Result<LoraConfig, LoraError> {
-        let peft = PeftAdapter::load(dir)?;
+        let peft = load_finite(dir)?;
         self.attach(&peft, true)?;
         Ok(peft.config)
     }
@@ -201,6 +202,31 @@ impl<B: Backend> CausalLm<B> {
         self.visit(&mut count);
         count.0
     }
+}
+
+/// [`PeftAdapter::load`], rejecting NaN or infinite matrices the way a base checkpoint's are
+/// rejected (an adapter saved after a diverged run would otherwise train or score as NaN). The
+/// values are decoded in dipole-lora, so this is a second pass, but over adapters only, a small
+/// fraction of a model.
+fn load_finite(dir: &Path) -> Result<PeftAdapter, LoraError> {
+    let peft = PeftAdapter::load(dir)?;
+    for (module, m) in &peft.modules {
+        for (which, values) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+            if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+                let count = values[index..].iter().filter(|v| !v.is_finite()).count();
+                return Err(LoraError::File(
+                    dir.join("adapter_model.safetensors"),
+                    // PEFT's key for the tensor (a `.default` infix in the file reads the same).
+                    format!(
+                        "tensor \"base_model.model.{module}.{which}.weight\" has {} (first at element {index}: {})",
+                        non_finite_count(count),
+                        values[index]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(peft)
 }
 
 impl<B: Backend> CausalLm<B> {

@@ -146,17 +146,19 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: RawConfig = serde_json::from_value(raw.clone()).map_err(|source| ModelError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
         let bad = |message: String| ModelError::Config {
             path: path.to_path_buf(),
             message,
         };
+        check_types(&raw).map_err(bad)?;
+        // Cannot fail on a config check_types passed; kept as an error rather than a panic.
+        let cfg: RawConfig = serde_json::from_value(raw.clone()).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
 
         let model_type = cfg.model_type.clone().ok_or_else(|| {
-            bad("missing \"model_type\" (expected \"llama\", \"mistral\" or \"qwen2\")".into())
+            bad("missing key \"model_type\" (expected \"llama\", \"mistral\" or \"qwen2\")".into())
         })?;
         let architecture = match model_type.as_str() {
             "llama" => Architecture::Llama,
@@ -171,29 +173,67 @@ impl ModelConfig {
         };
         if let Some(act) = &cfg.hidden_act
             && act != "silu" && act != "swish" {
-                return Err(bad(format!("hidden_act {act:?} is not supported (expected \"silu\")")));
+                return Err(bad(format!("key \"hidden_act\": expected \"silu\", found {act:?}")));
             }
+        // Zero sizes would build empty matrices and fail (or divide by zero) far from the cause.
+        let positive = |key: &str, value: usize| {
+            if value == 0 {
+                Err(bad(format!("key {key:?}: expected a positive integer, found 0")))
+            } else {
+                Ok(())
+            }
+        };
+        positive("vocab_size", cfg.vocab_size)?;
+        positive("hidden_size", cfg.hidden_size)?;
+        positive("intermediate_size", cfg.intermediate_size)?;
+        positive("num_attention_heads", cfg.num_attention_heads)?;
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        positive("num_key_value_heads", kv_heads)?;
+        if !heads.is_multiple_of(kv_heads) {
             return Err(bad(format!(
-                "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
+                "key \"num_key_value_heads\": expected a divisor of num_attention_heads ({heads}), found {kv_heads}"
             )));
         }
         let head_dim = match cfg.head_dim {
-            Some(d) => d,
-            None if cfg.hidden_size.is_multiple_of(heads) => cfg.hidden_size / heads,
-            None => {
+            Some(d) => {
+                positive("head_dim", d)?;
+                if !d.is_multiple_of(2) {
+                    return Err(bad(format!(
+                        "key \"head_dim\": expected an even number (rotary embeddings rotate pairs), found {d}"
+                    )));
+                }
+                d
+            }
+            None if !cfg.hidden_size.is_multiple_of(heads) => {
                 return Err(bad(format!(
-                    "hidden_size ({}) is not divisible by num_attention_heads ({heads}) and no head_dim is given",
+                    "key \"num_attention_heads\": expected a divisor of hidden_size ({}) as no head_dim is given, found {heads}",
                     cfg.hidden_size
                 )));
             }
+            None if !(cfg.hidden_size / heads).is_multiple_of(2) => {
+                return Err(bad(format!(
+                    "key \"hidden_size\": expected hidden_size / num_attention_heads (the head dim, no head_dim is given) \
+                     to be even (rotary embeddings rotate pairs), found {} / {heads} = {}",
+                    cfg.hidden_size,
+                    cfg.hidden_size / heads
+                )));
+            }
+            None => cfg.hidden_size / heads,
         };
-        if head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+        // JSON has no NaN, so plain comparisons cover every value these keys can hold.
+        if let Some(eps) = cfg.rms_norm_eps
+            && eps <= 0.0
+        {
+            return Err(bad(format!("key \"rms_norm_eps\": expected a positive number, found {eps:?}")));
+        }
+        if let Some(std) = cfg.initializer_range
+            && std < 0.0
+        {
+            return Err(bad(format!("key \"initializer_range\": expected a non-negative number, found {std:?}")));
         }
         let max_position_embeddings = cfg.max_position_embeddings.unwrap_or(2048);
+        positive("max_position_embeddings", max_position_embeddings)?;
         let rope = parse_rope(&cfg, max_position_embeddings).map_err(bad)?;
 
         let layers = cfg.num_hidden_layers;
@@ -204,7 +244,7 @@ impl ModelConfig {
                 if let Some(types) = &cfg.layer_types {
                     if types.len() != layers {
                         return Err(bad(format!(
-                            "layer_types has {} entries, num_hidden_layers is {layers}",
+                            "key \"layer_types\": expected one entry per layer (num_hidden_layers is {layers}), found {}",
                             types.len()
                         )));
                     }
@@ -214,7 +254,7 @@ impl ModelConfig {
                             "sliding_attention" => Ok(cfg.sliding_window),
                             "full_attention" => Ok(None),
                             other => Err(bad(format!(
-                                "layer_types entry {other:?} (expected \"full_attention\" or \"sliding_attention\")"
+                                "key \"layer_types\": expected \"full_attention\" or \"sliding_attention\", found {other:?}"
                             ))),
                         })
                         .collect::<Result<Vec<_>>>()?
@@ -226,6 +266,10 @@ impl ModelConfig {
                 }
             }
         };
+        // Only a window some layer uses must be positive: Qwen2 configs carry one when it is off.
+        if sliding_window.contains(&Some(0)) {
+            return Err(bad("key \"sliding_window\": expected a positive integer, found 0".into()));
+        }
         let attention_bias = cfg.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match architecture {
             Architecture::Llama => (attention_bias, attention_bias, cfg.mlp_bias.unwrap_or(false)),
@@ -310,33 +354,59 @@ impl ModelConfig {
 
 fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeConfig, String> {
     // transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
-    let params = cfg.rope_parameters.as_ref().filter(|v| !v.is_null());
-    let scaling = cfg.rope_scaling.as_ref().filter(|v| !v.is_null());
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(cfg.rope_theta)
-        .unwrap_or(10000.0);
-    let Some(spec) = params.or(scaling) else {
+    let present = |v: &&Value| !v.is_null();
+    let params = cfg.rope_parameters.as_ref().filter(present);
+    let scaling = cfg.rope_scaling.as_ref().filter(present);
+    let (theta_key, theta) = match params.and_then(|p| p.get("rope_theta")).filter(present) {
+        Some(v) => (
+            "rope_parameters.rope_theta",
+            v.as_f64().ok_or_else(|| type_error("rope_parameters.rope_theta", "a number", v))?,
+        ),
+        None => ("rope_theta", cfg.rope_theta.unwrap_or(10000.0)),
+    };
+    if theta <= 0.0 {
+        return Err(format!("key {theta_key:?}: expected a positive number, found {theta:?}"));
+    }
+    let Some((section, spec)) = params.map(|p| ("rope_parameters", p)).or(scaling.map(|s| ("rope_scaling", s))) else {
         return Ok(RopeConfig {
             theta,
             scaling: RopeScaling::Default,
         });
     };
-    let kind = spec
-        .get("rope_type")
-        .or_else(|| spec.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |key: &str| -> Result<f64, String> {
-        spec.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| format!("rope type {kind:?} needs a numeric {key:?}"))
+    let key = |name: &str| format!("{section}.{name}");
+    let kind_key = if spec.get("rope_type").is_some() { "rope_type" } else { "type" };
+    let kind = match spec.get(kind_key).filter(present) {
+        None => "default",
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(v) => return Err(type_error(&key(kind_key), "a string", v)),
     };
-    let original = spec
-        .get("original_max_position_embeddings")
-        .and_then(Value::as_u64)
-        .map(|v| v as usize);
+    let get = |name: &str, expected: &str| {
+        spec.get(name)
+            .filter(present)
+            .ok_or_else(|| format!("missing key {:?} (rope type {kind:?} needs {expected})", key(name)))
+    };
+    let num = |name: &str| -> Result<f64, String> {
+        let v = get(name, "a positive number")?;
+        let x = v.as_f64().ok_or_else(|| type_error(&key(name), "a positive number", v))?;
+        if x > 0.0 {
+            Ok(x)
+        } else {
+            Err(format!("key {:?}: expected a positive number, found {x:?}", key(name)))
+        }
+    };
+    let original = |required: bool| -> Result<Option<usize>, String> {
+        const NAME: &str = "original_max_position_embeddings";
+        let v = match get(NAME, "a positive integer") {
+            Ok(v) => v,
+            Err(_) if !required => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match v.as_u64() {
+            Some(0) => Err(format!("key {:?}: expected a positive integer, found 0", key(NAME))),
+            Some(n) => Ok(Some(n as usize)),
+            None => Err(type_error(&key(NAME), "a positive integer", v)),
+        }
+    };
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear {
@@ -344,23 +414,154 @@ fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeCon
         },
         "dynamic" => RopeScaling::Dynamic {
             factor: num("factor")?,
-            original_max_position_embeddings: original.unwrap_or(max_position_embeddings),
+            original_max_position_embeddings: original(false)?.unwrap_or(max_position_embeddings),
         },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: original.ok_or_else(|| {
-                "rope type \"llama3\" needs \"original_max_position_embeddings\"".to_string()
-            })?,
-        },
+        "llama3" => {
+            let factor = num("factor")?;
+            let (low_freq_factor, high_freq_factor) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            // The smoothing band divides by high - low.
+            if high_freq_factor <= low_freq_factor {
+                return Err(format!(
+                    "key {:?}: expected a number above low_freq_factor ({low_freq_factor:?}), found {high_freq_factor:?}",
+                    key("high_freq_factor")
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original(true)?.expect("required"),
+            }
+        }
         other => {
             return Err(format!(
-                "rope type {other:?} is not supported (expected default, linear, dynamic or llama3)"
+                "key {:?}: expected \"default\", \"linear\", \"dynamic\" or \"llama3\", found {other:?}",
+                key(kind_key)
             ));
         }
     };
     Ok(RopeConfig { theta, scaling })
+}
+
+/// What a `config.json` key must hold. Checked on the JSON before serde reads it: serde's errors
+/// from a `Value` say "invalid type: string \"64\", expected usize" without naming the key.
+#[derive(Clone, Copy)]
+enum Kind {
+    Count,
+    Number,
+    Bool,
+    Text,
+    Object,
+    Texts,
+    TokenIds,
+}
+
+impl Kind {
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Count => "an unsigned integer",
+            Kind::Number => "a number",
+            Kind::Bool => "true or false",
+            Kind::Text => "a string",
+            Kind::Object => "an object",
+            Kind::Texts => "a list of strings",
+            Kind::TokenIds => "a token id or a list of token ids",
+        }
+    }
+}
+
+/// Every key [`RawConfig`] reads, with its kind and whether it must be present. Keep in step with
+/// `RawConfig`: a key missing here gets serde's unnamed message instead.
+const KEYS: &[(&str, Kind, bool)] = &[
+    // A missing model_type has its own message (it lists the supported architectures).
+    ("model_type", Kind::Text, false),
+    ("vocab_size", Kind::Count, true),
+    ("hidden_size", Kind::Count, true),
+    ("intermediate_size", Kind::Count, true),
+    ("num_hidden_layers", Kind::Count, true),
+    ("num_attention_heads", Kind::Count, true),
+    ("num_key_value_heads", Kind::Count, false),
+    ("head_dim", Kind::Count, false),
+    ("rms_norm_eps", Kind::Number, false),
+    ("rope_theta", Kind::Number, false),
+    ("rope_scaling", Kind::Object, false),
+    ("rope_parameters", Kind::Object, false),
+    ("max_position_embeddings", Kind::Count, false),
+    ("tie_word_embeddings", Kind::Bool, false),
+    ("attention_bias", Kind::Bool, false),
+    ("mlp_bias", Kind::Bool, false),
+    ("sliding_window", Kind::Count, false),
+    ("use_sliding_window", Kind::Bool, false),
+    ("max_window_layers", Kind::Count, false),
+    ("layer_types", Kind::Texts, false),
+    ("hidden_act", Kind::Text, false),
+    ("initializer_range", Kind::Number, false),
+    ("bos_token_id", Kind::TokenIds, false),
+    ("eos_token_id", Kind::TokenIds, false),
+    ("pad_token_id", Kind::TokenIds, false),
+];
+
+/// Checks each known key's JSON type, naming the first key that is missing or of the wrong type.
+/// `null` counts as absent for optional keys, as transformers writes it for unset options.
+fn check_types(raw: &Value) -> Result<(), String> {
+    let Some(obj) = raw.as_object() else {
+        return Err(format!("expected a JSON object at the top level, found {}", describe(raw)));
+    };
+    for &(key, kind, required) in KEYS {
+        let value = match obj.get(key) {
+            Some(Value::Null) | None if !required => continue,
+            None => return Err(format!("missing key {key:?} (expected {})", kind.expected())),
+            Some(v) => v,
+        };
+        let token = |v: &Value| v.as_u64().is_some_and(|id| u32::try_from(id).is_ok());
+        let ok = match kind {
+            Kind::Count => value.is_u64(),
+            Kind::Number => value.is_number(),
+            Kind::Bool => value.is_boolean(),
+            Kind::Text => value.is_string(),
+            Kind::Object => value.is_object(),
+            Kind::Texts | Kind::TokenIds => {
+                let element_ok: &dyn Fn(&Value) -> bool = match kind {
+                    Kind::Texts => &Value::is_string,
+                    _ => &token,
+                };
+                match value {
+                    Value::Array(items) => {
+                        if let Some((i, item)) = items.iter().enumerate().find(|(_, item)| !element_ok(item)) {
+                            let element = if matches!(kind, Kind::Texts) { "a string" } else { "a token id" };
+                            return Err(format!(
+                                "key {key:?}: element {i}: expected {element}, found {}",
+                                describe(item)
+                            ));
+                        }
+                        true
+                    }
+                    single => matches!(kind, Kind::TokenIds) && token(single),
+                }
+            }
+        };
+        if !ok {
+            return Err(type_error(key, kind.expected(), value));
+        }
+    }
+    Ok(())
+}
+
+fn type_error(key: &str, expected: &str, found: &Value) -> String {
+    format!("key {key:?}: expected {expected}, found {}", describe(found))
+}
+
+/// A JSON value for an error message: scalars as written, containers by kind only (they can be
+/// large).
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(_) => format!("string {value}"),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "an object".into(),
+    }
 }
 
 #[cfg(test)]

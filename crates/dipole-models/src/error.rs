@@ -45,12 +45,29 @@ pub enum ModelError {
         path: PathBuf,
         dtype: String,
     },
+    /// NaN or infinite weights: a checkpoint saved after a diverged run. Caught at load, where
+    /// the file and tensor are known, instead of surfacing later as NaN losses or null log-probs.
+    #[error("{path}: tensor {name:?} has {} (first at element {index}: {value})", non_finite_count(*.count))]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        count: usize,
+        /// Row-major index of the first non-finite element.
+        index: usize,
+        /// That element as read: `NaN`, `inf`, `-inf`, or an F64 value beyond f32's range.
+        value: String,
+    },
     #[error("unexpected tensors in {dir} (not part of a {architecture} model): {names:?}")]
     Unexpected {
         dir: PathBuf,
         architecture: String,
         names: Vec<String>,
     },
+}
+
+/// "1 non-finite value", "3 non-finite values" (shared with the adapter check's message).
+pub(crate) fn non_finite_count(count: usize) -> String {
+    format!("{count} non-finite value{}", if count == 1 { "" } else { "s" })
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
