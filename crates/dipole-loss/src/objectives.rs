@@ -239,6 +239,26 @@ impl ObjectiveConfig {
             && !(0.0..=1.0).contains(&a) {
                 return Err(format!("ld_alpha must be in [0, 1], got {a}"));
             }
+        if let Some(w) = self.loss_weights.iter().find(|w| !(**w >= 0.0 && w.is_finite())) {
+            return Err(format!("loss_weights must be finite and >= 0, got {w}"));
+        }
+        // a NaN fails each check, as it should
+        let checks = [
+            ("beta", self.beta, self.beta.is_finite(), "finite"),
+            ("rpo_alpha", self.rpo_alpha.unwrap_or(0.0), self.rpo_alpha.is_none_or(|a| a >= 0.0 && a.is_finite()), ">= 0"),
+            ("cpo_alpha", self.cpo_alpha, self.cpo_alpha >= 0.0 && self.cpo_alpha.is_finite(), ">= 0"),
+            ("simpo_gamma", self.simpo_gamma, self.simpo_gamma.is_finite(), "finite"),
+            ("discopop_tau", self.discopop_tau, self.discopop_tau > 0.0 && self.discopop_tau.is_finite(), "> 0"),
+            ("f_alpha_divergence_coef", self.f_alpha_divergence_coef, self.f_alpha_divergence_coef.is_finite(), "finite"),
+            ("alphapo_alpha", self.alphapo_alpha, self.alphapo_alpha.is_finite(), "finite"),
+            ("desirable_weight", self.desirable_weight, self.desirable_weight.is_finite(), "finite"),
+            ("undesirable_weight", self.undesirable_weight, self.undesirable_weight.is_finite(), "finite"),
+        ];
+        for (key, value, ok, expected) in checks {
+            if !ok {
+                return Err(format!("{key} must be {expected}, got {value}"));
+            }
+        }
         Ok(())
     }
 

@@ -214,6 +214,9 @@ pub struct TrainSection {
     pub cache_dir: Option<PathBuf>,
     /// Skip a step whose loss or gradients are not finite instead of stopping.
     pub skip_nonfinite: bool,
+    /// With `skip_nonfinite`, stop the run once more than this share of its steps so far (and
+    /// more than one step) were skipped as not finite: a run that keeps diverging is not training.
+    pub max_skipped_fraction: f64,
     /// Show the progress bar.
     pub progress: bool,
     /// Turn LoRA dropout off, as TRL's `disable_dropout` (default on) does for every dropout.
@@ -274,6 +277,7 @@ impl Default for TrainSection {
             reference: ReferenceStrategy::Auto,
             cache_dir: None,
             skip_nonfinite: false,
+            max_skipped_fraction: 0.1,
             progress: true,
             disable_dropout: true,
             generations: 0,
@@ -349,17 +353,56 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.objective.validate().map_err(|e| format!("objective: {e}"))?;
         let t = &self.train;
-        if t.batch_size == 0 {
-            return Err("train.batch_size must be at least 1".into());
+        let o = &self.optim;
+        let at_least_one = [
+            ("train.batch_size", t.batch_size),
+            ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("train.logging_steps", t.logging_steps),
+            ("train.max_new_tokens", t.max_new_tokens),
+            ("data.max_length", self.data.max_length),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                return Err(format!("{key} must be at least 1, got 0"));
+            }
         }
-        if t.gradient_accumulation_steps == 0 {
-            return Err("train.gradient_accumulation_steps must be at least 1".into());
+        if t.max_steps == Some(0) {
+            return Err("train.max_steps must be at least 1, got 0 (leave it unset to train for train.num_train_epochs)".into());
         }
-        if t.logging_steps == 0 {
-            return Err("train.logging_steps must be at least 1".into());
+        if self.data.max_prompt_length == Some(0) {
+            return Err("data.max_prompt_length must be at least 1, got 0 (leave it unset to keep whole prompts)".into());
         }
-        if !(self.optim.learning_rate >= 0.0) {
-            return Err(format!("optim.learning_rate must be >= 0, got {}", self.optim.learning_rate));
+        if self.data.max_prompt_length.is_some_and(|p| p >= self.data.max_length) {
+            return Err(format!(
+                "data.max_prompt_length ({}) must be below data.max_length ({}): no completion token would be left",
+                self.data.max_prompt_length.unwrap_or_default(),
+                self.data.max_length
+            ));
+        }
+        // a NaN fails every range check below, as it should
+        let ranges: [(&str, f64, bool, &str); 11] = [
+            ("train.num_train_epochs", t.num_train_epochs, t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite(), "> 0"),
+            ("optim.learning_rate", o.learning_rate, o.learning_rate >= 0.0 && o.learning_rate.is_finite(), ">= 0"),
+            ("optim.adam_beta1", o.adam_beta1, (0.0..1.0).contains(&o.adam_beta1), "in [0, 1)"),
+            ("optim.adam_beta2", o.adam_beta2, (0.0..1.0).contains(&o.adam_beta2), "in [0, 1)"),
+            ("optim.adam_epsilon", o.adam_epsilon, o.adam_epsilon > 0.0 && o.adam_epsilon.is_finite(), "> 0"),
+            ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0.0 && o.weight_decay.is_finite(), ">= 0"),
+            ("optim.max_grad_norm", o.max_grad_norm, o.max_grad_norm >= 0.0, ">= 0 (0 turns clipping off)"),
+            ("optim.warmup_ratio", o.warmup_ratio, (0.0..=1.0).contains(&o.warmup_ratio), "in [0, 1]"),
+            ("train.max_skipped_fraction", t.max_skipped_fraction, (0.0..=1.0).contains(&t.max_skipped_fraction), "in [0, 1]"),
+            ("lora.alpha", self.lora.alpha, self.lora.alpha > 0.0 && self.lora.alpha.is_finite(), "> 0"),
+            ("lora.dropout", self.lora.dropout, (0.0..1.0).contains(&self.lora.dropout), "in [0, 1)"),
+        ];
+        for (key, value, ok, expected) in ranges {
+            if !ok {
+                return Err(format!("{key} must be {expected}, got {value}"));
+            }
+        }
+        if t.save_total_limit == Some(0) {
+            return Err("train.save_total_limit must be at least 1, got 0 (leave it unset to keep every checkpoint)".into());
+        }
+        if self.lora.enabled && self.lora.r == 0 {
+            return Err("lora.r must be at least 1, got 0".into());
         }
         if !(0.0..1.0).contains(&self.data.eval_fraction) {
             return Err(format!("data.eval_fraction must be in [0, 1), got {}", self.data.eval_fraction));

@@ -2,11 +2,13 @@
 //! LoRA or full fine-tuning, with TRL's optimisation semantics.
 
 pub mod alloc;
+pub mod checkpoint;
 pub mod config;
 pub mod grads;
 pub mod http;
 pub mod judge;
 pub mod logps;
+pub mod memory;
 pub mod plot;
 pub mod precompute;
 pub mod scaler;

@@ -1,92 +1,237 @@
-//! Precomputed reference log-probs, cached on disk under a key of model + data + tokenisation, so a
-//! later run with the same inputs skips the reference pass entirely (TRL recomputes it every run).
+//! Precomputed reference log-probs, cached on disk under a key of everything that determines them
+//! (the reference model's bytes, the tokenised data, the reference settings), so a later run with
+//! the same inputs skips the reference pass entirely (TRL recomputes it every run). The inputs are
+//! stored beside the values and compared on reuse: a cache never serves another model's log-probs.
 
-use std::hash::{Hash, Hasher};
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 use dipole_data::PairInputs;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 
+/// A file by its content: name, size and BLAKE3 digest (hex).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub name: String,
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+/// What determines the reference log-probs of a precomputed run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheInputs {
+    /// Every file of the model folder but the tokenizer's (the data's token ids stand for those).
+    pub model: Vec<FileDigest>,
+    /// `model.from_scratch`: the reference is the seeded random init.
+    pub from_scratch_seed: Option<u64>,
+    /// The files of `lora.reference_adapter`, when the reference is base + that adapter.
+    pub reference_adapter: Option<Vec<FileDigest>>,
+    /// BLAKE3 of every pair's token ids and completion masks after truncation, training then eval.
+    pub data: String,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub ld_alpha: Option<f64>,
+    /// The reference computes in the run's precision: bf16 log-probs are not f32's.
+    pub mixed_precision: String,
+}
+
+impl CacheInputs {
+    /// The inputs of `config`'s reference over `train` and `eval`. Model files are hashed in full,
+    /// streamed in fixed-size reads; `memo`, when given, remembers digests by (path, size, mtime)
+    /// so a large checkpoint is read once, not every run.
+    pub fn of(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs], memo: Option<&Path>) -> Result<Self, String> {
+        let mut digests = DigestMemo::open(memo);
+        let model = digests.folder(&config.model.path, |name| !name.starts_with("tokenizer"))?;
+        let reference_adapter = match &config.lora.reference_adapter {
+            Some(dir) => Some(digests.folder(dir, |_| true)?),
+            None => None,
+        };
+        digests.save();
+        let mut data = blake3::Hasher::new();
+        for p in train.iter().chain(eval) {
+            for seq in [&p.chosen, &p.rejected] {
+                data.update(&(seq.input_ids.len() as u64).to_le_bytes());
+                for id in &seq.input_ids {
+                    data.update(&id.to_le_bytes());
+                }
+                data.update(&seq.completion_mask);
+            }
+        }
+        Ok(Self {
+            model,
+            from_scratch_seed: config.model.from_scratch.then_some(config.train.seed),
+            reference_adapter,
+            data: data.finalize().to_hex().to_string(),
+            train_pairs: train.len(),
+            eval_pairs: eval.len(),
+            ld_alpha: config.objective.ld_alpha,
+            mixed_precision: config.train.mixed_precision.name().to_string(),
+        })
+    }
+
+    /// The cache file's name: BLAKE3 of the inputs (128 bits, hex).
+    pub fn key(&self) -> String {
+        let text = serde_json::to_string(self).expect("inputs serialize");
+        blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
+    }
+
+    /// The first input that differs from `other`, named (for the message when a cache is refused).
+    fn first_difference(&self, other: &Self) -> String {
+        let files = |what: &str, a: &[FileDigest], b: &[FileDigest]| -> Option<String> {
+            let names = |v: &[FileDigest]| v.iter().map(|f| f.name.clone()).collect::<Vec<_>>();
+            if names(a) != names(b) {
+                return Some(format!("{what} files {:?} vs {:?}", names(a), names(b)));
+            }
+            a.iter().zip(b).find(|(x, y)| x != y).map(|(x, _)| format!("{what} file {} has other content", x.name))
+        };
+        if let Some(d) = files("model", &self.model, &other.model) {
+            return d;
+        }
+        match (&self.reference_adapter, &other.reference_adapter) {
+            (Some(a), Some(b)) => {
+                if let Some(d) = files("reference adapter", a, b) {
+                    return d;
+                }
+            }
+            (None, None) => {}
+            _ => return "reference adapter present in one, absent in the other".into(),
+        }
+        let fields = [
+            ("data", self.data != other.data),
+            ("training pair count", self.train_pairs != other.train_pairs),
+            ("eval pair count", self.eval_pairs != other.eval_pairs),
+            ("objective.ld_alpha", self.ld_alpha != other.ld_alpha),
+            ("train.mixed_precision", self.mixed_precision != other.mixed_precision),
+            ("model.from_scratch / train.seed", self.from_scratch_seed != other.from_scratch_seed),
+        ];
+        fields.iter().find(|(_, differs)| *differs).map_or("nothing (same inputs)".into(), |(name, _)| format!("{name} differs"))
+    }
+}
+
+/// Streams `path` through BLAKE3 in 1 MiB reads (a 14 GB checkpoint is never held in memory).
+pub fn file_blake3(path: &Path) -> Result<String, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// A remembered digest: valid while the file keeps its size and modification time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Remembered {
+    bytes: u64,
+    modified_ns: u128,
+    blake3: String,
+}
+
+/// Digests of files already hashed, kept in `<cache dir>/file-digests.json`.
+struct DigestMemo {
+    path: Option<PathBuf>,
+    known: BTreeMap<PathBuf, Remembered>,
+    changed: bool,
+}
+
+impl DigestMemo {
+    fn open(dir: Option<&Path>) -> Self {
+        let path = dir.map(|d| d.join("file-digests.json"));
+        // an unreadable memo only costs a re-hash
+        let known = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        Self { path, known, changed: false }
+    }
+
+    fn digest(&mut self, path: &Path) -> Result<FileDigest, String> {
+        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let modified_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let blake3 = match self.known.get(&full) {
+            Some(r) if r.bytes == meta.len() && r.modified_ns == modified_ns && modified_ns != 0 => r.blake3.clone(),
+            _ => {
+                let digest = file_blake3(path)?;
+                self.known.insert(full, Remembered { bytes: meta.len(), modified_ns, blake3: digest.clone() });
+                self.changed = true;
+                digest
+            }
+        };
+        Ok(FileDigest { name, bytes: meta.len(), blake3 })
+    }
+
+    /// Digests of the regular files of `dir` whose names `keep`, sorted by name.
+    fn folder(&mut self, dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<FileDigest>, String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.file_name().is_some_and(|n| keep(&n.to_string_lossy())))
+            .collect();
+        files.sort();
+        files.iter().map(|p| self.digest(p)).collect()
+    }
+
+    fn save(&self) {
+        let Some(path) = self.path.as_ref().filter(|_| self.changed) else { return };
+        // best effort: a memo that cannot be written is re-hashed next time
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Ok(text) = serde_json::to_string(&self.known) {
+            let _ = crate::checkpoint::write_atomic(path, text.as_bytes());
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReferenceCache {
     pub key: String,
+    pub inputs: CacheInputs,
     /// `(chosen, rejected)` reference log-probs: training pairs, then eval pairs.
     pub values: Vec<(f32, f32)>,
 }
 
-/// FNV-1a over everything that determines the reference log-probs.
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= *b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
-
-/// The model is identified by its `config.json` and its weight files' names, sizes and first
-/// megabyte (headers hold every tensor's name, shape and offsets); the data by its token ids and
-/// masks after truncation; plus the reference settings (LD-DPO alpha, reference adapter).
-pub fn cache_key(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs]) -> Result<String, String> {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    let model = &config.model.path;
-    let mut files: Vec<_> = std::fs::read_dir(model)
-        .map_err(|e| format!("{}: {e}", model.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors" || x == "json"))
-        .collect();
-    files.sort();
-    for path in files {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
-        if name.starts_with("tokenizer") {
-            continue;
-        }
-        name.hash(&mut h);
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        bytes.len().hash(&mut h);
-        bytes[..bytes.len().min(1 << 20)].hash(&mut h);
-    }
-    for p in train.iter().chain(eval) {
-        p.chosen.input_ids.hash(&mut h);
-        p.chosen.completion_mask.hash(&mut h);
-        p.rejected.input_ids.hash(&mut h);
-        p.rejected.completion_mask.hash(&mut h);
-    }
-    train.len().hash(&mut h);
-    config.objective.ld_alpha.map(f64::to_bits).hash(&mut h);
-    config.lora.reference_adapter.hash(&mut h);
-    // the reference computes in the run's precision: bf16 log-probs are not f32's
-    config.train.mixed_precision.name().hash(&mut h);
-    Ok(format!("{:016x}", h.finish()))
-}
-
 impl ReferenceCache {
-    /// Reads `<dir>/<key>.json`, or computes the values and writes them there.
-    pub fn load_or_compute(
-        dir: &Path,
-        key: &str,
-        compute: impl FnOnce() -> Result<Vec<(f32, f32)>, String>,
-    ) -> Result<Self, String> {
+    /// Reads `<dir>/<key>.json` when it was made from exactly `inputs`, or computes the values and
+    /// writes them there (a file made from other inputs, or unreadable, is recomputed, said on stderr).
+    pub fn load_or_compute(dir: &Path, inputs: &CacheInputs, compute: impl FnOnce() -> Result<Vec<(f32, f32)>, String>) -> Result<Self, String> {
+        let key = inputs.key();
         let path = dir.join(format!("{key}.json"));
         if let Ok(text) = std::fs::read_to_string(&path) {
-            let cache: Self = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            eprintln!("reference log-probs: reusing {}", path.display());
-            return Ok(cache);
+            match serde_json::from_str::<Self>(&text) {
+                Ok(cache) if cache.inputs == *inputs && cache.values.len() == inputs.train_pairs + inputs.eval_pairs => {
+                    eprintln!("reference log-probs: reusing {}", path.display());
+                    return Ok(cache);
+                }
+                Ok(cache) if cache.inputs != *inputs => {
+                    eprintln!("reference log-probs: {} was made from other inputs ({}); recomputing", path.display(), inputs.first_difference(&cache.inputs));
+                }
+                Ok(cache) => eprintln!(
+                    "reference log-probs: {} holds {} values for {} pairs; recomputing",
+                    path.display(),
+                    cache.values.len(),
+                    inputs.train_pairs + inputs.eval_pairs
+                ),
+                Err(e) => eprintln!("reference log-probs: {} is unreadable ({e}); recomputing", path.display()),
+            }
         }
         let values = compute()?;
-        let cache = Self { key: key.to_string(), values };
+        let cache = Self { key, inputs: inputs.clone(), values };
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_string(&cache).expect("json")).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = serde_json::to_string(&cache).map_err(|e| e.to_string())?;
+        crate::checkpoint::write_atomic(&path, text.as_bytes())?;
         eprintln!("reference log-probs: computed and cached in {}", path.display());
         Ok(cache)
     }

@@ -21,10 +21,11 @@ use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, ExportDtype, MixedPrecision, ModelConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, publish, verify, write_json};
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
 use crate::grads::{accumulate, clip_global_norm, scale};
 use crate::scaler::LossScaler;
-use crate::precompute::{ReferenceCache, cache_key};
+use crate::precompute::{CacheInputs, ReferenceCache};
 use crate::schedule::Schedule;
 use crate::step::{Reference, StepOutput, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step};
 
@@ -60,6 +61,10 @@ pub struct TrainerState {
     /// states written before shards existed).
     #[serde(default)]
     pub batch_shards: usize,
+    /// Steps skipped because their loss or gradients were not finite (`train.skip_nonfinite`);
+    /// fp16 overflows, routine, are not counted here.
+    #[serde(default)]
+    pub nonfinite_steps: usize,
 }
 
 /// The outcome of a run.
@@ -223,6 +228,7 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
         } else if let Some(init) = &config.lora.init_adapter {
             model.load_adapter(init).map_err(|e| format!("lora.init_adapter: {e}"))?;
         } else {
+            check_lora_fits(&lora, &mut model)?;
             model.add_lora(&lora, config.train.seed).map_err(|e| e.to_string())?;
         }
         if let Some(reference) = &config.lora.reference_adapter {
@@ -248,6 +254,27 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
     model.set_mixed_precision(config.train.mixed_precision);
     model.prefix_sharing = config.train.prefix_sharing;
     Ok(model)
+}
+
+/// `lora.layers_to_transform` must name layers the model has, and `lora.r` must not exceed the
+/// smaller side of any layer it adapts (a rank above it adds parameters and no capacity).
+fn check_lora_fits<B: Backend>(lora: &dipole_lora::LoraConfig, model: &mut CausalLm<B>) -> TrainResult<()> {
+    let layers = model.layers.len();
+    if let Some(bad) = lora.layers_to_transform.iter().flatten().find(|&&l| l >= layers) {
+        return Err(format!("lora.layers_to_transform: layer {bad} does not exist (the model has {layers}: 0..={})", layers - 1));
+    }
+    for (name, linear) in model.linears_mut() {
+        let side = linear.in_features().min(linear.out_features());
+        if lora.targets(&name) && lora.r > side {
+            return Err(format!(
+                "lora.r = {} is larger than {name} ({} -> {} features): the rank can be at most {side}",
+                lora.r,
+                linear.in_features(),
+                linear.out_features()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// TR-DPO's soft update: `alpha * policy + (1 - alpha) * reference`, weight by weight.
@@ -344,26 +371,6 @@ impl Examples {
     }
 }
 
-fn checkpoint_dirs(output_dir: &Path) -> Vec<(usize, PathBuf)> {
-    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            e.path().join("trainer_state.json").exists().then_some((step, e.path()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Saves the trainable weights of `policy` into `dir` (PEFT adapter, or an f32 HF folder).
 fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> TrainResult<()> {
     if config.lora.enabled {
@@ -384,6 +391,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     let strategy = resolve_reference(config)?;
     let out_dir = config.train.output_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let _lock = RunLock::acquire(&out_dir)?;
 
     // Data.
     let tokenizer = Tokenizer::from_dir(&config.model.path).map_err(|e| e.to_string())?;
@@ -432,8 +440,23 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     let resume_dir = match &options.resume {
         None => None,
         Some(Resume::Path(p)) => Some(p.clone()),
-        Some(Resume::Latest) => checkpoint_dirs(&out_dir).pop().map(|(_, p)| p),
+        Some(Resume::Latest) => Some(
+            checkpoint_dirs(&out_dir)
+                .pop()
+                .map(|(_, p)| p)
+                .ok_or_else(|| format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()))?,
+        ),
     };
+    if let Some(dir) = &resume_dir {
+        if !dir.join("trainer_state.json").exists() {
+            return Err(format!("--resume {}: not a checkpoint (no trainer_state.json)", dir.display()));
+        }
+        verify(dir)?;
+        let saved = dir.join("config.json");
+        let text = std::fs::read_to_string(&saved).map_err(|e| format!("{}: {e}", saved.display()))?;
+        let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", saved.display()))?;
+        check_resume_config(&saved, config, dir)?;
+    }
     let mut state: TrainerState = match &resume_dir {
         Some(dir) => {
             let text = std::fs::read_to_string(dir.join("trainer_state.json")).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -447,6 +470,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
 
     // Models.
     let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
+    let longest = (0..train_set.len()).map(|i| train_set.row_len(i)).chain((0..eval_set.len()).map(|i| eval_set.row_len(i))).max().unwrap_or(0);
+    let batch = config.train.batch_size.min(train_set.len().max(eval_set.len()));
+    crate::memory::check_batch_fits::<B>(device, &policy.config, batch, longest, "data.max_length")?;
     if config.train.sync_ref_model && strategy != ReferenceStrategy::FrozenCopy {
         return Err(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}"));
     }
@@ -467,9 +493,9 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     // The reference of a precomputed run: the initial policy with adapters off (LoRA) or the base.
     let precomputed: Option<ReferenceCache> = match (strategy, &train_set, &eval_set) {
         (ReferenceStrategy::Precompute, Examples::Pairs(train_pairs, _), Examples::Pairs(eval_pairs, _)) => {
-            let key = cache_key(config, &train_pairs, &eval_pairs)?;
             let dir = config.train.cache_dir.clone().unwrap_or_else(|| out_dir.join("reference-cache"));
-            Some(ReferenceCache::load_or_compute(&dir, &key, || {
+            let inputs = CacheInputs::of(config, train_pairs, eval_pairs, Some(&dir))?;
+            Some(ReferenceCache::load_or_compute(&dir, &inputs, || {
                 let initial = build_policy::<B>(config, None, device)?;
                 let mode = if config.lora.reference_adapter.is_some() { AdapterMode::Reference } else { AdapterMode::Disabled };
                 let all: Vec<PairInputs> = train_pairs.iter().chain(eval_pairs.iter()).cloned().collect();
@@ -499,6 +525,13 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         .train
         .max_steps
         .unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+    if resume_dir.is_some() && state.step >= total_steps {
+        return Err(format!(
+            "--resume {}: the run finished there (step {} of {total_steps}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
+            resume_dir.as_deref().unwrap_or(&out_dir).display(),
+            state.step
+        ));
+    }
     let schedule = Schedule {
         kind: config.optim.lr_scheduler_type,
         peak_lr: config.optim.learning_rate,
@@ -542,11 +575,7 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     };
 
     let metrics_path = out_dir.join("metrics.jsonl");
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| format!("{}: {e}", metrics_path.display()))?;
+    let mut metrics_file = open_metrics(&metrics_path, state.step)?;
     let progress = config.train.progress.then(|| {
         let bar = indicatif::ProgressBar::new(total_steps as u64);
         bar.set_style(
@@ -601,6 +630,8 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
             if !loss.is_finite() {
                 if config.train.skip_nonfinite {
                     eprintln!("step {}: loss is {loss} on records {records:?}; step skipped", state.step + 1);
+                    state.nonfinite_steps += 1;
+                    check_skipped_share(config, &state)?;
                     grads = None;
                     step_batches.clear();
                     state.batches_seen += 1;
@@ -646,6 +677,8 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         if !grad_norm.is_finite() && !overflowed {
             if config.train.skip_nonfinite {
                 eprintln!("step {}: gradient norm is {grad_norm}; step skipped", state.step + 1);
+                state.nonfinite_steps += 1;
+                check_skipped_share(config, &state)?;
                 state.skipped_steps += 1;
                 state.step += 1;
                 continue;
@@ -835,7 +868,39 @@ pub fn split_pairs<T>(pairs: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T
     (train, eval)
 }
 
-/// Writes `checkpoint-<step>` atomically (temporary folder, then rename) and prunes old ones.
+/// `metrics.jsonl` for a run at `step`: a fresh run starts it empty, a resumed one keeps the lines
+/// of steps up to its checkpoint (a killed run may have logged past it) and appends.
+fn open_metrics(path: &Path, step: usize) -> TrainResult<std::fs::File> {
+    let kept = match std::fs::read_to_string(path) {
+        Ok(text) if step > 0 => text
+            .lines()
+            .filter(|line| {
+                let logged = serde_json::from_str::<BTreeMap<String, f64>>(line).ok().and_then(|m| m.get("step").copied());
+                logged.is_some_and(|s| s <= step as f64)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect::<String>(),
+        _ => String::new(),
+    };
+    crate::checkpoint::write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Stops a `skip_nonfinite` run whose skipped share passed `train.max_skipped_fraction`.
+fn check_skipped_share(config: &TrainConfig, state: &TrainerState) -> TrainResult<()> {
+    let steps = state.step + 1;
+    let limit = config.train.max_skipped_fraction;
+    if state.nonfinite_steps > 1 && state.nonfinite_steps as f64 > limit * steps as f64 {
+        return Err(format!(
+            "step {steps}: {} of {steps} steps were skipped as not finite, more than train.max_skipped_fraction = {limit}; the run is diverging (lower optim.learning_rate, or check the data)",
+            state.nonfinite_steps
+        ));
+    }
+    Ok(())
+}
+
+/// Writes `checkpoint-<step>` durably (temporary folder, every file synced and checksummed, then
+/// renamed) and prunes old ones.
 fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     config: &TrainConfig,
     policy: &CausalLm<B>,
@@ -847,7 +912,9 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     let out_dir = &config.train.output_dir;
     let final_dir = out_dir.join(format!("checkpoint-{}", state.step));
     let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.step));
-    let _ = std::fs::remove_dir_all(&tmp);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     save_weights(config, policy, &tmp)?;
     if let Some(reference) = moving_reference {
@@ -858,8 +925,7 @@ fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
     write_json(&tmp.join("trainer_state.json"), state)?;
     write_json(&tmp.join("config.json"), config)?;
-    let _ = std::fs::remove_dir_all(&final_dir);
-    std::fs::rename(&tmp, &final_dir).map_err(|e| format!("{}: {e}", final_dir.display()))?;
+    publish(&tmp, &final_dir)?;
     if let Some(limit) = config.train.save_total_limit {
         let dirs = checkpoint_dirs(out_dir);
         for (_, dir) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {

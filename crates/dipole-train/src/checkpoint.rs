@@ -1,0 +1,325 @@
+//! A run's folder on disk: the lock that keeps a second run out of it, checkpoints written durably
+//! (every file and folder synced before the rename that publishes them) with a BLAKE3 checksum of
+//! each file verified on resume, and the resume checks (the config still describes the same run).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::TrainConfig;
+
+/// Writes `bytes` to `path` durably: a temporary file beside it, synced, renamed over `path`, and
+/// the folder synced, so a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let mut file = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| err(&tmp, e))?;
+    file.sync_all().map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Makes a folder's entries (new files, renames) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), String> {
+    // opening a folder to sync it is a Unix notion; elsewhere renames are durable already
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The file listing each checkpoint file's BLAKE3 digest.
+pub const CHECKSUMS: &str = "checksums.json";
+
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+            let path = entry.map_err(|e| format!("{}: {e}", d.display()))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn relative(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).to_string_lossy().replace('\\', "/")
+}
+
+/// Syncs every file and folder under `dir` and writes [`CHECKSUMS`] over its files.
+pub fn seal(dir: &Path) -> Result<(), String> {
+    let mut sums = BTreeMap::new();
+    for path in files_under(dir)? {
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+        sums.insert(relative(dir, &path), crate::precompute::file_blake3(&path)?);
+    }
+    let text = serde_json::to_string_pretty(&sums).map_err(|e| e.to_string())?;
+    let list = dir.join(CHECKSUMS);
+    let mut file = std::fs::File::create(&list).map_err(|e| format!("{}: {e}", list.display()))?;
+    file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| format!("{}: {e}", list.display()))?;
+    let mut dirs: Vec<PathBuf> = files_under(dir)?.iter().filter_map(|p| p.parent().map(Path::to_path_buf)).collect();
+    dirs.dedup();
+    for d in dirs {
+        sync_dir(&d)?;
+    }
+    Ok(())
+}
+
+/// Checks every file [`CHECKSUMS`] lists against its digest: a checkpoint with a garbled,
+/// truncated or missing file is an error naming it. Checkpoints written before checksums existed
+/// pass with a note.
+pub fn verify(dir: &Path) -> Result<(), String> {
+    let list = dir.join(CHECKSUMS);
+    let text = match std::fs::read_to_string(&list) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("note: {} has no {CHECKSUMS} (written by an older dipole); its files are not verified", dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(format!("{}: {e}", list.display())),
+    };
+    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", list.display()))?;
+    for (name, want) in &sums {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Err(format!("{}: listed in {CHECKSUMS} but missing: the checkpoint is incomplete", path.display()));
+        }
+        let got = crate::precompute::file_blake3(&path)?;
+        if &got != want {
+            return Err(format!("{}: checksum mismatch (BLAKE3 {got}, {CHECKSUMS} says {want}): the file is damaged", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Checkpoint folders of `output_dir` by step, oldest first.
+pub fn checkpoint_dirs(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join("trainer_state.json").exists().then_some((step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Publishes the sealed folder `tmp` as `dest` (replacing an older one) and syncs their parent.
+pub fn publish(tmp: &Path, dest: &Path) -> Result<(), String> {
+    seal(tmp)?;
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    }
+    std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+}
+
+/// The lock a run holds on its `train.output_dir`: a file with the owner's pid, removed when the
+/// run ends. A second run into the folder is refused while the owner lives; the lock of a dead
+/// process is taken over (said on stderr).
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+pub const LOCK_FILE: &str = "dipole.lock";
+
+impl RunLock {
+    pub fn acquire(output_dir: &Path) -> Result<Self, String> {
+        let path = output_dir.join(LOCK_FILE);
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut file) => {
+                    writeln!(file, "{}", std::process::id()).map_err(|e| format!("{}: {e}", path.display()))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    match text.trim().parse::<u32>() {
+                        Ok(pid) if process_alive(pid) => {
+                            return Err(format!(
+                                "train.output_dir {} is in use by a live run (pid {pid}, lock file {}): give this run another output_dir, or wait for that one to end",
+                                output_dir.display(),
+                                path.display()
+                            ));
+                        }
+                        Ok(pid) => eprintln!("note: {} was left by pid {pid}, which has ended; taking it over", path.display()),
+                        // a lock being written this instant reads empty: look again
+                        Err(_) if text.is_empty() => std::thread::sleep(std::time::Duration::from_millis(50)),
+                        Err(_) => eprintln!("note: {} holds no pid ({:?}); taking it over", path.display(), text.trim()),
+                    }
+                    if !text.is_empty() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        Err(format!("{}: could not take the lock (another run keeps creating it)", path.display()))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether process `pid` is running (Linux: its /proc entry; elsewhere every pid counts as alive,
+/// so a stale lock there is removed by hand).
+fn process_alive(pid: u32) -> bool {
+    if Path::new("/proc/self").exists() {
+        // a zombie has ended as far as its lock is concerned
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    } else {
+        true
+    }
+}
+
+/// Config keys that a resumed run may change: they steer logging, saving, evaluation output,
+/// where files go and how work is spread over threads, not the weights a step computes.
+const FREE_ON_RESUME: &[&str] = &[
+    "train.logging_steps",
+    "train.eval_steps",
+    "train.save_steps",
+    "train.save_total_limit",
+    "train.output_dir",
+    "train.progress",
+    "train.generations",
+    "train.max_new_tokens",
+    "train.generation_temperature",
+    "train.generation_top_p",
+    "train.eval_on_start",
+    "train.final_dir",
+    "train.backend",
+    "train.cache_dir",
+    "train.batch_shards",
+    "train.skip_nonfinite",
+    "train.max_skipped_fraction",
+    "train.gradient_checkpointing",
+    "train.prefix_sharing",
+    "data.eval",
+    "data.skip_invalid",
+];
+
+/// Config keys that extend or shorten a run: allowed on resume, said on stderr.
+const LENGTH_KEYS: &[&str] = &["train.max_steps", "train.num_train_epochs"];
+
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.clone());
+        }
+    }
+}
+
+/// Compares the config a checkpoint was written with (`saved`, its `config.json`) with the
+/// resumed run's: a difference that changes what the steps compute is an error naming the key and
+/// both values.
+pub fn check_resume_config(saved: &TrainConfig, now: &TrainConfig, checkpoint: &Path) -> Result<(), String> {
+    let keys = |c: &TrainConfig| {
+        let mut out = BTreeMap::new();
+        flatten("", &serde_json::to_value(c).expect("config serializes"), &mut out);
+        out
+    };
+    let (before, after) = (keys(saved), keys(now));
+    let all: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let null = serde_json::Value::Null;
+    for key in all {
+        let (a, b) = (before.get(key).unwrap_or(&null), after.get(key).unwrap_or(&null));
+        if a == b || FREE_ON_RESUME.contains(&key.as_str()) {
+            continue;
+        }
+        if LENGTH_KEYS.contains(&key.as_str()) {
+            eprintln!("note: {key} was {a} in {}, now {b}: the learning-rate schedule follows the new length", checkpoint.display());
+            continue;
+        }
+        return Err(format!(
+            "--resume {}: {key} was {a} when the checkpoint was written, now {b}; that changes what the run computes (resume with the checkpoint's value, or start a new run in another output_dir)",
+            checkpoint.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_lock_refuses_and_a_dead_one_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = RunLock::acquire(dir.path()).unwrap();
+        let err = RunLock::acquire(dir.path()).unwrap_err();
+        assert!(err.contains("in use by a live run") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+        drop(lock);
+        assert!(!dir.path().join(LOCK_FILE).exists(), "the lock goes with its run");
+        // pid 4194304 is above Linux's pid_max: never alive
+        std::fs::write(dir.path().join(LOCK_FILE), "4194304\n").unwrap();
+        let _taken = RunLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn checksums_catch_a_garbled_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = dir.path().join("ckpt");
+        std::fs::create_dir_all(ckpt.join("model")).unwrap();
+        std::fs::write(ckpt.join("model/weights.bin"), vec![7u8; 4096]).unwrap();
+        std::fs::write(ckpt.join("optimizer.mpk"), vec![1u8; 1000]).unwrap();
+        seal(&ckpt).unwrap();
+        verify(&ckpt).unwrap();
+        let mut bytes = std::fs::read(ckpt.join("optimizer.mpk")).unwrap();
+        bytes[500] ^= 0xff;
+        std::fs::write(ckpt.join("optimizer.mpk"), &bytes).unwrap();
+        let err = verify(&ckpt).unwrap_err();
+        assert!(err.contains("optimizer.mpk: checksum mismatch"), "{err}");
+        std::fs::remove_file(ckpt.join("model/weights.bin")).unwrap();
+        seal(&ckpt).unwrap();
+        std::fs::write(ckpt.join(CHECKSUMS), r#"{"model/weights.bin": "00"}"#).unwrap();
+        let err = verify(&ckpt).unwrap_err();
+        assert!(err.contains("weights.bin: listed in checksums.json but missing"), "{err}");
+    }
+
+    #[test]
+    fn resume_refuses_a_changed_rank_and_allows_a_changed_log_interval() {
+        let saved = TrainConfig::default();
+        let mut now = saved.clone();
+        now.train.logging_steps = 3;
+        now.train.max_steps = Some(100);
+        check_resume_config(&saved, &now, Path::new("runs/x/checkpoint-4")).unwrap();
+        now.lora.r = 16;
+        let err = check_resume_config(&saved, &now, Path::new("runs/x/checkpoint-4")).unwrap_err();
+        assert_eq!(
+            err,
+            "--resume runs/x/checkpoint-4: lora.r was 8 when the checkpoint was written, now 16; that changes what the run computes (resume with the checkpoint's value, or start a new run in another output_dir)"
+        );
+    }
+}
