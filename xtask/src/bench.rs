@@ -48,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
     /// CPU threads (sets RAYON_NUM_THREADS for each measured process).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     pub threads: Option<usize>,
     /// Shards per batch (`train.batch_shards`; 0 = auto: one per CPU thread on the CPU backend).
     #[arg(long, default_value_t = 0)]
@@ -56,7 +56,7 @@ pub struct BenchArgs {
     /// Run every row whole instead of each pair's prompt once (`train.prefix_sharing = false`).
     #[arg(long)]
     pub no_prefix_sharing: bool,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = crate::flags::at_least_one)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,

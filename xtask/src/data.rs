@@ -31,7 +31,7 @@ pub struct SplitArgs {
     #[arg(long)]
     pub format: Option<String>,
     /// Fraction of rows for the test split.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::flags::open_unit)]
     pub test_fraction: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -52,7 +52,7 @@ pub struct CheckArgs {
     /// Model folder whose tokenizer (and chat template) to check against.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
     pub max_length: usize,
     /// Report every bad row instead of stopping at the first.
     #[arg(long)]
@@ -102,7 +102,7 @@ pub struct PairsArgs {
     #[arg(long, value_enum, default_value_t = PairsMode::BestWorst)]
     pub mode: PairsMode,
     /// all-pairs: minimum rating difference between chosen and rejected.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::non_negative)]
     pub min_gap: f64,
 }
 

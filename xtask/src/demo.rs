@@ -23,16 +23,16 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Prompt-completion rows of the SFT corpus.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, value_parser = crate::flags::at_least_one)]
     pub sft: usize,
     /// Training preference pairs.
-    #[arg(long, default_value_t = 2400)]
+    #[arg(long, default_value_t = 2400, value_parser = crate::flags::at_least_one)]
     pub pairs: usize,
     /// Held-out preference pairs (prompts never seen in training).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = crate::flags::at_least_one)]
     pub heldout: usize,
     /// BPE vocabulary size (special tokens included).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
     pub vocab_size: usize,
 }
 
@@ -317,7 +317,7 @@ const SFT_MIX: [usize; 4] = [25, 25, 25, 25];
 /// Mix of the rejected answers of the preference pairs (curt, wrong, refusal).
 const REJECTED_MIX: [usize; 4] = [0, 40, 35, 25];
 
-pub const CHAT_TEMPLATE: &str = "<|bos|>{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+pub const CHAT_TEMPLATE: &str = "<|bos|>{% for message in messages %}{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}<|end|>{% elif message['role'] == 'assistant' %}<|assistant|>{{ message['content'] }}<|end|>{% else %}{{ raise_exception('the support template has no ' ~ message['role'] ~ ' messages: use user and assistant') }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 const SPECIAL: &[&str] = &["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"];
 
 pub fn run(args: DemoArgs) -> Result<()> {

@@ -19,16 +19,16 @@ use crate::pairs::{Loaded, ModelAndPairs};
 pub struct EvalArgs {
     #[command(flatten)]
     pub input: ModelAndPairs,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::flags::positive)]
     pub beta: f64,
     /// Generate for the first N prompts (policy and reference) into --generations-out, judge them
     /// and print the before/after table.
     #[arg(long, default_value_t = 0)]
     pub generations: usize,
     /// Sampling temperature of the generations (0 = greedy).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, value_parser = crate::flags::non_negative)]
     pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::top_p)]
     pub top_p: f64,
     /// Seed of the sampling (prompt i uses seed + record index, for both models).
     #[arg(long, default_value_t = 42)]
@@ -37,7 +37,7 @@ pub struct EvalArgs {
     pub judge: crate::train::JudgeArgs,
     #[arg(long, default_value = "generations.jsonl")]
     pub generations_out: PathBuf,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::flags::at_least_one)]
     pub max_new_tokens: usize,
 }
 

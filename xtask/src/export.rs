@@ -22,7 +22,7 @@ pub struct ExportArgs {
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Largest shard in bytes before the weights are split with an index (HF default: 5 GB).
-    #[arg(long, default_value_t = 5_000_000_000)]
+    #[arg(long, default_value_t = 5_000_000_000, value_parser = crate::flags::at_least_one)]
     pub max_shard_size: usize,
 }
 

@@ -28,15 +28,15 @@ pub struct LogpsArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Maximum prompt + completion tokens; records whose prompt alone reaches it are dropped.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
     pub max_length: usize,
     #[arg(long, value_enum, default_value_t = Truncation::KeepStart)]
     pub truncation: Truncation,
     /// Cut prompts to their last N tokens first (older TRL; off by default).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     pub max_prompt_length: Option<usize>,
     /// Pairs per forward pass (results do not depend on it).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::flags::at_least_one)]
     pub batch_size: usize,
     /// Output JSONL file.
     #[arg(long)]
@@ -61,6 +61,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &LogpsArgs) -> Result<()> {
     };
     let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
     let (model, report) = CausalLm::<B>::load(&args.model, device)?;
+    let longest = prepared.pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
+    dipole_train::memory::check_batch_fits::<B>(device, &model.config, args.batch_size.min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
     for name in &report.ignored {
         eprintln!("note: {} is not used by the model", name);
     }

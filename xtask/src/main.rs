@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod eval;
 mod export;
+mod flags;
 mod logps;
 mod pairs;
 mod score;
@@ -44,7 +45,11 @@ enum Command {
 
 fn main() -> Result<()> {
     dipole_train::alloc::keep_freed_memory();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Some(fused) = dipole_kernels::fused_from_env().map_err(anyhow::Error::msg)? {
+        dipole_kernels::set_fused(fused);
+    }
+    match cli.command {
         Command::Logps(args) => logps::run(args),
         Command::Export(args) => export::run(args),
         Command::Train(args) => train::run(args, None),

@@ -26,9 +26,9 @@ pub struct ModelAndPairs {
     /// Preference pairs (JSONL, JSON or Parquet; standard or conversational).
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
     pub max_length: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::flags::at_least_one)]
     pub batch_size: usize,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
@@ -49,6 +49,8 @@ impl ModelAndPairs {
         let lengths = LengthOptions { max_length: Some(self.max_length), ..Default::default() };
         let prepared = load_pairs(&self.data, &tokenizer, lengths)?;
         let (mut policy, _) = CausalLm::<B>::load(&self.model, device)?;
+        let longest = prepared.pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
+        dipole_train::memory::check_batch_fits::<B>(device, &policy.config, self.batch_size.min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
         if let Some(adapter) = &self.adapter {
             policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
         }

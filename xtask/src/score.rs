@@ -22,11 +22,11 @@ pub struct ScoreArgs {
     pub loss: Vec<String>,
     #[arg(long, value_delimiter = ',')]
     pub loss_weights: Vec<f64>,
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::flags::positive)]
     pub beta: f64,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
     pub label_smoothing: f64,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::flags::unit)]
     pub ld_alpha: Option<f64>,
     #[arg(long)]
     pub use_weighting: bool,

@@ -42,7 +42,7 @@ pub struct JudgeArgs {
     #[arg(long, default_value = "DIPOLE_JUDGE_API_KEY")]
     pub judge_key_env: String,
     /// Seconds to wait for each judge reply.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub judge_timeout: u64,
 }
 

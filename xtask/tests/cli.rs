@@ -1,0 +1,164 @@
+//! The command line on bad input: every case exits with an error naming the flag, key, file or
+//! backend and what was expected; none panics (exit 101) or aborts (134).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture(rel: &str) -> String {
+    root().join("fixtures").join(rel).display().to_string()
+}
+
+fn xtask(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(args).current_dir(root()).env_remove("DIPOLE_FUSED_KERNELS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// Runs and checks the exit code and that stderr holds `want` (clap adds usage lines after it).
+fn refused(args: &[&str], env: &[(&str, &str)], code: i32, want: &str) {
+    let out = xtask(args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: exit {:?}\n{stderr}", out.status.code());
+    assert!(stderr.contains(want), "{args:?}: stderr lacks {want:?}:\n{stderr}");
+}
+
+fn logps_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
+    let mut v: Vec<String> = ["logps", "--model", &fixture("tiny-llama"), "--data", &fixture("data/prefs_standard.jsonl"), "--out", out]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn zero_and_out_of_range_flags_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.jsonl").display().to_string();
+    let args = logps_args(&out, &["--batch-size", "0"]);
+    refused(&strs(&args), &[], 2, "invalid value '0' for '--batch-size <BATCH_SIZE>': must be at least 1");
+    let args = logps_args(&out, &["--max-length", "0"]);
+    refused(&strs(&args), &[], 2, "invalid value '0' for '--max-length <MAX_LENGTH>': must be at least 1");
+    let pairs = ["--model", &fixture("tiny-llama"), "--data", &fixture("data/prefs_standard.jsonl")];
+    for (command, extra) in [("eval", vec![]), ("score", vec!["--out", out.as_str()])] {
+        let mut args = vec![command];
+        args.extend(pairs);
+        args.extend(extra);
+        args.extend(["--batch-size", "0"]);
+        refused(&args, &[], 2, "invalid value '0' for '--batch-size <BATCH_SIZE>': must be at least 1");
+    }
+    let mut args = vec!["eval"];
+    args.extend(pairs);
+    args.push("--temperature=-1");
+    refused(&args, &[], 2, "invalid value '-1' for '--temperature <TEMPERATURE>': must be >= 0, got -1");
+    let mut args = vec!["eval"];
+    args.extend(pairs);
+    args.push("--top-p=1.5");
+    refused(&args, &[], 2, "invalid value '1.5' for '--top-p <TOP_P>': must be in (0, 1], got 1.5");
+    let mut args = vec!["score"];
+    args.extend(pairs);
+    args.extend(["--out", &out, "--beta=0"]);
+    refused(&args, &[], 2, "invalid value '0' for '--beta <BETA>': must be > 0, got 0");
+    refused(&["bench", "--steps", "0"], &[], 2, "invalid value '0' for '--steps <STEPS>': must be at least 1");
+    refused(&["data", "split", "--data", "x.jsonl", "--out-dir", "y", "--test-fraction", "1"], &[], 2, "invalid value '1' for '--test-fraction <TEST_FRACTION>': must be in (0, 1), got 1");
+}
+
+#[test]
+fn a_row_too_long_for_memory_is_an_error_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("long.jsonl");
+    // about 4 MB of text in one completion: a million-token row needs terabytes of attention scores
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(100_000);
+    std::fs::write(&data, format!("{{\"prompt\": \"Q:\", \"chosen\": \"{long}\", \"rejected\": \" no\"}}\n")).unwrap();
+    let out = dir.path().join("o.jsonl").display().to_string();
+    let data = data.display().to_string();
+    let args = ["logps", "--model", &fixture("tiny-llama"), "--data", &data, "--out", &out, "--max-length", "1000000"];
+    refused(&args, &[], 1, "--max-length: the longest row has ");
+    refused(&args, &[], 1, "GiB (4 heads), more than the ");
+}
+
+#[test]
+fn a_malformed_kernel_switch_is_an_error() {
+    refused(&["data", "check", "--data", "x.jsonl"], &[("DIPOLE_FUSED_KERNELS", "maybe")], 1, "DIPOLE_FUSED_KERNELS=\"maybe\": expected 1/on/true or 0/off/false");
+}
+
+#[test]
+fn a_backend_not_built_in_is_named_with_its_feature() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.jsonl").display().to_string();
+    let args = logps_args(&out, &["--backend", "cuda"]);
+    if cfg!(feature = "cuda") {
+        // built with CUDA: on a machine without the driver the probe names what is missing
+        let out = xtask(&strs(&args), &[]);
+        assert_ne!(out.status.code(), Some(101), "{}", String::from_utf8_lossy(&out.stderr));
+    } else {
+        refused(&strs(&args), &[], 1, "backend Cuda is not compiled into this binary; rebuild with `--features cuda`");
+    }
+}
+
+/// A tiny run's config: tiny-llama, one step, its output folder under `dir`.
+fn tiny_run(dir: &Path) -> PathBuf {
+    let config = dir.join("run.toml");
+    let text = format!(
+        "[model]\npath = {:?}\n[data]\ntrain = {:?}\nmax_length = 128\n[train]\nbatch_size = 4\nmax_steps = 1\nprogress = false\noutput_dir = {:?}\n",
+        fixture("tiny-llama"),
+        fixture("data/prefs_standard.jsonl"),
+        dir.join("out").display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+#[test]
+fn bad_runs_are_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_run(dir.path()).display().to_string();
+    refused(&["train", "--config", &config, "--set", "optim.max_grad_norm=-1"], &[], 1, "--set: optim.max_grad_norm must be >= 0 (0 turns clipping off), got -1");
+    refused(&["train", "--config", &config, "--set", "train.max_steps=0"], &[], 1, "--set: train.max_steps must be at least 1, got 0");
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    refused(&["train", "--config", &config, "--resume"], &[], 1, &format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()));
+    // a live process (this test) holds the folder
+    std::fs::write(out_dir.join("dipole.lock"), format!("{}\n", std::process::id())).unwrap();
+    refused(&["train", "--config", &config], &[], 1, &format!("train.output_dir {} is in use by a live run (pid {}", out_dir.display(), std::process::id()));
+}
+
+#[test]
+fn a_file_with_no_valid_row_fails_the_check_even_when_skipping() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(&data, "{\"prompt\": \"x\"}\nnot json\n").unwrap();
+    let data = data.display().to_string();
+    refused(&["data", "check", "--data", &data, "--skip-invalid"], &[], 1, &format!("{data}: no valid records (2 invalid rows skipped; first: line 1: missing field \"chosen\")"));
+}
+
+#[test]
+fn a_checkpoint_with_a_nan_weight_is_an_error_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(root().join("fixtures/tiny-llama")).unwrap().flatten() {
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let path = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let start = header["model.norm.weight"]["data_offsets"][0].as_u64().unwrap() as usize + 8 + header_len;
+    bytes[start + 8..start + 12].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let out = dir.path().join("o.jsonl").display().to_string();
+    let args = ["logps", "--model", &model.display().to_string(), "--data", &fixture("data/prefs_standard.jsonl"), "--out", &out];
+    refused(&args, &[], 1, &format!("{}: tensor \"model.norm.weight\" has 1 non-finite value (first at element 2: NaN)", path.display()));
+}
