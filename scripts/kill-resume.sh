@@ -20,7 +20,7 @@ lr_scheduler_type = "cosine"
 warmup_steps = 2
 [train]
 batch_size = 4
-max_steps = 14
+max_steps = 60
 save_steps = 1
 logging_steps = 1
 progress = false
@@ -35,7 +35,7 @@ while :; do
     pid=$!
     starts=$((starts + 1))
     if [ "$done_kills" -lt "$kills" ]; then
-        sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.3 + 3.0 * r / 32767 }')"
+        sleep "$(awk -v r="$RANDOM" 'BEGIN { printf "%.2f", 0.2 + 1.0 * r / 32767 }')"
         if kill -9 "$pid" 2> /dev/null; then
             wait "$pid" 2> /dev/null || true
             done_kills=$((done_kills + 1))
@@ -46,7 +46,7 @@ while :; do
     break
 done
 if cmp -s "$work/whole/final/model/model.safetensors" "$work/parts/final/model/model.safetensors"; then
-    echo "bit-identical after $done_kills SIGKILLs ($starts starts)"
+    echo "bit-identical after $done_kills SIGKILLs ($starts starts, $(grep -c '^resumed from' "$work/parts.log") resumes, $(grep -c 'taking it over' "$work/parts.log") stale locks taken over)"
 else
     echo "DIFFERENT after $done_kills SIGKILLs ($starts starts); log: $work/parts.log" >&2
     trap - EXIT
