@@ -162,3 +162,45 @@ fn a_checkpoint_with_a_nan_weight_is_an_error_naming_the_tensor() {
     let args = ["logps", "--model", &model.display().to_string(), "--data", &fixture("data/prefs_standard.jsonl"), "--out", &out];
     refused(&args, &[], 1, &format!("{}: tensor \"model.norm.weight\" has 1 non-finite value (first at element 2: NaN)", path.display()));
 }
+
+/// A run SIGKILLed (as soon as each of a few checkpoints appears, so mid-step or mid-write) and
+/// resumed each time ends with the same bytes as an uninterrupted run; each restart takes over the
+/// dead run's lock. `scripts/kill-resume.sh` does the same at random moments.
+#[test]
+fn a_killed_and_resumed_run_ends_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_run(dir.path()).display().to_string();
+    let steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=1", "--set", "optim.learning_rate=1e-3"];
+    let whole = dir.path().join("whole").display().to_string();
+    let set_out = |out: &str| format!("train.output_dir={out:?}");
+    let mut args = vec!["train", "--config", &config];
+    args.extend(steps);
+    let whole_out = set_out(&whole);
+    let out = xtask(&[args.clone(), vec!["--set", &whole_out]].concat(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let parts = dir.path().join("parts");
+    let parts_out = set_out(&parts.display().to_string());
+    for (k, after) in [2, 4, 6].into_iter().enumerate() {
+        let mut run = args.clone();
+        run.extend(["--set", &parts_out]);
+        if k > 0 {
+            run.push("--resume");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask")).args(&run).current_dir(root()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !parts.join(format!("checkpoint-{after}")).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(parts.join("dipole.lock").exists(), "the killed run leaves its lock behind");
+    }
+    let mut run = args.clone();
+    run.extend(["--set", &parts_out, "--resume"]);
+    let out = xtask(&run, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("which has ended; taking it over"), "{stderr}");
+    let weights = |d: &Path| std::fs::read(d.join("final/model/model.safetensors")).unwrap();
+    assert!(weights(Path::new(&whole)) == weights(&parts), "resumed weights differ from the uninterrupted run's");
+}
