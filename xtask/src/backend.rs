@@ -55,10 +55,20 @@ pub fn probe<B: burn::tensor::backend::Backend>(kind: BackendKind, device: &B::D
 /// missing) caught and returned as an error naming the backend, quietly (no backtrace).
 #[cfg_attr(not(any(test, feature = "wgpu", feature = "vulkan", feature = "metal", feature = "cuda")), allow(dead_code))]
 fn starts(kind: BackendKind, first_use: impl FnOnce()) -> anyhow::Result<()> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    thread_local!(static PROBING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    static QUIET_WHILE_PROBING: std::sync::Once = std::sync::Once::new();
+    // one hook for the process, silent only on a thread that is probing
+    QUIET_WHILE_PROBING.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !PROBING.with(|p| p.get()) {
+                default(info);
+            }
+        }));
+    });
+    PROBING.with(|p| p.set(true));
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(first_use));
-    std::panic::set_hook(hook);
+    PROBING.with(|p| p.set(false));
     started.map_err(|panic| {
         let why = panic
             .downcast_ref::<String>()

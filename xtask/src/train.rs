@@ -93,13 +93,16 @@ fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOpt
         train::<Autodiff<B>>(config, options, device)
     }
     .map_err(|e| anyhow!(e))?;
-    eprintln!(
-        "{} steps in {:.1}s; final loss {:.4}; {} written",
-        summary.steps,
-        started.elapsed().as_secs_f64(),
-        summary.step_losses.last().copied().unwrap_or(f64::NAN),
-        summary.final_dir.display()
-    );
+    match summary.step_losses.last() {
+        Some(loss) => eprintln!(
+            "{} steps in {:.1}s; final loss {loss:.4}; {} written",
+            summary.steps,
+            started.elapsed().as_secs_f64(),
+            summary.final_dir.display()
+        ),
+        // resumed from the last checkpoint of a run killed before its final weights were whole
+        None => eprintln!("all {} steps were already done; {} written", summary.steps, summary.final_dir.display()),
+    }
     if let Some(eval) = &summary.final_eval {
         for (k, v) in eval {
             eprintln!("  {k:<36} {v:.4}");

@@ -129,9 +129,12 @@ fn bad_runs_are_refused_before_training() {
     let out_dir = dir.path().join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     refused(&["train", "--config", &config, "--resume"], &[], 1, &format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()));
-    // a live process (this test) holds the folder
+    // a live process (this test) holds the folder's lock
+    let lock = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(out_dir.join("dipole.lock")).unwrap();
+    lock.try_lock().unwrap();
     std::fs::write(out_dir.join("dipole.lock"), format!("{}\n", std::process::id())).unwrap();
-    refused(&["train", "--config", &config], &[], 1, &format!("train.output_dir {} is in use by a live run (pid {}", out_dir.display(), std::process::id()));
+    refused(&["train", "--config", &config], &[], 1, &format!("train.output_dir {} is in use by a live run (pid {}), which holds", out_dir.display(), std::process::id()));
+    drop(lock);
 }
 
 #[test]
@@ -193,14 +196,15 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
         }
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(parts.join("dipole.lock").exists(), "the killed run leaves its lock behind");
+        let left = std::fs::read_to_string(parts.join("dipole.lock")).unwrap();
+        assert_eq!(left.trim(), child.id().to_string(), "the killed run's pid stays in the lock file");
     }
     let mut run = args.clone();
     run.extend(["--set", &parts_out, "--resume"]);
     let out = xtask(&run, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("which has ended; taking it over"), "{stderr}");
+    assert!(stderr.contains("a run that ended without finishing; taking it over"), "{stderr}");
     let weights = |d: &Path| std::fs::read(d.join("final/model/model.safetensors")).unwrap();
     assert!(weights(Path::new(&whole)) == weights(&parts), "resumed weights differ from the uninterrupted run's");
 }

@@ -1,12 +1,12 @@
 //! The process-wide switch: with the kernels off every entry point hands its inputs back, so the
-//! caller runs the tensor-op form (the graph GPU backends run). Its own test binary: the switch is
-//! global, and the kernels' own tests expect it on.
+//! caller runs the tensor-op form (the graph GPU backends run). Its own test binary, with one test:
+//! the switch and the environment are global to the process.
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
 
 #[test]
-fn the_switch_turns_every_kernel_off_and_on() {
+fn the_switch_and_the_variable_turn_the_kernels_off_and_on() {
     let device = Default::default();
     let x = || Tensor::<Flex, 4>::from_data(TensorData::new(vec![0.5f32; 2 * 3 * 4 * 6], [2, 3, 4, 6]), &device);
     assert!(dipole_kernels::attention::try_merge_heads(x()).is_ok(), "kernels are on by default");
@@ -17,11 +17,8 @@ fn the_switch_turns_every_kernel_off_and_on() {
     assert!(dipole_kernels::swiglu::try_silu_mul(gate.clone(), gate.clone()).is_err());
     dipole_kernels::set_fused(true);
     assert!(dipole_kernels::swiglu::try_silu_mul(gate.clone(), gate).is_ok());
-}
 
-#[test]
-fn the_variable_takes_on_and_off_words_only() {
-    // SAFETY: this binary's other test does not read the environment
+    // SAFETY: the only test of this binary; nothing else runs while the variable changes
     unsafe { std::env::set_var(dipole_kernels::FUSED_KERNELS_VAR, "off") };
     assert_eq!(dipole_kernels::fused_from_env(), Ok(Some(false)));
     unsafe { std::env::set_var(dipole_kernels::FUSED_KERNELS_VAR, "TRUE") };

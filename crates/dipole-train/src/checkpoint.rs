@@ -1,6 +1,7 @@
-//! A run's folder on disk: the lock that keeps a second run out of it, checkpoints written durably
-//! (every file and folder synced before the rename that publishes them) with a BLAKE3 checksum of
-//! each file verified on resume, and the resume checks (the config still describes the same run).
+//! A run's folder on disk: the lock that keeps a second run out of it, checkpoints (and the final
+//! weights) written durably (every file and folder synced before the rename that publishes them)
+//! with a BLAKE3 checksum of each file verified on resume, and the resume checks (the config still
+//! describes the same run).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -13,13 +14,19 @@ use crate::config::TrainConfig;
 /// Writes `bytes` to `path` durably: a temporary file beside it, synced, renamed over `path`, and
 /// the folder synced, so a crash leaves either the old file or the new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
+    // one temporary name per process: two runs sharing a cache folder never write the same file
+    let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
     let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     let mut file = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
     file.write_all(bytes).map_err(|e| err(&tmp, e))?;
     file.sync_all().map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent(path))
+}
+
+/// The folder holding `path` (`.` for a bare name).
+fn parent(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// Makes a folder's entries (new files, renames) durable.
@@ -64,8 +71,9 @@ fn relative(dir: &Path, path: &Path) -> String {
 /// Syncs every file and folder under `dir` and writes [`CHECKSUMS`] over its files.
 pub fn seal(dir: &Path) -> Result<(), String> {
     let mut sums = BTreeMap::new();
-    for path in files_under(dir)? {
-        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+    for path in files_under(dir)?.into_iter().filter(|p| *p != dir.join(CHECKSUMS)) {
+        // a handle opened for writing: Windows cannot flush a read-only one
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
         sums.insert(relative(dir, &path), crate::precompute::file_blake3(&path)?);
     }
     let text = serde_json::to_string_pretty(&sums).map_err(|e| e.to_string())?;
@@ -130,15 +138,21 @@ pub fn publish(tmp: &Path, dest: &Path) -> Result<(), String> {
         std::fs::remove_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     }
     std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent(dest))
 }
 
-/// The lock a run holds on its `train.output_dir`: a file with the owner's pid, removed when the
-/// run ends. A second run into the folder is refused while the owner lives; the lock of a dead
-/// process is taken over (said on stderr).
+/// Whether `dir` was published whole by [`publish`] (it holds its [`CHECKSUMS`]).
+pub fn is_sealed(dir: &Path) -> bool {
+    dir.join(CHECKSUMS).is_file()
+}
+
+/// The lock a run holds on its `train.output_dir`: an OS file lock on `dipole.lock`, which the
+/// kernel releases when the process ends however it ends, so a killed run never leaves the folder
+/// locked (nor does a pid reused after a restart). The file holds the owner's pid while it runs, for
+/// the message, and is emptied when the run ends cleanly.
 #[derive(Debug)]
 pub struct RunLock {
-    path: PathBuf,
+    file: std::fs::File,
 }
 
 pub const LOCK_FILE: &str = "dipole.lock";
@@ -146,55 +160,41 @@ pub const LOCK_FILE: &str = "dipole.lock";
 impl RunLock {
     pub fn acquire(output_dir: &Path) -> Result<Self, String> {
         let path = output_dir.join(LOCK_FILE);
-        for _ in 0..3 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut file) => {
-                    writeln!(file, "{}", std::process::id()).map_err(|e| format!("{}: {e}", path.display()))?;
-                    return Ok(Self { path });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    match text.trim().parse::<u32>() {
-                        Ok(pid) if process_alive(pid) => {
-                            return Err(format!(
-                                "train.output_dir {} is in use by a live run (pid {pid}, lock file {}): give this run another output_dir, or wait for that one to end",
-                                output_dir.display(),
-                                path.display()
-                            ));
-                        }
-                        Ok(pid) => eprintln!("note: {} was left by pid {pid}, which has ended; taking it over", path.display()),
-                        // a lock being written this instant reads empty: look again
-                        Err(_) if text.is_empty() => std::thread::sleep(std::time::Duration::from_millis(50)),
-                        Err(_) => eprintln!("note: {} holds no pid ({:?}); taking it over", path.display(), text.trim()),
-                    }
-                    if !text.is_empty() {
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+        let err = |e: std::io::Error| format!("{}: {e}", path.display());
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                let owner = match owner.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                };
+                return Err(format!(
+                    "train.output_dir {} is in use by a live run{owner}, which holds {}: give this run another output_dir, or wait for that one to end",
+                    output_dir.display(),
+                    path.display()
+                ));
             }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
         }
-        Err(format!("{}: could not take the lock (another run keeps creating it)", path.display()))
+        let mut before = String::new();
+        std::io::Read::read_to_string(&mut file, &mut before).map_err(err)?;
+        if !before.trim().is_empty() {
+            eprintln!("note: {} names pid {}, a run that ended without finishing; taking it over", path.display(), before.trim());
+        }
+        file.set_len(0).map_err(err)?;
+        std::io::Seek::rewind(&mut file).map_err(err)?;
+        writeln!(file, "{}", std::process::id()).map_err(err)?;
+        Ok(Self { file })
     }
 }
 
 impl Drop for RunLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Whether process `pid` is running (Linux: its /proc entry; elsewhere every pid counts as alive,
-/// so a stale lock there is removed by hand).
-fn process_alive(pid: u32) -> bool {
-    if Path::new("/proc/self").exists() {
-        // a zombie has ended as far as its lock is concerned
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-            Err(_) => false,
-        }
-    } else {
-        true
+        // the file stays (removing it would let a waiting opener lock a deleted file); emptied, it
+        // says the run ended cleanly, and closing it releases the lock
+        let _ = self.file.set_len(0);
     }
 }
 
@@ -220,12 +220,17 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.max_skipped_fraction",
     "train.gradient_checkpointing",
     "train.prefix_sharing",
+    // the training examples themselves are compared on resume (`TrainerState::train_data`)
     "data.eval",
     "data.skip_invalid",
 ];
 
-/// Config keys that extend or shorten a run: allowed on resume, said on stderr.
-const LENGTH_KEYS: &[&str] = &["train.max_steps", "train.num_train_epochs"];
+/// Config keys a resumed run may change knowingly, said on stderr with what follows.
+const NOTED_ON_RESUME: &[(&str, &str)] = &[
+    ("train.max_steps", "the learning-rate schedule follows the new length"),
+    ("train.num_train_epochs", "the learning-rate schedule follows the new length"),
+    ("train.mixed_precision", "the steps from here on compute in the new precision"),
+];
 
 fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
     match value {
@@ -258,8 +263,8 @@ pub fn check_resume_config(saved: &TrainConfig, now: &TrainConfig, checkpoint: &
         if a == b || FREE_ON_RESUME.contains(&key.as_str()) {
             continue;
         }
-        if LENGTH_KEYS.contains(&key.as_str()) {
-            eprintln!("note: {key} was {a} in {}, now {b}: the learning-rate schedule follows the new length", checkpoint.display());
+        if let Some((_, what)) = NOTED_ON_RESUME.iter().find(|(k, _)| k == key) {
+            eprintln!("note: {key} was {a} in {}, now {b}: {what}", checkpoint.display());
             continue;
         }
         return Err(format!(
@@ -275,16 +280,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_live_lock_refuses_and_a_dead_one_is_taken_over() {
+    fn a_held_lock_refuses_and_a_released_one_is_taken() {
         let dir = tempfile::tempdir().unwrap();
         let lock = RunLock::acquire(dir.path()).unwrap();
         let err = RunLock::acquire(dir.path()).unwrap_err();
-        assert!(err.contains("in use by a live run") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+        assert_eq!(
+            err,
+            format!(
+                "train.output_dir {} is in use by a live run (pid {}), which holds {}: give this run another output_dir, or wait for that one to end",
+                dir.path().display(),
+                std::process::id(),
+                dir.path().join(LOCK_FILE).display()
+            )
+        );
         drop(lock);
-        assert!(!dir.path().join(LOCK_FILE).exists(), "the lock goes with its run");
-        // pid 4194304 is above Linux's pid_max: never alive
-        std::fs::write(dir.path().join(LOCK_FILE), "4194304\n").unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), "", "a clean end empties the file");
+        // a file naming a pid but locked by nobody: its run was killed
+        std::fs::write(dir.path().join(LOCK_FILE), "12345\n").unwrap();
         let _taken = RunLock::acquire(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), format!("{}\n", std::process::id()));
     }
 
     #[test]
@@ -303,6 +317,7 @@ mod tests {
         assert!(err.contains("optimizer.mpk: checksum mismatch"), "{err}");
         std::fs::remove_file(ckpt.join("model/weights.bin")).unwrap();
         seal(&ckpt).unwrap();
+        verify(&ckpt).unwrap();
         std::fs::write(ckpt.join(CHECKSUMS), r#"{"model/weights.bin": "00"}"#).unwrap();
         let err = verify(&ckpt).unwrap_err();
         assert!(err.contains("weights.bin: listed in checksums.json but missing"), "{err}");

@@ -53,13 +53,8 @@ impl CacheInputs {
         digests.save();
         let mut data = blake3::Hasher::new();
         for p in train.iter().chain(eval) {
-            for seq in [&p.chosen, &p.rejected] {
-                data.update(&(seq.input_ids.len() as u64).to_le_bytes());
-                for id in &seq.input_ids {
-                    data.update(&id.to_le_bytes());
-                }
-                data.update(&seq.completion_mask);
-            }
+            hash_sequence(&mut data, &p.chosen);
+            hash_sequence(&mut data, &p.rejected);
         }
         Ok(Self {
             model,
@@ -112,6 +107,15 @@ impl CacheInputs {
     }
 }
 
+/// Feeds one tokenised row (its length, ids and completion mask) to `hasher`.
+pub fn hash_sequence(hasher: &mut blake3::Hasher, seq: &dipole_data::Sequence) {
+    hasher.update(&(seq.input_ids.len() as u64).to_le_bytes());
+    for id in &seq.input_ids {
+        hasher.update(&id.to_le_bytes());
+    }
+    hasher.update(&seq.completion_mask);
+}
+
 /// Streams `path` through BLAKE3 in 1 MiB reads (a 14 GB checkpoint is never held in memory).
 pub fn file_blake3(path: &Path) -> Result<String, String> {
     let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -127,12 +131,27 @@ pub fn file_blake3(path: &Path) -> Result<String, String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// A remembered digest: valid while the file keeps its size and modification time.
+/// A remembered digest: valid while the file keeps its size, modification time and identity.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Remembered {
     bytes: u64,
     modified_ns: u128,
+    /// Device, inode and change time on Unix: `cp -p`, `rsync -a` and `touch -r` carry a file's
+    /// size and mtime over, but a change time only the kernel sets.
+    #[serde(default)]
+    identity: String,
     blake3: String,
+}
+
+#[cfg(unix)]
+fn identity(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!("{}:{}:{}.{}", meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
+
+#[cfg(not(unix))]
+fn identity(_: &std::fs::Metadata) -> String {
+    String::new()
 }
 
 /// Digests of files already hashed, kept in `<cache dir>/file-digests.json`.
@@ -159,11 +178,12 @@ impl DigestMemo {
         let modified_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let identity = identity(&meta);
         let blake3 = match self.known.get(&full) {
-            Some(r) if r.bytes == meta.len() && r.modified_ns == modified_ns && modified_ns != 0 => r.blake3.clone(),
+            Some(r) if r.bytes == meta.len() && r.modified_ns == modified_ns && modified_ns != 0 && r.identity == identity => r.blake3.clone(),
             _ => {
                 let digest = file_blake3(path)?;
-                self.known.insert(full, Remembered { bytes: meta.len(), modified_ns, blake3: digest.clone() });
+                self.known.insert(full, Remembered { bytes: meta.len(), modified_ns, identity, blake3: digest.clone() });
                 self.changed = true;
                 digest
             }

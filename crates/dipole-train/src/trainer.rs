@@ -21,7 +21,7 @@ use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, ExportDtype, MixedPrecision, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, publish, verify, write_json};
+use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, is_sealed, publish, verify, write_json};
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
 use crate::grads::{accumulate, clip_global_norm, scale};
 use crate::scaler::LossScaler;
@@ -65,6 +65,10 @@ pub struct TrainerState {
     /// fp16 overflows, routine, are not counted here.
     #[serde(default)]
     pub nonfinite_steps: usize,
+    /// BLAKE3 of the training examples as tokenised (ids, masks, labels, order), compared on resume:
+    /// another file, split or tokenisation would make the saved data cursor meaningless.
+    #[serde(default)]
+    pub train_data: Option<String>,
 }
 
 /// The outcome of a run.
@@ -261,7 +265,8 @@ fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Pa
 fn check_lora_fits<B: Backend>(lora: &dipole_lora::LoraConfig, model: &mut CausalLm<B>) -> TrainResult<()> {
     let layers = model.layers.len();
     if let Some(bad) = lora.layers_to_transform.iter().flatten().find(|&&l| l >= layers) {
-        return Err(format!("lora.layers_to_transform: layer {bad} does not exist (the model has {layers}: 0..={})", layers - 1));
+        let valid = if layers == 0 { "none".to_string() } else { format!("0..={}", layers - 1) };
+        return Err(format!("lora.layers_to_transform: layer {bad} does not exist (the model has {layers}: {valid})"));
     }
     for (name, linear) in model.linears_mut() {
         let side = linear.in_features().min(linear.out_features());
@@ -351,6 +356,30 @@ impl Examples {
 
     fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// BLAKE3 of the examples as tokenised: ids and masks of every row, labels, in order.
+    fn digest(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(&(self.len() as u64).to_le_bytes());
+        match self {
+            Examples::Pairs(pairs, labels) => {
+                for p in pairs {
+                    crate::precompute::hash_sequence(&mut h, &p.chosen);
+                    crate::precompute::hash_sequence(&mut h, &p.rejected);
+                }
+                for &l in labels.iter().flatten() {
+                    h.update(&[l as u8]);
+                }
+            }
+            Examples::Sequences(seqs) => {
+                for s in seqs {
+                    crate::precompute::hash_sequence(&mut h, &s.sequence);
+                    h.update(&[s.label.map_or(2, |l| l as u8)]);
+                }
+            }
+        }
+        h.finalize().to_hex().to_string()
     }
 
     /// Longest row of example `i` (length-grouped batching).
@@ -451,11 +480,11 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         if !dir.join("trainer_state.json").exists() {
             return Err(format!("--resume {}: not a checkpoint (no trainer_state.json)", dir.display()));
         }
-        verify(dir)?;
         let saved = dir.join("config.json");
         let text = std::fs::read_to_string(&saved).map_err(|e| format!("{}: {e}", saved.display()))?;
         let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", saved.display()))?;
         check_resume_config(&saved, config, dir)?;
+        verify(dir)?;
     }
     let mut state: TrainerState = match &resume_dir {
         Some(dir) => {
@@ -464,6 +493,41 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         }
         None => TrainerState::default(),
     };
+    let train_data = train_set.digest();
+    if let (Some(dir), Some(saved)) = (&resume_dir, &state.train_data)
+        && *saved != train_data
+    {
+        return Err(format!(
+            "--resume {}: the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; {} examples now)",
+            dir.display(),
+            train_set.len()
+        ));
+    }
+    state.train_data = Some(train_data);
+    let order = DataOrder {
+        num_pairs: train_set.len(),
+        batch_size: config.train.batch_size,
+        shuffle: config.data.shuffle,
+        seed: config.train.seed,
+        lengths: config.data.group_by_length.then(|| (0..train_set.len()).map(|i| train_set.row_len(i)).collect()),
+    };
+    let accum = config.train.gradient_accumulation_steps;
+    let steps_per_epoch = (order.batches_per_epoch() / accum).max(1);
+    let total_steps = config
+        .train
+        .max_steps
+        .unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
+    let final_dir = config.train.final_dir.clone().unwrap_or_else(|| out_dir.join("final"));
+    let final_weights = final_dir.join(if config.lora.enabled { "adapter" } else { "model" });
+    // a run killed after its last checkpoint but before its final weights were whole still ends
+    if resume_dir.is_some() && state.step >= total_steps && is_sealed(&final_weights) {
+        return Err(format!(
+            "--resume {}: the run finished there (step {} of {total_steps}; its weights are in {}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
+            resume_dir.as_deref().unwrap_or(&out_dir).display(),
+            state.step,
+            final_weights.display()
+        ));
+    }
     config.train.mixed_precision.check_backend::<B>(device).map_err(|e| format!("train.mixed_precision: {e}"))?;
     // fp16 scales the loss; a run resumed in another precision drops the scaler
     state.loss_scaler = (config.train.mixed_precision == MixedPrecision::Fp16).then(|| state.loss_scaler.take().unwrap_or_default());
@@ -471,8 +535,10 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
     // Models.
     let mut policy = build_policy::<B>(config, resume_dir.as_deref(), device)?;
     let longest = (0..train_set.len()).map(|i| train_set.row_len(i)).chain((0..eval_set.len()).map(|i| eval_set.row_len(i))).max().unwrap_or(0);
+    // each shard pads to its own longest row: only the longest row's shard is surely that long
     let batch = config.train.batch_size.min(train_set.len().max(eval_set.len()));
-    crate::memory::check_batch_fits::<B>(device, &policy.config, batch, longest, "data.max_length")?;
+    let per_shard = batch.div_ceil(batch_shards::<B>(config.train.batch_shards, batch, device).max(1));
+    crate::memory::check_batch_fits::<B>(device, &policy.config, per_shard, longest, "data.max_length")?;
     if config.train.sync_ref_model && strategy != ReferenceStrategy::FrozenCopy {
         return Err(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}"));
     }
@@ -512,26 +578,6 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
         _ => None,
     };
 
-    let order = DataOrder {
-        num_pairs: train_set.len(),
-        batch_size: config.train.batch_size,
-        shuffle: config.data.shuffle,
-        seed: config.train.seed,
-        lengths: config.data.group_by_length.then(|| (0..train_set.len()).map(|i| train_set.row_len(i)).collect()),
-    };
-    let accum = config.train.gradient_accumulation_steps;
-    let steps_per_epoch = (order.batches_per_epoch() / accum).max(1);
-    let total_steps = config
-        .train
-        .max_steps
-        .unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
-    if resume_dir.is_some() && state.step >= total_steps {
-        return Err(format!(
-            "--resume {}: the run finished there (step {} of {total_steps}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
-            resume_dir.as_deref().unwrap_or(&out_dir).display(),
-            state.step
-        ));
-    }
     let schedule = Schedule {
         kind: config.optim.lr_scheduler_type,
         peak_lr: config.optim.learning_rate,
@@ -759,9 +805,15 @@ pub fn train<B: AutodiffBackend>(config: &TrainConfig, options: &RunOptions, dev
             summary.final_eval = Some(eval);
         }
         crate::plot::write_run_plots(&out_dir.join("plots"), &summary.log_history).map_err(|e| format!("plots: {e}"))?;
-        let final_dir = config.train.final_dir.clone().unwrap_or_else(|| out_dir.join("final"));
-        save_weights(config, &policy, &final_dir)?;
-        summary.final_dir = final_dir;
+        // written whole or not at all: a partial folder, then renamed into place
+        let partial = final_dir.join(".partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+        }
+        save_weights(config, &policy, &partial)?;
+        publish(&partial.join(final_weights.file_name().expect("adapter or model")), &final_weights)?;
+        std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+        summary.final_dir = final_dir.clone();
         if config.train.generations > 0 && !eval_set.is_empty() {
             let path = out_dir.join("generations.jsonl");
             write_generations(config, &policy, frozen_copy.borrow().as_ref(), &eval_set, &tokenizer, &path)?;
@@ -875,7 +927,8 @@ fn open_metrics(path: &Path, step: usize) -> TrainResult<std::fs::File> {
         Ok(text) if step > 0 => text
             .lines()
             .filter(|line| {
-                let logged = serde_json::from_str::<BTreeMap<String, f64>>(line).ok().and_then(|m| m.get("step").copied());
+                // a Value, not floats: an overflowed step logs `grad_norm` inf, which JSON writes as null
+                let logged = serde_json::from_str::<serde_json::Value>(line).ok().and_then(|m| m.get("step").and_then(serde_json::Value::as_f64));
                 logged.is_some_and(|s| s <= step as f64)
             })
             .map(|line| format!("{line}\n"))

@@ -63,7 +63,38 @@ fn resume_checks_the_config_the_files_and_the_end() {
     let err = train::<AD>(&c, &resume(), &Default::default()).unwrap_err();
     assert_eq!(
         err,
-        format!("--resume {}: the run finished there (step 4 of 4); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)", dir.path().join("checkpoint-4").display())
+        format!(
+            "--resume {}: the run finished there (step 4 of 4; its weights are in {}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
+            dir.path().join("checkpoint-4").display(),
+            dir.path().join("final/model").display()
+        )
+    );
+    // killed after its last checkpoint, before its final weights were whole: resuming finishes it
+    let weights = std::fs::read(dir.path().join("final/model/model.safetensors")).unwrap();
+    std::fs::remove_file(dir.path().join("final/model/checksums.json")).unwrap();
+    train::<AD>(&c, &resume(), &Default::default()).unwrap();
+    assert!(std::fs::read(dir.path().join("final/model/model.safetensors")).unwrap() == weights, "the same final weights");
+    assert_eq!(metrics_steps(dir.path()), vec![1.0, 2.0, 3.0, 4.0]);
+}
+
+#[test]
+fn resume_refuses_other_training_examples_under_the_same_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pairs.jsonl");
+    std::fs::copy(common::fixtures().join("data/prefs_standard.jsonl"), &data).unwrap();
+    let out = dir.path().join("out");
+    let mut c = config(&out);
+    c.data.train = data.clone();
+    train::<AD>(&c, &RunOptions { stop_after: Some(2), ..Default::default() }, &Default::default()).unwrap();
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, text.lines().skip(1).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let err = train::<AD>(&c, &resume(), &Default::default()).unwrap_err();
+    assert_eq!(
+        err,
+        format!(
+            "--resume {}: the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; 61 examples now)",
+            out.join("checkpoint-2").display()
+        )
     );
 }
 
