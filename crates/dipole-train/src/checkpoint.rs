@@ -7,9 +7,14 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use burn::optim::Optimizer;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use dipole_models::{CausalLm, ExportDtype};
 use serde::Serialize;
 
 use crate::config::TrainConfig;
+use crate::trainer::TrainerState;
 
 /// Writes `bytes` to `path` durably: a temporary file beside it, synced, renamed over `path`, and
 /// the folder synced, so a crash leaves either the old file or the new one.
@@ -144,6 +149,69 @@ pub fn publish(tmp: &Path, dest: &Path) -> Result<(), String> {
 /// Whether `dir` was published whole by [`publish`] (it holds its [`CHECKSUMS`]).
 pub fn is_sealed(dir: &Path) -> bool {
     dir.join(CHECKSUMS).is_file()
+}
+
+/// Saves the trainable weights of `policy` into `dir` (PEFT adapter, or an f32 HF folder).
+pub(crate) fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> Result<(), String> {
+    if config.lora.enabled {
+        let lora = config.lora.lora_config(&config.model.path)?;
+        policy.save_adapter(&dir.join("adapter"), &lora).map_err(|e| e.to_string())
+    } else {
+        policy
+            .save_hf(&dir.join("model"), ExportDtype::F32, usize::MAX, Some(&config.model.path))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Writes the final weights into `final_dir/adapter` (LoRA) or `final_dir/model`, whole or not at
+/// all: a partial folder, sealed, then renamed into place.
+pub(crate) fn save_final<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, final_dir: &Path) -> Result<PathBuf, String> {
+    let name = if config.lora.enabled { "adapter" } else { "model" };
+    let partial = final_dir.join(".partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    }
+    save_weights(config, policy, &partial)?;
+    let dest = final_dir.join(name);
+    publish(&partial.join(name), &dest)?;
+    std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    Ok(dest)
+}
+
+/// Writes `checkpoint-<step>` durably (temporary folder, every file synced and checksummed, then
+/// renamed) and prunes old ones.
+pub(crate) fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
+    config: &TrainConfig,
+    policy: &CausalLm<B>,
+    moving_reference: Option<&CausalLm<B::InnerBackend>>,
+    optimizer: &O,
+    state: &TrainerState,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
+) -> Result<(), String> {
+    let out_dir = &config.train.output_dir;
+    let dest = out_dir.join(format!("checkpoint-{}", state.step));
+    let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    save_weights(config, policy, &tmp)?;
+    if let Some(reference) = moving_reference {
+        reference.save_hf(&tmp.join("reference"), ExportDtype::F32, usize::MAX, None).map_err(|e| e.to_string())?;
+    }
+    recorder
+        .record(optimizer.to_record(), tmp.join("optimizer"))
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    write_json(&tmp.join("trainer_state.json"), state)?;
+    write_json(&tmp.join("config.json"), config)?;
+    publish(&tmp, &dest)?;
+    if let Some(limit) = config.train.save_total_limit {
+        let dirs = checkpoint_dirs(out_dir);
+        for (_, dir) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    Ok(())
 }
 
 /// The lock a run holds on its `train.output_dir`: an OS file lock on `dipole.lock`, which the

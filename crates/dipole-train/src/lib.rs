@@ -4,13 +4,18 @@
 pub mod alloc;
 pub mod checkpoint;
 pub mod config;
+mod evaluate;
+mod examples;
 pub mod grads;
 pub mod http;
 pub mod judge;
 pub mod logps;
+pub mod metrics;
 pub mod memory;
 pub mod plot;
 pub mod precompute;
+mod reference;
+pub mod sampler;
 pub mod scaler;
 pub mod schedule;
 pub mod step;
