@@ -229,7 +229,7 @@ impl ObjectiveConfig {
                 self.loss_type.len()
             ));
         }
-        if !(self.beta > 0.0) {
+        if self.beta.is_nan() || self.beta <= 0.0 {
             return Err(format!("beta must be positive, got {}", self.beta));
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {

@@ -161,22 +161,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let (train_set, eval_set) = crate::examples::load(config, &objective, &tokenizer)?;
         let pad = tokenizer.pad_id();
 
-        let resume_dir = resume_point(config, options)?;
-        let mut state = match &resume_dir {
-            Some(dir) => load_state(dir)?,
-            None => TrainerState::default(),
-        };
-        let train_data = train_set.digest();
-        if let (Some(dir), Some(saved)) = (&resume_dir, &state.train_data)
-            && *saved != train_data
-        {
-            return Err(format!(
-                "--resume {}: the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; {} examples now)",
-                dir.display(),
-                train_set.len()
-            ));
-        }
-        state.train_data = Some(train_data);
+        let (resume_dir, mut state) = resume(config, options, &train_set)?;
         let order = DataOrder {
             num_pairs: train_set.len(),
             batch_size: config.train.batch_size,
@@ -210,16 +195,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             warmup_steps: Schedule::warmup_from(config.optim.warmup_steps, config.optim.warmup_ratio, total_steps),
             total_steps,
         };
-        let mut optimizer = AdamWConfig::new()
-            .with_beta_1(config.optim.adam_beta1 as f32)
-            .with_beta_2(config.optim.adam_beta2 as f32)
-            .with_epsilon(config.optim.adam_epsilon as f32)
-            .with_weight_decay(config.optim.weight_decay as f32)
-            .init::<B, CausalLm<B>>();
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        let optimizer = adamw::<B>(config, resume_dir.as_deref(), &recorder, device)?;
         if let Some(dir) = &resume_dir {
-            let record = recorder.load(dir.join("optimizer"), device).map_err(|e| format!("{}/optimizer.mpk: {e}", dir.display()))?;
-            optimizer = optimizer.load_record(record);
             eprintln!("resumed from {} at step {}", dir.display(), state.step);
         }
         // Auto shards follow the machine's cores; a different count changes results by float rounding only.
@@ -231,7 +209,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let metrics = open_metrics(&out_dir.join("metrics.jsonl"), state.step)?;
         let progress = config.train.progress.then(|| {
             let bar = indicatif::ProgressBar::new(total_steps as u64);
-            bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("template"));
+            bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("a valid template"));
             bar.set_position(state.step as u64);
             bar
         });
@@ -467,6 +445,47 @@ fn resume_point(config: &TrainConfig, options: &RunOptions) -> TrainResult<Optio
     check_resume_config(&saved, config, &dir)?;
     verify(&dir)?;
     Ok(Some(dir))
+}
+
+/// The checkpoint to resume from, if any, and the state to start with: the checkpoint's, which
+/// must have seen the same training examples, or a fresh one.
+fn resume(config: &TrainConfig, options: &RunOptions, train_set: &Examples) -> TrainResult<(Option<PathBuf>, TrainerState)> {
+    let resume_dir = resume_point(config, options)?;
+    let mut state = match &resume_dir {
+        Some(dir) => load_state(dir)?,
+        None => TrainerState::default(),
+    };
+    let train_data = train_set.digest();
+    if let (Some(dir), Some(saved)) = (&resume_dir, &state.train_data)
+        && *saved != train_data
+    {
+        return Err(format!(
+            "--resume {}: the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; {} examples now)",
+            dir.display(),
+            train_set.len()
+        ));
+    }
+    state.train_data = Some(train_data);
+    Ok((resume_dir, state))
+}
+
+/// AdamW with the config's hyper-parameters (PyTorch's semantics), its moments loaded from a
+/// checkpoint when resuming.
+fn adamw<B: AutodiffBackend>(
+    config: &TrainConfig,
+    checkpoint: Option<&Path>,
+    recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
+    device: &B::Device,
+) -> TrainResult<OptimizerAdaptor<AdamW, CausalLm<B>, B>> {
+    let optimizer = AdamWConfig::new()
+        .with_beta_1(config.optim.adam_beta1 as f32)
+        .with_beta_2(config.optim.adam_beta2 as f32)
+        .with_epsilon(config.optim.adam_epsilon as f32)
+        .with_weight_decay(config.optim.weight_decay as f32)
+        .init::<B, CausalLm<B>>();
+    let Some(dir) = checkpoint else { return Ok(optimizer) };
+    let record = recorder.load(dir.join("optimizer"), device).map_err(|e| format!("{}/optimizer.mpk: {e}", dir.display()))?;
+    Ok(optimizer.load_record(record))
 }
 
 fn load_state(dir: &Path) -> TrainResult<TrainerState> {
