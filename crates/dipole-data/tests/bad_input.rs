@@ -109,16 +109,22 @@ fn every_bad_input_names_its_place_and_reason() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// tiny-llama's tokenizer in `dir` with a chat template that drops assistant turns, so every
+/// conversational completion tokenises to nothing.
+fn tokenizer_dropping_assistant_turns(dir: &Path) -> Tokenizer {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-llama");
+    std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let cfg = r#"{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"}"#;
+    std::fs::write(dir.join("tokenizer_config.json"), cfg).unwrap();
+    Tokenizer::from_dir(dir).unwrap()
+}
+
 #[test]
 fn completion_empty_after_tokenisation_is_reported() {
     // a chat template that drops assistant turns leaves nothing to learn from
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-llama");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    let cfg = r#"{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"}"#;
-    std::fs::write(dir.path().join("tokenizer_config.json"), cfg).unwrap();
-    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let tok = tokenizer_dropping_assistant_turns(dir.path());
     let row = r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#;
     let path = write(dir.path(), "c.jsonl", &format!("{row}
 "));
@@ -197,14 +203,9 @@ fn skip_invalid_names_the_shard_with_no_valid_row() {
 
 #[test]
 fn skip_invalid_with_nothing_tokenisable_is_an_error() {
-    // a template that drops assistant turns: every pair is empty after tokenisation
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-llama");
+    // every pair is empty after tokenisation
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    let cfg = r#"{"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"}"#;
-    std::fs::write(dir.path().join("tokenizer_config.json"), cfg).unwrap();
-    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let tok = tokenizer_dropping_assistant_turns(dir.path());
     let path = write_bytes(dir.path(), "c.jsonl", &contents("CONV\nnot json\nCONV\n"));
     // read skips (line 2) come before tokenisation skips (lines 1 and 3)
     let all = format!("{}: no valid records (3 invalid rows skipped; first: line 2: not valid JSON: expected ident at line 1 column 2)", path.display());
