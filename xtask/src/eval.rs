@@ -4,14 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
-use burn::tensor::ElementConversion;
+use anyhow::{Context, Result, anyhow};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use dipole_data::{ChatTemplate, Content, PreferenceBatch, ReadOptions, read_preferences};
+use dipole_data::{ChatTemplate, Content, ReadOptions, read_preferences};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::GenerateOptions;
-use dipole_train::{Generation, objective_on_batch, pair_logps};
+use dipole_train::{EvalReference, EvalSettings, Generation, Stage, TrainConfig, evaluate_pairs};
 
 use crate::pairs::{Loaded, ModelAndPairs};
 
@@ -19,8 +18,17 @@ use crate::pairs::{Loaded, ModelAndPairs};
 pub struct EvalArgs {
     #[command(flatten)]
     pub input: ModelAndPairs,
-    #[arg(long, default_value_t = 0.1, value_parser = crate::flags::positive)]
-    pub beta: f64,
+    /// The run's config (TOML): its objective (loss types, beta, rpo_alpha, ...), `data.max_length`,
+    /// `train.batch_size`, `train.batch_shards`, precision and prefix sharing, so the numbers are the
+    /// run's own evaluation's; flags given explicitly override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// DPO beta (default 0.1, or the config's).
+    #[arg(long, value_parser = crate::flags::positive)]
+    pub beta: Option<f64>,
+    /// Write the metrics as JSON (`{"metrics": {..}, "objective": [..], "pairs": N, ...}`, TRL's names).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Generate for the first N prompts (policy and reference) into --generations-out, judge them
     /// and print the before/after table.
     #[arg(long, default_value_t = 0)]
@@ -41,39 +49,77 @@ pub struct EvalArgs {
     pub max_new_tokens: usize,
 }
 
-pub fn run(args: EvalArgs) -> Result<()> {
-    crate::with_backend!(args.input.backend, run_on(&args))
+pub fn run(mut args: EvalArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => TrainConfig::from_file(path).map_err(|e| anyhow!(e))?,
+        None => TrainConfig::default(),
+    };
+    if args.config.is_some() {
+        args.input.max_length = args.input.max_length.or(Some(config.data.max_length));
+        args.input.batch_size = args.input.batch_size.or(Some(config.train.batch_size));
+    }
+    crate::with_backend!(args.input.backend, run_on(&args, &config))
 }
 
-fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs) -> Result<()> {
-    let Loaded { tokenizer, prepared, policy, reference } = args.input.load::<B>(device)?;
-    // without --ref or --adapter the model is judged against itself
-    let reference = reference.unwrap_or_else(|| policy.clone());
-    let objective = ObjectiveConfig { beta: args.beta, ..Default::default() };
-    let pad = tokenizer.pad_id();
-    let mut state = ObjectiveState::default();
-    let (mut sums, mut n, mut loss) = (std::collections::BTreeMap::<String, f64>::new(), 0usize, 0.0);
-    for chunk in prepared.pairs.chunks(args.input.batch_size) {
-        let batch = PreferenceBatch::new(chunk, pad);
-        let r = pair_logps(&reference, chunk, chunk.len(), pad, device);
-        let ref_pairs: Vec<(f32, f32)> = r.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect();
-        let out = objective_on_batch(&policy, Some(ref_pairs), &batch, &objective, &mut state, false, dipole_train::batch_shards::<B>(0, chunk.len(), device), device);
-        loss += out.loss.into_scalar().elem::<f64>() * chunk.len() as f64;
-        for (k, v) in out.metrics {
-            *sums.entry(k).or_default() += v * chunk.len() as f64;
-        }
-        n += chunk.len();
+/// The objective an evaluation scores: the config's stage objective (SFT runs score as DPO does
+/// with the default objective), with `--beta` over it.
+fn objective_of(args: &EvalArgs, config: &TrainConfig) -> ObjectiveConfig {
+    let mut objective = match (args.config.is_some(), config.train.stage) {
+        (true, Stage::Dpo) => config.objective.clone(),
+        _ => ObjectiveConfig::default(),
+    };
+    if let Some(beta) = args.beta {
+        objective.beta = beta;
     }
-    if n == 0 {
+    objective
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig) -> Result<()> {
+    let Loaded { tokenizer, prepared, mut policy, reference } = args.input.load::<B>(device)?;
+    // without --ref or --adapter the model is judged against itself
+    let mut reference = reference.unwrap_or_else(|| policy.clone());
+    for model in [&mut policy, &mut reference] {
+        model.set_mixed_precision(config.train.mixed_precision);
+        model.prefix_sharing = config.train.prefix_sharing;
+    }
+    let objective = objective_of(args, config);
+    objective.validate().map_err(|e| anyhow!("objective: {e}"))?;
+    if objective.loss_type.iter().any(|t| t.unpaired()) {
+        return Err(anyhow!("eval scores preference pairs; a KTO run's evaluation is the one `cargo xtask train` logs"));
+    }
+    if prepared.pairs.is_empty() {
         return Err(anyhow!("{}: no pairs left to evaluate", args.input.data.display()));
     }
-    println!("{} pairs from {} ({} dropped at max_length {})", n, args.input.data.display(), prepared.dropped.len(), args.input.max_length);
-    println!("  {:<24} {:>10.4}", "loss (sigmoid)", loss / n as f64);
-    for (k, v) in &sums {
-        println!("  {k:<24} {:>10.4}", v / n as f64);
+    let settings = EvalSettings {
+        objective: &objective,
+        state: ObjectiveState::default(),
+        batch_size: args.input.batch_size(),
+        shards: config.train.batch_shards,
+        pad: tokenizer.pad_id(),
+    };
+    let reference_model = (!objective.reference_free()).then_some(&reference);
+    let metrics = evaluate_pairs(&policy, reference_model.map_or(EvalReference::None, EvalReference::Model), &prepared.pairs, None, settings, device);
+    let n = prepared.pairs.len();
+    let names: Vec<&str> = objective.loss_type.iter().map(|t| t.name()).collect();
+    println!("{} pairs from {} ({} dropped at max_length {})", n, args.input.data.display(), prepared.dropped.len(), args.input.max_length());
+    println!("  objective: {} (beta {}{})", names.join(" + "), objective.beta, objective.rpo_alpha.map_or(String::new(), |a| format!(", rpo_alpha {a}")));
+    for (k, v) in &metrics {
+        println!("  {k:<24} {v:>10.4}");
+    }
+    if let Some(path) = &args.out {
+        let json = serde_json::json!({
+            "metrics": metrics,
+            "objective": names,
+            "beta": objective.beta,
+            "pairs": n,
+            "dropped_indices": prepared.dropped,
+            "data": args.input.data,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
 
-    let accuracy_after = sums.get("rewards/accuracies_ties_half").map(|v| v / n as f64);
+    let accuracy_after = metrics.get("rewards/accuracies_ties_half").copied();
     if args.generations > 0 {
         let (records, _) = read_preferences(&args.input.data, ReadOptions::default())?;
         let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| anyhow!(e))?;

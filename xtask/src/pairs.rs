@@ -26,10 +26,12 @@ pub struct ModelAndPairs {
     /// Preference pairs (JSONL, JSON or Parquet; standard or conversational).
     #[arg(long)]
     pub data: PathBuf,
-    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
-    pub max_length: usize,
-    #[arg(long, default_value_t = 4, value_parser = crate::flags::at_least_one)]
-    pub batch_size: usize,
+    /// Maximum prompt + completion tokens (default 1024, or `data.max_length` of `eval --config`).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
+    pub max_length: Option<usize>,
+    /// Pairs per batch (default 4, or `train.batch_size` of `eval --config`).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
+    pub batch_size: Option<usize>,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
 }
@@ -43,14 +45,22 @@ pub struct Loaded<B: Backend> {
 }
 
 impl ModelAndPairs {
+    pub fn max_length(&self) -> usize {
+        self.max_length.unwrap_or(1024)
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(4)
+    }
+
     /// Tokenises the pairs as TRL does (keep-start truncation to `max_length`) and loads the models.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<Loaded<B>> {
         let tokenizer = Tokenizer::from_dir(&self.model)?;
-        let lengths = LengthOptions { max_length: Some(self.max_length), ..Default::default() };
+        let lengths = LengthOptions { max_length: Some(self.max_length()), ..Default::default() };
         let prepared = load_pairs(&self.data, &tokenizer, lengths)?;
         let (mut policy, _) = CausalLm::<B>::load(&self.model, device)?;
         let longest = prepared.pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
-        dipole_train::memory::check_batch_fits::<B>(device, &policy.config, self.batch_size.min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
+        dipole_train::memory::check_batch_fits::<B>(device, &policy.config, self.batch_size().min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
         if let Some(adapter) = &self.adapter {
             policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
         }

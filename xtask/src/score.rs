@@ -62,7 +62,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
     let mut state = ObjectiveState::default();
     let mut batches = Vec::new();
     let mut examples = Vec::new();
-    for chunk in prepared.pairs.chunks(args.input.batch_size) {
+    for chunk in prepared.pairs.chunks(args.input.batch_size()) {
         let batch = PreferenceBatch::new(chunk, pad);
         let ref_pairs = reference.as_ref().map(|r| {
             let lp = pair_logps(r, chunk, chunk.len(), pad, device);

@@ -208,3 +208,39 @@ fn a_killed_and_resumed_run_ends_bit_identical() {
     let weights = |d: &Path| std::fs::read(d.join("final/model/model.safetensors")).unwrap();
     assert!(weights(Path::new(&whole)) == weights(&parts), "resumed weights differ from the uninterrupted run's");
 }
+
+/// `eval --config` on a run's final adapter and eval file gives the run's own final evaluation:
+/// the same objective (here with RPO's NLL term), batches, reference and metrics, to 1e-6.
+#[test]
+fn eval_with_the_runs_config_agrees_with_the_runs_final_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = std::fs::read_to_string(root().join("fixtures/data/prefs_standard.jsonl")).unwrap();
+    let heldout = dir.path().join("heldout.jsonl");
+    // 10 pairs: batches of 4, 4 and 2, so a mean over batches and one over pairs would differ
+    std::fs::write(&heldout, pairs.lines().take(10).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let config = tiny_run(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[lora]\nenabled = true\n[objective]\nrpo_alpha = 1.0\n[optim]\nlearning_rate = 1e-3\n");
+    text = text.replace("max_length = 128\n", &format!("max_length = 128\neval = {:?}\n", heldout.display().to_string()));
+    text = text.replace("max_steps = 1\n", "max_steps = 3\n");
+    std::fs::write(&config, text).unwrap();
+    let config = config.display().to_string();
+    let out = xtask(&["train", "--config", &config], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let adapter = dir.path().join("out/final/adapter").display().to_string();
+    let json = dir.path().join("eval.json").display().to_string();
+    let args = ["eval", "--config", &config, "--model", &fixture("tiny-llama"), "--adapter", &adapter, "--data", &heldout.display().to_string(), "--out", &json];
+    let out = xtask(&args, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(eval["objective"], serde_json::json!(["sigmoid"]));
+    let metrics = eval["metrics"].as_object().unwrap();
+    let logged: Vec<(&String, f64)> = last.as_object().unwrap().iter().filter(|(k, _)| k.starts_with("eval_")).map(|(k, v)| (k, v.as_f64().unwrap())).collect();
+    assert_eq!(logged.len(), metrics.len(), "the same metrics: {logged:?} vs {metrics:?}");
+    for (key, want) in logged {
+        let got = metrics[key.strip_prefix("eval_").unwrap()].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{key}: eval {got} vs the run's {want}");
+    }
+}

@@ -6,50 +6,104 @@ use std::path::Path;
 
 use burn::module::AutodiffModule;
 use burn::tensor::ElementConversion;
-use burn::tensor::backend::AutodiffBackend;
-use dipole_data::{CompletionInputs, PreferenceBatch, SequenceBatch};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use dipole_data::{CompletionInputs, PairInputs, PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
+use dipole_loss::{ObjectiveConfig, ObjectiveState};
+use dipole_models::CausalLm;
 
 use crate::examples::Examples;
 use crate::metrics::mean_metrics;
-use crate::step::{StepOutput, batch_shards, objective_on_batch, reference_logps, sft_on_batch};
+use crate::reference::EvalModel;
+use crate::step::{batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
 use crate::trainer::Trainer;
+
+/// The reference of an evaluation: a model run without gradients, reference log-probs given per
+/// pair (in the pairs' order), or none (reference-free objectives).
+pub enum EvalReference<'a, B: Backend> {
+    Model(&'a CausalLm<B>),
+    Values(&'a [(f32, f32)]),
+    None,
+}
+
+/// How an evaluation batches and scores: the objective (and its state, for objectives that keep
+/// one), pairs per batch, shards per batch (0: auto, see [`batch_shards`]) and the padding id.
+pub struct EvalSettings<'a> {
+    pub objective: &'a ObjectiveConfig,
+    pub state: ObjectiveState,
+    pub batch_size: usize,
+    pub shards: usize,
+    pub pad: u32,
+}
+
+/// Loss and TRL's metrics of `policy` over preference `pairs` (with KTO's `labels`), in batches of
+/// `batch_size` in order, without gradients: each metric the mean over batches, as TRL's evaluation
+/// loop logs it. The trainer's evaluation and `cargo xtask eval` are this function, so they agree.
+pub fn evaluate_pairs<B: Backend>(
+    policy: &CausalLm<B>,
+    reference: EvalReference<'_, B>,
+    pairs: &[PairInputs],
+    labels: Option<&[bool]>,
+    settings: EvalSettings<'_>,
+    device: &B::Device,
+) -> BTreeMap<String, f64> {
+    let EvalSettings { objective, mut state, batch_size, shards, pad } = settings;
+    let (mut all, mut losses) = (Vec::new(), Vec::new());
+    for start in (0..pairs.len()).step_by(batch_size.max(1)) {
+        let range = start..(start + batch_size.max(1)).min(pairs.len());
+        let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
+        batch.labels = labels.map(|l| l[range.clone()].to_vec());
+        let shards = batch_shards::<B>(shards, batch.num_pairs(), device);
+        let ref_pairs = match &reference {
+            EvalReference::Model(model) => Some(sharded_model_logps(model, &batch, objective.ld_alpha, shards, device)),
+            EvalReference::Values(values) => Some(values[range].to_vec()),
+            EvalReference::None => None,
+        };
+        let out = objective_on_batch(policy, ref_pairs, &batch, objective, &mut state, false, shards, device);
+        losses.push(out.loss.into_scalar().elem::<f64>());
+        all.push(out.metrics);
+    }
+    let mut out = mean_metrics(&all);
+    out.insert("loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
+    out
+}
 
 impl<B: AutodiffBackend> Trainer<'_, B> {
     /// Loss and metrics over the eval examples (no gradients), as `eval_*` keys, batch by batch
     /// in file order.
     pub(crate) fn evaluate(&self) -> BTreeMap<String, f64> {
         let (config, device, pad) = (self.config, &self.device, self.pad);
-        let policy = self.policy();
-        let inner = policy.valid();
-        let mut state = self.state.objective.clone();
-        let examples = &self.eval_set;
-        let size = config.train.batch_size;
-        let mut all = Vec::new();
-        let mut losses = Vec::new();
-        for start in (0..examples.len()).step_by(size) {
-            let range = start..(start + size).min(examples.len());
-            let indices: Vec<usize> = range.clone().collect();
-            let out: StepOutput<B::InnerBackend> = match examples {
-                Examples::Pairs(pairs, labels) => {
-                    let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
-                    batch.labels = labels.as_ref().map(|l| l[range].to_vec());
-                    let shards = batch_shards::<B>(config.train.batch_shards, batch.num_pairs(), device);
-                    let ref_pairs = reference_logps(policy, self.references.for_batch(&indices, true), &batch, self.objective.ld_alpha, shards, device);
-                    objective_on_batch(&inner, ref_pairs, &batch, &self.objective, &mut state, false, shards, device)
+        let inner = self.policy().valid();
+        let metrics = match &self.eval_set {
+            Examples::Pairs(pairs, labels) => {
+                let settings = EvalSettings {
+                    objective: &self.objective,
+                    state: self.state.objective.clone(),
+                    batch_size: config.train.batch_size,
+                    shards: config.train.batch_shards,
+                    pad,
+                };
+                match self.references.for_eval(&inner) {
+                    EvalModel::Model(model) => evaluate_pairs(&inner, EvalReference::Model(&model), pairs, labels.as_deref(), settings, device),
+                    EvalModel::Values(values) => evaluate_pairs(&inner, EvalReference::Values(values), pairs, labels.as_deref(), settings, device),
+                    EvalModel::None => evaluate_pairs(&inner, EvalReference::None, pairs, labels.as_deref(), settings, device),
                 }
-                Examples::Sequences(seqs) => {
-                    let rows: Vec<&CompletionInputs> = indices.iter().map(|&i| &seqs[i]).collect();
+            }
+            Examples::Sequences(seqs) => {
+                let (mut all, mut losses) = (Vec::new(), Vec::new());
+                for chunk in seqs.chunks(config.train.batch_size) {
+                    let rows: Vec<&CompletionInputs> = chunk.iter().collect();
                     let shards = batch_shards::<B>(config.train.batch_shards, rows.len(), device);
-                    sft_on_batch(&inner, &SequenceBatch::new(&rows, pad), shards, device)
+                    let out = sft_on_batch(&inner, &SequenceBatch::new(&rows, pad), shards, device);
+                    losses.push(out.loss.into_scalar().elem::<f64>());
+                    all.push(out.metrics);
                 }
-            };
-            losses.push(out.loss.into_scalar().elem::<f64>());
-            all.push(out.metrics);
-        }
-        let mut out: BTreeMap<String, f64> = mean_metrics(&all).into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect();
-        out.insert("eval_loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
-        out
+                let mut out = mean_metrics(&all);
+                out.insert("loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
+                out
+            }
+        };
+        metrics.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect()
     }
 
     /// Continuations of the first `train.generations` eval prompts by the policy and the reference

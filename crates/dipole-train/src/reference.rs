@@ -161,6 +161,13 @@ pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -
     Ok(model)
 }
 
+/// A reference for evaluation: a model (sharing the run's tensors), values, or none.
+pub(crate) enum EvalModel<'a, B: Backend> {
+    Model(CausalLm<B>),
+    Values(&'a [(f32, f32)]),
+    None,
+}
+
 /// A run's reference, set up once: what `for_batch` hands each step.
 pub(crate) struct References<B: AutodiffBackend> {
     strategy: ReferenceStrategy,
@@ -216,6 +223,24 @@ impl<B: AutodiffBackend> References<B> {
         let frozen = self.frozen.as_ref().expect("TR-DPO runs on frozen-copy (checked in new)");
         self.frozen = Some(mix_models(&policy.valid(), frozen, alpha)?);
         Ok(())
+    }
+
+    /// The eval set's reference next to `policy` (the policy's no-autodiff copy): a model to run,
+    /// the precomputed values of the eval pairs, or none.
+    pub(crate) fn for_eval(&self, policy: &CausalLm<B::InnerBackend>) -> EvalModel<'_, B::InnerBackend> {
+        let with_adapters = |mode| {
+            let mut model = policy.clone();
+            model.set_adapter_mode(mode);
+            EvalModel::Model(model)
+        };
+        match self.strategy {
+            ReferenceStrategy::Precompute => EvalModel::Values(&self.precomputed.as_ref().expect("computed in new").values[self.train_len..]),
+            ReferenceStrategy::FrozenCopy => EvalModel::Model(self.frozen.clone().expect("loaded in new")),
+            ReferenceStrategy::AdapterOff => with_adapters(AdapterMode::Disabled),
+            ReferenceStrategy::RefAdapter => with_adapters(AdapterMode::Reference),
+            ReferenceStrategy::None => EvalModel::None,
+            ReferenceStrategy::Auto => unreachable!("resolved before"),
+        }
     }
 
     /// The frozen reference model, when the run has one.

@@ -146,15 +146,19 @@ pub fn reference_logps<B: AutodiffBackend>(
 ) -> Option<Vec<(f32, f32)>> {
     match resolve(policy, reference, batch.num_pairs()) {
         Resolved::Values(values) => values,
-        Resolved::Model(model) => {
-            let ranges = shard_ranges(batch.num_pairs(), shards);
-            if ranges.len() == 1 {
-                return Some(model_logps(&model, batch, ld_alpha, device));
-            }
-            let subs: Vec<PreferenceBatch> = ranges.into_iter().map(|r| batch.shard(r)).collect();
-            Some(parallel(&subs, |sub| model_logps(&model, sub, ld_alpha, device)).concat())
-        }
+        Resolved::Model(model) => Some(sharded_model_logps(&model, batch, ld_alpha, shards, device)),
     }
+}
+
+/// [`model_logps`] with the batch's pairs split over `shards` parallel threads (each shard padded
+/// to its own longest row).
+pub fn sharded_model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_alpha: Option<f64>, shards: usize, device: &B::Device) -> Vec<(f32, f32)> {
+    let ranges = shard_ranges(batch.num_pairs(), shards);
+    if ranges.len() == 1 {
+        return model_logps(model, batch, ld_alpha, device);
+    }
+    let subs: Vec<PreferenceBatch> = ranges.into_iter().map(|r| batch.shard(r)).collect();
+    parallel(&subs, |sub| model_logps(model, sub, ld_alpha, device)).concat()
 }
 
 /// LD-DPO weights of a batch as a `[2B, T-1-start]` tensor aligned with the windowed log-probs.
