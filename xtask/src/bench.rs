@@ -21,7 +21,7 @@ use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::rng::SplitMix64;
 use dipole_models::{CausalLm, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
-use dipole_train::{Reference, preference_step, reference_logps};
+use dipole_train::{Reference, StepContext, preference_step, reference_logps};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
@@ -286,7 +286,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
             let grads = GradientsParams::from_grads(loss.backward(), &policy);
             (grads, forward, backward_started.elapsed().as_secs_f64())
         } else {
-            let train_step = preference_step(&policy, reference, batch, &objective, &mut state, true, shards, device);
+            let train_step = preference_step(&policy, reference, batch, StepContext { objective: &objective, state: &mut state, shards }, device);
             let forward = started.elapsed().as_secs_f64();
             let backward_started = Instant::now();
             let grads = train_step.backward(1.0);

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use clap::Args;
 use dipole_data::PreferenceBatch;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
-use dipole_train::{objective_on_batch, pair_logps};
+use dipole_train::{StepContext, objective_on_batch, pair_logps};
 
 use crate::pairs::{Loaded, ModelAndPairs};
 
@@ -71,7 +71,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
         if ld.is_some() && ref_pairs.is_some() {
             return Err(anyhow!("--ld-alpha with a reference is computed by the trainer; score supports it reference-free only"));
         }
-        let out = objective_on_batch(&policy, ref_pairs.clone(), &batch, &config, &mut state, false, dipole_train::batch_shards::<B>(0, chunk.len(), device), device);
+        let out = objective_on_batch(&policy, ref_pairs.clone(), &batch, StepContext { objective: &config, state: &mut state, shards: dipole_train::batch_shards::<B>(0, chunk.len(), device) }, device);
         let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
         batches.push(serde_json::json!({"indices": batch.indices, "loss": loss, "metrics": out.metrics}));
         for (k, (pc, pr)) in out.policy_logps.iter().enumerate() {

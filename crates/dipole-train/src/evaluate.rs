@@ -15,7 +15,7 @@ use dipole_models::CausalLm;
 use crate::examples::Examples;
 use crate::metrics::mean_metrics;
 use crate::reference::EvalModel;
-use crate::step::{batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
+use crate::step::{StepContext, batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
 use crate::trainer::Trainer;
 
 /// The reference of an evaluation: a model run without gradients, reference log-probs given per
@@ -59,7 +59,7 @@ pub fn evaluate_pairs<B: Backend>(
             EvalReference::Values(values) => Some(values[range].to_vec()),
             EvalReference::None => None,
         };
-        let out = objective_on_batch(policy, ref_pairs, &batch, objective, &mut state, false, shards, device);
+        let out = objective_on_batch(policy, ref_pairs, &batch, StepContext { objective, state: &mut state, shards }, device);
         losses.push(out.loss.into_scalar().elem::<f64>());
         all.push(out.metrics);
     }

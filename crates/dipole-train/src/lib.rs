@@ -25,5 +25,5 @@ pub use config::{ReferenceStrategy, Stage, TrainConfig};
 pub use evaluate::{EvalReference, EvalSettings, evaluate_pairs};
 pub use logps::{BatchTensors, PairLogps, pair_logps};
 pub use judge::{Generation, JudgeReport, LlmJudge, Rubric, RunReport, judge_with_rules, run_report};
-pub use step::{Reference, StepOutput, TrainStep, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step, sharded_model_logps};
+pub use step::{Reference, StepContext, StepOutput, TrainStep, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step, sharded_model_logps};
 pub use trainer::{Resume, RunOptions, TrainSummary, train};

@@ -168,21 +168,29 @@ fn ld_tensor<B: Backend>(batch: &PreferenceBatch, alpha: f64, start: usize, devi
     Tensor::from_data(TensorData::new(flat, [w.len(), batch.seq_len - 1 - start]), device)
 }
 
+/// What a step needs besides the models and the batch: the objective, its state (the running
+/// statistics some objectives keep), and how many parallel shards the batch's pairs are split into
+/// (resolved, see [`batch_shards`]).
+pub struct StepContext<'a> {
+    pub objective: &'a ObjectiveConfig,
+    pub state: &'a mut ObjectiveState,
+    pub shards: usize,
+}
+
 /// The objective and TRL's metrics for `policy` on one batch, given reference log-probs. Works on
-/// any backend: under autodiff the loss carries gradients, elsewhere it is evaluation, and there the
-/// policy's pass runs on `shards` parallel threads (see [`preference_step`]; under autodiff it runs
-/// in one piece, as training needs [`preference_step`]'s graphs for more).
-#[allow(clippy::too_many_arguments)]
+/// any backend: under autodiff it is training (the loss carries gradients, objective state moves),
+/// elsewhere evaluation, and there the policy's pass runs on `ctx.shards` parallel threads (see
+/// [`preference_step`]; under autodiff it runs in one piece, as training needs
+/// [`preference_step`]'s graphs for more).
 pub fn objective_on_batch<B: Backend>(
     policy: &CausalLm<B>,
     ref_pairs: Option<Vec<(f32, f32)>>,
     batch: &PreferenceBatch,
-    config: &ObjectiveConfig,
-    state: &mut ObjectiveState,
-    training: bool,
-    shards: usize,
+    ctx: StepContext<'_>,
     device: &B::Device,
 ) -> StepOutput<B> {
+    let StepContext { objective: config, state, shards } = ctx;
+    let training = B::ad_enabled(device);
     let b = batch.num_pairs();
     let ranges = shard_ranges(b, if B::ad_enabled(device) { 1 } else { shards });
     let pass = if ranges.len() == 1 {
@@ -614,23 +622,21 @@ fn cpu_threads() -> usize {
 /// With one shard, a reference model (no autodiff) runs on a second thread while the policy's
 /// forward runs on this one, each on half of the CPU threads (results are the same as running them
 /// one after the other).
-#[allow(clippy::too_many_arguments)]
 pub fn preference_step<B: AutodiffBackend>(
     policy: &CausalLm<B>,
     reference: Reference<B>,
     batch: &PreferenceBatch,
-    config: &ObjectiveConfig,
-    state: &mut ObjectiveState,
-    training: bool,
-    shards: usize,
+    ctx: StepContext<'_>,
     device: &B::Device,
 ) -> TrainStep<B> {
+    let StepContext { objective: config, state, shards } = ctx;
+    let training = true;
     let b = batch.num_pairs();
     let resolved = resolve(policy, reference, b);
     let n = shards.clamp(1, b.max(1));
     if n == 1 {
         let out = match resolved {
-            Resolved::Values(values) => objective_on_batch(policy, values, batch, config, state, training, 1, device),
+            Resolved::Values(values) => objective_on_batch(policy, values, batch, StepContext { objective: config, state, shards: 1 }, device),
             Resolved::Model(model) => std::thread::scope(|scope| {
                 let ld_alpha = config.ld_alpha;
                 // each pass on its own half of the CPU threads (see `with_threads`)

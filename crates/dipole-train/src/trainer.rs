@@ -24,7 +24,7 @@ use crate::reference::{References, build_policy, resolve_reference, stage_object
 use crate::sampler::DataOrder;
 use crate::scaler::LossScaler;
 use crate::schedule::Schedule;
-use crate::step::{batch_shards, preference_step, sft_step};
+use crate::step::{StepContext, batch_shards, preference_step, sft_step};
 
 /// Everything a run needs besides its config.
 #[derive(Clone, Debug, Default)]
@@ -322,7 +322,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
                 batch.labels = labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect());
                 let shards = batch_shards::<B>(config.train.batch_shards, batch.num_pairs(), device);
                 let reference = self.references.for_batch(indices, false);
-                let out = preference_step(policy, reference, &batch, &self.objective, &mut self.state.objective, true, shards, device);
+                let out = preference_step(policy, reference, &batch, StepContext { objective: &self.objective, state: &mut self.state.objective, shards }, device);
                 (out, mask_tokens(&batch.attention_mask), batch.indices)
             }
             Examples::Sequences(all) => {

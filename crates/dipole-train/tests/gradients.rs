@@ -9,7 +9,7 @@ use burn::tensor::{Tensor, TensorData};
 use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
 use dipole_loss::{CpoVariant, LossType, ObjectiveConfig, ObjectiveState, PairInputs, kto_loss, preference_loss};
 use dipole_models::CausalLm;
-use dipole_train::{Reference, preference_step};
+use dipole_train::{Reference, StepContext, preference_step};
 use serde_json::Value;
 
 type AD = Autodiff<Flex>;
@@ -38,7 +38,7 @@ fn check_grads(policy_dir: &str, case: &str, shards: usize, prefix_sharing: bool
     let batch = batch0();
     assert_eq!(policy.prefix_plan(&batch.input_ids, &batch.lengths()).is_some(), prefix_sharing, "prefix sharing applies to this batch");
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &ObjectiveConfig::default(), &mut state, true, shards, &device);
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, StepContext { objective: &ObjectiveConfig::default(), state: &mut state, shards }, &device);
     let loss = out.loss;
     let want_loss = golden["loss"].as_f64().unwrap();
     assert!((loss - want_loss).abs() < 1e-5, "loss {loss} vs {want_loss}");
@@ -87,7 +87,7 @@ fn step_zero_identities() {
     let (policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch0(), &ObjectiveConfig::default(), &mut state, true, 2, &device);
+    let out = preference_step(&policy, Reference::Model(reference.clone()), &batch0(), StepContext { objective: &ObjectiveConfig::default(), state: &mut state, shards: 2 }, &device);
     let loss = out.loss;
     assert!((loss - std::f64::consts::LN_2).abs() < 1e-6, "{loss}");
     for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
@@ -222,7 +222,7 @@ fn chunked_reference_pass_equals_the_policy_pass_exactly() {
         .collect();
     let batch = PreferenceBatch::new(&pairs, 0);
     let mut state = ObjectiveState::default();
-    let out = preference_step(&policy, Reference::Policy(dipole_lora::AdapterMode::Active), &batch, &ObjectiveConfig::default(), &mut state, true, 1, &device);
+    let out = preference_step(&policy, Reference::Policy(dipole_lora::AdapterMode::Active), &batch, StepContext { objective: &ObjectiveConfig::default(), state: &mut state, shards: 1 }, &device);
     assert_eq!(out.reference_logps.as_ref(), Some(&out.policy_logps), "reference and policy log-probs differ");
     for key in ["rewards/chosen", "rewards/rejected", "rewards/accuracies"] {
         assert_eq!(out.metrics[key], 0.0, "{key}");
@@ -260,7 +260,7 @@ fn sharded_steps_equal_the_whole_batch_step() {
     for (config, batch) in cases {
         let run = |shards: usize| {
             let mut state = ObjectiveState::default();
-            let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, &config, &mut state, true, shards, &device);
+            let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, StepContext { objective: &config, state: &mut state, shards }, &device);
             let (loss, metrics) = (out.loss, out.metrics.clone());
             (loss, metrics, grads_of(&out.backward(1.0)))
         };
@@ -343,7 +343,7 @@ fn sharded_evaluation_equals_the_whole_batch() {
     let config = ObjectiveConfig { use_weighting: true, ..Default::default() };
     let run = |shards: usize| {
         let refs = dipole_train::reference_logps(&policy, Reference::Model(reference.clone()), &batch, None, shards, &device).unwrap();
-        let out = dipole_train::objective_on_batch(&inner, Some(refs.clone()), &batch, &config, &mut ObjectiveState::default(), false, shards, &device);
+        let out = dipole_train::objective_on_batch(&inner, Some(refs.clone()), &batch, StepContext { objective: &config, state: &mut ObjectiveState::default(), shards }, &device);
         (refs, out.loss.into_scalar() as f64, out.metrics)
     };
     let (refs, loss, metrics) = run(1);
