@@ -474,11 +474,6 @@ pub fn read_preferences(path: &Path, options: ReadOptions) -> Result<(Vec<Prefer
     Ok((rows.preference, rows.skipped))
 }
 
-/// Reads a JSONL (or any supported) preference file, failing on the first bad row.
-pub fn read_jsonl(path: &Path) -> Result<Vec<PreferenceRecord>> {
-    Ok(read_preferences(path, ReadOptions::default())?.0)
-}
-
 impl PreferenceRecord {
     /// As a TRL-format JSON row `{prompt, chosen, rejected}`.
     pub fn to_json(&self) -> Value {

@@ -1,14 +1,13 @@
 //! The process allocator, tuned for training. glibc's malloc serves every block above its mmap
 //! threshold (128 KiB at first) straight from the kernel and returns it on free, so a step's
 //! tensors (megabytes each, all freed by the next step) are page-faulted in and zeroed again every
-//! step: on the benchmark a fifth of the CPU time of a LoRA step went to the kernel. Raising the
-//! thresholds keeps freed blocks in the heap for the next step (LoRA benchmark: 410 -> 479 tokens/s,
-//! peak RSS +2%). `cargo xtask` calls this first thing; a program using the library can too.
+//! step, at a large cost in kernel time. Raising the thresholds keeps freed blocks in the heap for the
+//! next step (measured in docs/benchmarks.md). `cargo xtask` calls this first thing; a program using
+//! the library can too.
 //!
 //! It also keeps every thread on one arena: a sharded step (`train.batch_shards`) allocates on
-//! several threads, and with an arena per thread each arena held its own high-water mark (peak
-//! RSS 1150 -> 1970 MiB on the full-fine-tuning benchmark); one arena keeps the unsharded peak at
-//! the same speed (tensor-sized allocations are too few for the shared lock to matter).
+//! several threads, and with an arena per thread each arena holds its own high-water mark, nearly
+//! doubling peak memory; one arena keeps the unsharded peak at the same speed (tensor-sized allocations are too few for the shared lock to matter).
 
 /// Raises glibc's mmap and trim thresholds and keeps one arena. Returns whether the allocator took the settings
 /// (false on other C libraries and platforms, where nothing is changed).

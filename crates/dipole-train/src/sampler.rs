@@ -53,7 +53,10 @@ mod tests {
         assert_eq!(sorted, (0..10).collect::<Vec<_>>());
         let next: Vec<usize> = (3..6).flat_map(|k| order.batch(k)).collect();
         assert_ne!(epoch, next, "each epoch has its own order");
-        assert_eq!(order.batch(4), DataOrder { num_pairs: 10, batch_size: 4, shuffle: true, seed: 3, lengths: None }.batch(4));
+        let other_seed = DataOrder { num_pairs: 10, batch_size: 4, shuffle: true, seed: 4, lengths: None };
+        assert_ne!(epoch, (0..3).flat_map(|k| other_seed.batch(k)).collect::<Vec<_>>(), "the seed picks the order");
+        let unshuffled = DataOrder { num_pairs: 10, batch_size: 4, shuffle: false, seed: 3, lengths: None };
+        assert_eq!((3..6).flat_map(|k| unshuffled.batch(k)).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>(), "file order every epoch");
     }
 
     #[test]

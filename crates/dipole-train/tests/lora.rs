@@ -35,6 +35,7 @@ fn logps(model: &CausalLm<Flex>) -> Vec<PairLogps> {
 }
 
 fn assert_close(a: &[PairLogps], b: &[PairLogps], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: pair count");
     for (x, y) in a.iter().zip(b) {
         assert!((x.chosen - y.chosen).abs() <= tol && (x.rejected - y.rejected).abs() <= tol, "{what}: {x:?} vs {y:?}");
     }

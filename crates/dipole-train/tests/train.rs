@@ -120,6 +120,7 @@ fn accumulation_equals_a_larger_batch() {
     small.train.batch_size = 2;
     small.train.gradient_accumulation_steps = 2;
     let small_run = train::<AD>(&small, &RunOptions::default(), &Default::default()).unwrap();
+    assert_eq!(big_run.step_losses.len(), small_run.step_losses.len(), "steps run");
     for (x, y) in big_run.step_losses.iter().zip(&small_run.step_losses) {
         assert!((x - y).abs() < 1e-5, "{x} vs {y}");
     }
@@ -142,6 +143,7 @@ fn precomputed_reference_gives_the_same_losses_and_is_reused() {
     config.train.reference = ReferenceStrategy::Precompute;
     config.train.cache_dir = Some(cache.path().to_path_buf());
     let pre = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert_eq!(live.step_losses.len(), pre.step_losses.len(), "steps run");
     for (x, y) in live.step_losses.iter().zip(&pre.step_losses) {
         assert!((x - y).abs() < 1e-6, "{x} vs {y}");
     }
@@ -309,6 +311,7 @@ fn kto_trains_on_pairs_split_into_unpaired_rows() {
     precomputed.train.output_dir = cached.path().to_path_buf();
     precomputed.train.reference = ReferenceStrategy::Precompute;
     let again = train::<AD>(&precomputed, &RunOptions::default(), &Default::default()).unwrap();
+    assert_eq!(run.step_losses.len(), again.step_losses.len(), "steps run");
     for (a, b) in run.step_losses.iter().zip(&again.step_losses) {
         assert!((a - b).abs() < 1e-6, "{:?} vs {:?}", run.step_losses, again.step_losses);
     }
@@ -342,6 +345,7 @@ fn mixed_precision_tracks_the_fp32_run() {
         let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
         assert_eq!(summary.step_losses.len(), 3, "{precision}: steps run");
         eprintln!("{precision}: losses {:?} (fp32 {want:?})", summary.step_losses);
+        assert_eq!(summary.step_losses.len(), want.len(), "{precision}: steps run");
         for (k, (got, want)) in summary.step_losses.iter().zip(&want).enumerate() {
             assert!((got - want).abs() <= tolerance, "{precision} step {k}: loss {got} vs fp32 {want}");
         }
