@@ -3,11 +3,11 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use dipole_models::rng::SplitMix64;
-use dipole_models::{CausalLm, ModelConfig};
+use dipole_models::{CausalLm, LlamaShape, ModelConfig};
 
-/// Llama, hidden 384, 6 layers, 6 heads (6 kv), intermediate 1024, vocab 8000.
+/// The benchmark shape ([`LlamaShape::BENCHMARK`]).
 pub fn bench_config() -> ModelConfig {
-    ModelConfig::llama(8000, 384, 1024, 6, 6, 6, 2048)
+    ModelConfig::llama(LlamaShape::BENCHMARK).expect("the benchmark shape is a valid Llama")
 }
 
 pub fn bench_model<B: Backend>(device: &B::Device) -> CausalLm<B> {

@@ -19,7 +19,7 @@ use dipole_data::{PairInputs, PreferenceBatch, Sequence};
 use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::rng::SplitMix64;
-use dipole_models::{CausalLm, MixedPrecision, ModelConfig};
+use dipole_models::{CausalLm, LlamaShape, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
 use dipole_train::{Reference, StepContext, preference_step, reference_logps};
 use serde::{Deserialize, Serialize};
@@ -225,7 +225,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     let lora = name.starts_with("lora");
     let precompute = name.ends_with("precompute");
     let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
-    let config = ModelConfig::llama(8000, 384, 1024, 6, 6, 6, 2048);
+    let config = ModelConfig::llama(LlamaShape::BENCHMARK)?;
     let params = config.num_parameters();
     let mut policy = CausalLm::<AB>::init(config.clone(), 0, device);
     if lora {

@@ -84,6 +84,32 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
+/// The sizes of a Llama built in code ([`ModelConfig::llama`]), named as in `config.json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaShape {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub max_position_embeddings: usize,
+}
+
+impl LlamaShape {
+    /// The shape of `cargo xtask bench` and the criterion benches: hidden 384, 6 layers, 6 heads
+    /// (6 KV), intermediate 1024, vocabulary 8000 (16.8 M parameters).
+    pub const BENCHMARK: Self = Self {
+        vocab_size: 8000,
+        hidden_size: 384,
+        intermediate_size: 1024,
+        num_hidden_layers: 6,
+        num_attention_heads: 6,
+        num_key_value_heads: 6,
+        max_position_embeddings: 2048,
+    };
+}
+
 #[derive(Deserialize)]
 struct RawConfig {
     model_type: Option<String>,
@@ -316,17 +342,11 @@ impl ModelConfig {
         v * h + self.num_hidden_layers * layer + h + head
     }
 
-    /// A small Llama config built in code (benchmarks, the demo model, tests).
-    #[allow(clippy::too_many_arguments)]
-    pub fn llama(
-        vocab_size: usize,
-        hidden_size: usize,
-        intermediate_size: usize,
-        num_hidden_layers: usize,
-        num_attention_heads: usize,
-        num_key_value_heads: usize,
-        max_position_embeddings: usize,
-    ) -> Self {
+    /// A Llama config built in code (benchmarks, tests) from its sizes; the rest is Llama's
+    /// defaults (RMSNorm eps 1e-6, rope theta 1e4, untied, no biases). An error names a size that
+    /// does not fit (heads not dividing the hidden size, say), as a `config.json` would.
+    pub fn llama(shape: LlamaShape) -> Result<Self> {
+        let LlamaShape { vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, max_position_embeddings } = shape;
         let raw = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -336,7 +356,6 @@ impl ModelConfig {
             "num_hidden_layers": num_hidden_layers,
             "num_attention_heads": num_attention_heads,
             "num_key_value_heads": num_key_value_heads,
-            "head_dim": hidden_size / num_attention_heads,
             "max_position_embeddings": max_position_embeddings,
             "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
@@ -348,7 +367,6 @@ impl ModelConfig {
             "torch_dtype": "float32",
         });
         Self::from_json_str(&raw.to_string(), &PathBuf::from("<built-in llama config>"))
-            .expect("built-in config is valid")
     }
 }
 

@@ -21,7 +21,7 @@ pub mod rng;
 pub mod rope;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use config::{Architecture, LlamaShape, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use export::ExportDtype;
 pub use generate::GenerateOptions;

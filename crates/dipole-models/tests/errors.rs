@@ -461,3 +461,10 @@ fn rope_scaling_factor_of_the_wrong_type_names_the_key() {
         "<dir>/config.json: key \"rope_scaling.factor\": expected a positive number, found string \"4\""
     );
 }
+
+#[test]
+fn a_built_in_shape_that_does_not_fit_is_an_error() {
+    let shape = dipole_models::LlamaShape { num_attention_heads: 5, num_key_value_heads: 5, ..dipole_models::LlamaShape::BENCHMARK };
+    let err = dipole_models::ModelConfig::llama(shape).unwrap_err().to_string();
+    assert_eq!(err, "<built-in llama config>: key \"num_attention_heads\": expected a divisor of hidden_size (384) as no head_dim is given, found 5");
+}

@@ -48,7 +48,7 @@ fn padding_does_not_change_real_tokens() {
 fn random_init_has_the_configured_parameter_count() {
     use burn::module::Module;
     use dipole_models::ModelConfig;
-    let config = ModelConfig::llama(100, 32, 64, 2, 4, 2, 64);
+    let config = ModelConfig::llama(dipole_models::LlamaShape { vocab_size: 100, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64 }).unwrap();
     let expected = config.num_parameters();
     let model = CausalLm::<Flex>::init(config, 0, &Default::default());
     assert_eq!(model.num_params(), expected);

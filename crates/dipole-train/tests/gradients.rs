@@ -202,7 +202,7 @@ fn kto_pair_matches_hand_computed_values() {
 fn chunked_reference_pass_equals_the_policy_pass_exactly() {
     use dipole_data::{PairInputs as Pair, Sequence};
     let device = Default::default();
-    let config = dipole_models::ModelConfig::llama(8192, 32, 64, 2, 4, 2, 512);
+    let config = dipole_models::ModelConfig::llama(dipole_models::LlamaShape { vocab_size: 8192, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512 }).unwrap();
     let policy = CausalLm::<AD>::init(config, 7, &device);
     let mut seed = 99u64;
     let mut token = move || {
