@@ -97,8 +97,8 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig)
         shards: config.train.batch_shards,
         pad: tokenizer.pad_id(),
     };
-    let reference_model = (!objective.reference_free()).then_some(&reference);
-    let metrics = evaluate_pairs(&policy, reference_model.map_or(EvalReference::None, EvalReference::Model), &prepared.pairs, None, settings, device);
+    let reference_model = if objective.reference_free() { EvalReference::None } else { EvalReference::Model(Box::new(reference.clone())) };
+    let metrics = evaluate_pairs(&policy, reference_model, &prepared.pairs, None, settings, device);
     let n = prepared.pairs.len();
     let names: Vec<&str> = objective.loss_type.iter().map(|t| t.name()).collect();
     println!("{} pairs from {} ({} dropped at max_length {})", n, args.input.data.display(), prepared.dropped.len(), args.input.max_length());

@@ -61,8 +61,7 @@ fn run_on<B: Backend>(device: &B::Device, args: &LogpsArgs) -> Result<()> {
     };
     let prepared = load_pairs(&args.data, &tokenizer, lengths)?;
     let (model, report) = CausalLm::<B>::load(&args.model, device)?;
-    let longest = prepared.pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
-    dipole_train::memory::check_batch_fits::<B>(device, &model.config, args.batch_size.min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
+    dipole_train::memory::check_pairs_fit::<B>(device, &model.config, &prepared.pairs, args.batch_size, "--max-length").map_err(anyhow::Error::msg)?;
     for name in &report.ignored {
         eprintln!("note: {} is not used by the model", name);
     }

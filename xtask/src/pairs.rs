@@ -59,8 +59,7 @@ impl ModelAndPairs {
         let lengths = LengthOptions { max_length: Some(self.max_length()), ..Default::default() };
         let prepared = load_pairs(&self.data, &tokenizer, lengths)?;
         let (mut policy, _) = CausalLm::<B>::load(&self.model, device)?;
-        let longest = prepared.pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
-        dipole_train::memory::check_batch_fits::<B>(device, &policy.config, self.batch_size().min(prepared.pairs.len()), longest, "--max-length").map_err(anyhow::Error::msg)?;
+        dipole_train::memory::check_pairs_fit::<B>(device, &policy.config, &prepared.pairs, self.batch_size(), "--max-length").map_err(anyhow::Error::msg)?;
         if let Some(adapter) = &self.adapter {
             policy.load_adapter(adapter).with_context(|| format!("--adapter {}", adapter.display()))?;
         }

@@ -76,19 +76,20 @@ fn relative(dir: &Path, path: &Path) -> String {
 /// Syncs every file and folder under `dir` and writes [`CHECKSUMS`] over its files.
 pub fn seal(dir: &Path) -> Result<(), String> {
     let mut sums = BTreeMap::new();
-    for path in files_under(dir)?.into_iter().filter(|p| *p != dir.join(CHECKSUMS)) {
+    let files: Vec<PathBuf> = files_under(dir)?.into_iter().filter(|p| *p != dir.join(CHECKSUMS)).collect();
+    for path in &files {
         // a handle opened for writing: Windows cannot flush a read-only one
-        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
-        sums.insert(relative(dir, &path), crate::precompute::file_blake3(&path)?);
+        std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+        sums.insert(relative(dir, path), crate::precompute::file_blake3(path)?);
     }
     let text = serde_json::to_string_pretty(&sums).map_err(|e| e.to_string())?;
     let list = dir.join(CHECKSUMS);
     let mut file = std::fs::File::create(&list).map_err(|e| format!("{}: {e}", list.display()))?;
     file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| format!("{}: {e}", list.display()))?;
-    let mut dirs: Vec<PathBuf> = files_under(dir)?.iter().filter_map(|p| p.parent().map(Path::to_path_buf)).collect();
-    dirs.dedup();
-    for d in dirs {
-        sync_dir(&d)?;
+    // every folder holding a file, `dir` itself (which now holds the checksums) among them
+    let folders: std::collections::BTreeSet<&Path> = files.iter().filter_map(|p| p.parent()).chain([dir]).collect();
+    for folder in folders {
+        sync_dir(folder)?;
     }
     Ok(())
 }
@@ -151,29 +152,33 @@ pub fn is_sealed(dir: &Path) -> bool {
     dir.join(CHECKSUMS).is_file()
 }
 
-/// Saves the trainable weights of `policy` into `dir` (PEFT adapter, or an f32 HF folder).
+/// Where a run's trainable weights go inside `dir`: `adapter/` (LoRA) or `model/`.
+pub(crate) fn weights_dir(config: &TrainConfig, dir: &Path) -> PathBuf {
+    dir.join(if config.lora.enabled { "adapter" } else { "model" })
+}
+
+/// Saves the trainable weights of `policy` into [`weights_dir`] of `dir` (PEFT adapter, or an f32
+/// HF folder).
 pub(crate) fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> Result<(), String> {
+    let dest = weights_dir(config, dir);
     if config.lora.enabled {
         let lora = config.lora.lora_config(&config.model.path)?;
-        policy.save_adapter(&dir.join("adapter"), &lora).map_err(|e| e.to_string())
+        policy.save_adapter(&dest, &lora).map_err(|e| e.to_string())
     } else {
-        policy
-            .save_hf(&dir.join("model"), ExportDtype::F32, usize::MAX, Some(&config.model.path))
-            .map_err(|e| e.to_string())
+        policy.save_hf(&dest, ExportDtype::F32, usize::MAX, Some(&config.model.path)).map_err(|e| e.to_string())
     }
 }
 
 /// Writes the final weights into `final_dir/adapter` (LoRA) or `final_dir/model`, whole or not at
 /// all: a partial folder, sealed, then renamed into place.
 pub(crate) fn save_final<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, final_dir: &Path) -> Result<PathBuf, String> {
-    let name = if config.lora.enabled { "adapter" } else { "model" };
     let partial = final_dir.join(".partial");
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     }
     save_weights(config, policy, &partial)?;
-    let dest = final_dir.join(name);
-    publish(&partial.join(name), &dest)?;
+    let dest = weights_dir(config, final_dir);
+    publish(&weights_dir(config, &partial), &dest)?;
     std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
     Ok(dest)
 }

@@ -411,7 +411,8 @@ impl TrainConfig {
             return Err(format!("data.truncation = {:?}: expected \"keep_start\" or \"keep_end\"", self.data.truncation));
         }
         let temperature_ok = t.generation_temperature >= 0.0 && t.generation_temperature.is_finite();
-        if !temperature_ok || !(t.generation_top_p > 0.0 && t.generation_top_p <= 1.0) {
+        let top_p_ok = t.generation_top_p > 0.0 && t.generation_top_p <= 1.0;
+        if !(temperature_ok && top_p_ok) {
             return Err(format!(
                 "train.generation_temperature must be >= 0 and train.generation_top_p in (0, 1], got {} and {}",
                 t.generation_temperature, t.generation_top_p

@@ -14,14 +14,14 @@ use dipole_models::CausalLm;
 
 use crate::examples::Examples;
 use crate::metrics::mean_metrics;
-use crate::reference::EvalModel;
 use crate::step::{StepContext, batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
 use crate::trainer::Trainer;
 
-/// The reference of an evaluation: a model run without gradients, reference log-probs given per
-/// pair (in the pairs' order), or none (reference-free objectives).
+/// The reference of an evaluation: a model run without gradients (a clone shares the original's
+/// tensors, so handing one over copies no weights), reference log-probs given per pair (in the
+/// pairs' order), or none (reference-free objectives).
 pub enum EvalReference<'a, B: Backend> {
-    Model(&'a CausalLm<B>),
+    Model(Box<CausalLm<B>>),
     Values(&'a [(f32, f32)]),
     None,
 }
@@ -83,11 +83,7 @@ impl<B: AutodiffBackend> Trainer<'_, B> {
                     shards: config.train.batch_shards,
                     pad,
                 };
-                match self.references.for_eval(&inner) {
-                    EvalModel::Model(model) => evaluate_pairs(&inner, EvalReference::Model(&model), pairs, labels.as_deref(), settings, device),
-                    EvalModel::Values(values) => evaluate_pairs(&inner, EvalReference::Values(values), pairs, labels.as_deref(), settings, device),
-                    EvalModel::None => evaluate_pairs(&inner, EvalReference::None, pairs, labels.as_deref(), settings, device),
-                }
+                evaluate_pairs(&inner, self.references.for_eval(&inner), pairs, labels.as_deref(), settings, device)
             }
             Examples::Sequences(seqs) => {
                 let (mut all, mut losses) = (Vec::new(), Vec::new());

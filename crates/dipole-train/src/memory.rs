@@ -22,6 +22,13 @@ pub fn available_bytes() -> Option<u128> {
     Some(kib * 1024)
 }
 
+/// [`check_batch_fits`] for `pairs` scored `batch_size` at a time in order, unsharded (`cargo xtask
+/// logps`, `eval`, `score`): the batch holding the longest row pads every pair to it.
+pub fn check_pairs_fit<B: Backend>(device: &B::Device, config: &ModelConfig, pairs: &[dipole_data::PairInputs], batch_size: usize, setting: &str) -> Result<(), String> {
+    let longest = pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
+    check_batch_fits::<B>(device, config, batch_size.min(pairs.len()), longest, setting)
+}
+
 /// An error naming `setting` when a batch of `pairs` pairs padded to `len` tokens cannot fit on a
 /// CPU backend: the floor of [`attention_floor_bytes`] alone exceeds the memory available. GPU
 /// memory is not checked here.

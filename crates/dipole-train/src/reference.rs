@@ -13,6 +13,7 @@ use dipole_loss::{LossType, ObjectiveConfig};
 use dipole_models::{CausalLm, ModelConfig};
 
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
+use crate::evaluate::EvalReference;
 use crate::examples::Examples;
 use crate::precompute::{CacheInputs, ReferenceCache};
 use crate::step::{Reference, batch_shards, reference_logps};
@@ -161,13 +162,6 @@ pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -
     Ok(model)
 }
 
-/// A reference for evaluation: a model (sharing the run's tensors), values, or none.
-pub(crate) enum EvalModel<'a, B: Backend> {
-    Model(CausalLm<B>),
-    Values(&'a [(f32, f32)]),
-    None,
-}
-
 /// A run's reference, set up once: what `for_batch` hands each step.
 pub(crate) struct References<B: AutodiffBackend> {
     strategy: ReferenceStrategy,
@@ -227,18 +221,18 @@ impl<B: AutodiffBackend> References<B> {
 
     /// The eval set's reference next to `policy` (the policy's no-autodiff copy): a model to run,
     /// the precomputed values of the eval pairs, or none.
-    pub(crate) fn for_eval(&self, policy: &CausalLm<B::InnerBackend>) -> EvalModel<'_, B::InnerBackend> {
+    pub(crate) fn for_eval(&self, policy: &CausalLm<B::InnerBackend>) -> EvalReference<'_, B::InnerBackend> {
         let with_adapters = |mode| {
             let mut model = policy.clone();
             model.set_adapter_mode(mode);
-            EvalModel::Model(model)
+            EvalReference::Model(Box::new(model))
         };
         match self.strategy {
-            ReferenceStrategy::Precompute => EvalModel::Values(&self.precomputed.as_ref().expect("computed in new").values[self.train_len..]),
-            ReferenceStrategy::FrozenCopy => EvalModel::Model(self.frozen.clone().expect("loaded in new")),
+            ReferenceStrategy::Precompute => EvalReference::Values(&self.precomputed.as_ref().expect("computed in new").values[self.train_len..]),
+            ReferenceStrategy::FrozenCopy => EvalReference::Model(Box::new(self.frozen.clone().expect("loaded in new"))),
             ReferenceStrategy::AdapterOff => with_adapters(AdapterMode::Disabled),
             ReferenceStrategy::RefAdapter => with_adapters(AdapterMode::Reference),
-            ReferenceStrategy::None => EvalModel::None,
+            ReferenceStrategy::None => EvalReference::None,
             ReferenceStrategy::Auto => unreachable!("resolved before"),
         }
     }

@@ -15,7 +15,7 @@ use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, MixedPrecision};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, is_sealed, save_checkpoint, save_final, verify};
+use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, is_sealed, save_checkpoint, save_final, verify, weights_dir};
 use crate::config::TrainConfig;
 use crate::examples::{Examples, mask_tokens};
 use crate::grads::{accumulate, clip_global_norm, scale};
@@ -172,7 +172,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let steps_per_epoch = (order.batches_per_epoch() / config.train.gradient_accumulation_steps).max(1);
         let total_steps = config.train.max_steps.unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
         let final_dir = config.train.final_dir.clone().unwrap_or_else(|| out_dir.join("final"));
-        let final_weights = final_dir.join(if config.lora.enabled { "adapter" } else { "model" });
+        let final_weights = weights_dir(config, &final_dir);
         // a run killed after its last checkpoint but before its final weights were whole still ends
         if let Some(dir) = resume_dir.as_ref().filter(|_| state.step >= total_steps && is_sealed(&final_weights)) {
             return Err(format!(
@@ -259,9 +259,9 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             let indices = self.order.batch(self.state.batches_seen);
             let (out, batch_tokens, records) = self.forward(&indices);
             if !out.loss.is_finite() {
-                let what = format!("loss is {} on records {records:?}", out.loss);
+                let (what, micro_batch) = (format!("loss is {} on records {records:?}", out.loss), self.state.batches_seen);
                 self.state.batches_seen += 1;
-                return self.skip_or_stop(&what, Some(self.state.batches_seen - 1));
+                return self.skip_or_stop(&what, Some(micro_batch));
             }
             // Accumulation averages, as PyTorch's loss / accumulation_steps does.
             let factor = self.state.loss_scaler.as_ref().map_or(1.0, |scaler| scaler.scale) / accum as f64;
