@@ -2,7 +2,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use dipole_models::rng::SplitMix64;
+use dipole_models::rng::SeededRng;
 use dipole_models::{CausalLm, LlamaShape, ModelConfig};
 
 /// The benchmark shape ([`LlamaShape::BENCHMARK`]).
@@ -16,7 +16,7 @@ pub fn bench_model<B: Backend>(device: &B::Device) -> CausalLm<B> {
 
 /// `rows` random sequences of `len` ids.
 pub fn random_ids<B: Backend>(rows: usize, len: usize, device: &B::Device) -> Tensor<B, 2, Int> {
-    let mut rng = SplitMix64::new(7);
+    let mut rng = SeededRng::new(7);
     let ids: Vec<i64> = (0..rows * len).map(|_| 3 + (rng.next_u64() % 7997) as i64).collect();
     Tensor::from_data(TensorData::new(ids, [rows, len]), device)
 }

@@ -1,34 +1,17 @@
 //! Which burn backend a command runs on. CPU (flex) is always compiled; GPU backends come with
 //! cargo features so the default build stays lean.
 
-use clap::ValueEnum;
+pub use dipole_train::config::Backend as BackendKind;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    /// burn's pure-Rust CPU backend (flex).
-    Cpu,
-    /// burn's ndarray CPU backend (feature `ndarray`), kept for comparison.
-    Ndarray,
-    /// wgpu: Vulkan, Metal or DX12, whichever the machine has (feature `wgpu`).
-    Wgpu,
-    /// wgpu restricted to Vulkan (feature `vulkan`).
-    Vulkan,
-    /// wgpu restricted to Metal (feature `metal`).
-    Metal,
-    /// CUDA through cubecl, kernels compiled at run time by NVRTC (feature `cuda`).
-    Cuda,
-}
-
-impl BackendKind {
-    pub fn feature(self) -> &'static str {
-        match self {
-            BackendKind::Cpu => "(always built)",
-            BackendKind::Ndarray => "ndarray",
-            BackendKind::Wgpu => "wgpu",
-            BackendKind::Vulkan => "vulkan",
-            BackendKind::Metal => "metal",
-            BackendKind::Cuda => "cuda",
-        }
+/// The cargo feature that builds `kind` in.
+pub fn feature(kind: BackendKind) -> &'static str {
+    match kind {
+        BackendKind::Cpu => "(always built)",
+        BackendKind::Ndarray => "ndarray",
+        BackendKind::Wgpu => "wgpu",
+        BackendKind::Vulkan => "vulkan",
+        BackendKind::Metal => "metal",
+        BackendKind::Cuda => "cuda",
     }
 }
 
@@ -117,7 +100,7 @@ macro_rules! with_backend {
             other => Err(anyhow::anyhow!(
                 "backend {:?} is not compiled into this binary; rebuild with `--features {}`",
                 other,
-                other.feature()
+                $crate::backend::feature(other)
             )),
         }
     }};

@@ -18,7 +18,7 @@ use clap::Args;
 use dipole_data::{PairInputs, PreferenceBatch, Sequence};
 use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
-use dipole_models::rng::SplitMix64;
+use dipole_models::rng::SeededRng;
 use dipole_models::{CausalLm, LlamaShape, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
 use dipole_train::{Reference, StepContext, preference_step, reference_logps};
@@ -122,7 +122,7 @@ fn peak_rss_mib() -> f64 {
 
 /// `pairs` random pairs sharing a prompt of `prompt` tokens, completions of `completion` tokens.
 fn random_batch(pairs: usize, prompt: usize, completion: usize, vocab: u32, seed: u64) -> PreferenceBatch {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = SeededRng::new(seed);
     let mut token = || 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
     let items: Vec<PairInputs> = (0..pairs)
         .map(|index| {

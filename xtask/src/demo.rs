@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use dipole_models::rng::SplitMix64;
+use dipole_models::rng::SeededRng;
 use serde_json::{Value, json};
 
 #[derive(Args, Debug)]
@@ -247,7 +247,7 @@ enum Style {
 }
 
 struct Gen {
-    rng: SplitMix64,
+    rng: SeededRng,
 }
 
 impl Gen {
@@ -321,7 +321,7 @@ pub const CHAT_TEMPLATE: &str = "<|bos|>{% for message in messages %}{% if messa
 const SPECIAL: &[&str] = &["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>"];
 
 pub fn run(args: DemoArgs) -> Result<()> {
-    let mut g = Gen { rng: SplitMix64::new(args.seed) };
+    let mut g = Gen { rng: SeededRng::new(args.seed) };
     std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
 
     // Held-out prompts first; training prompts must differ from every one of them.

@@ -10,7 +10,8 @@ use clap::Args;
 use dipole_data::{ChatTemplate, Content, ReadOptions, read_preferences};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::GenerateOptions;
-use dipole_train::{EvalReference, EvalSettings, Generation, Stage, TrainConfig, evaluate_pairs};
+use dipole_eval::{Generation, format_table, judge_with_rules, rubrics_of};
+use dipole_train::{EvalReference, EvalSettings, Stage, TrainConfig, evaluate_pairs};
 
 use crate::pairs::{Loaded, ModelAndPairs};
 
@@ -154,15 +155,15 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig)
         }
         out.flush()?;
         println!("wrote {} generations to {}", generations.len(), args.generations_out.display());
-        let rubrics = dipole_train::judge::rubrics_of(&args.input.data).map_err(|e| anyhow!(e))?;
+        let rubrics = rubrics_of(&args.input.data)?;
         let (report, _) = match args.judge.llm() {
-            Some(judge) => judge.judge(&generations, &rubrics).map_err(|e| anyhow!(e))?,
-            None => dipole_train::judge_with_rules(&generations, &rubrics),
+            Some(judge) => judge.judge(&generations, &rubrics)?,
+            None => judge_with_rules(&generations, &rubrics),
         };
         // The base against itself: every reward margin is 0, a coin flip.
-        println!("\n{}", dipole_train::judge::format_table(Some(0.5), accuracy_after, Some(&report)));
+        println!("\n{}", format_table(Some(0.5), accuracy_after, Some(&report)));
     } else {
-        println!("\n{}", dipole_train::judge::format_table(Some(0.5), accuracy_after, None));
+        println!("\n{}", format_table(Some(0.5), accuracy_after, None));
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ mod export;
 mod flags;
 mod logps;
 mod pairs;
+mod report;
 mod score;
 mod train;
 
@@ -46,7 +47,9 @@ enum Command {
 fn main() -> Result<()> {
     dipole_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
-    if let Some(fused) = dipole_kernels::fused_from_env().map_err(anyhow::Error::msg)? {
+    // the libraries' notes (resumes, skipped rows, cache reuse) as plain lines on stderr
+    tracing_subscriber::fmt().with_writer(std::io::stderr).without_time().with_target(false).with_level(false).init();
+    if let Some(fused) = dipole_kernels::fused_from_env()? {
         dipole_kernels::set_fused(fused);
     }
     match cli.command {

@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use clap::Args;
+use dipole_eval::LlmJudge;
 use dipole_train::{Resume, RunOptions, Stage, TrainConfig, train};
 
 use crate::backend::BackendKind;
@@ -31,8 +32,8 @@ pub struct TrainArgs {
 /// How the generations of a run are judged.
 #[derive(Args, Debug, Clone)]
 pub struct JudgeArgs {
-    /// OpenAI-compatible chat endpoint for an LLM judge (`http://host:port/v1`); default: the
-    /// rule-based judge.
+    /// OpenAI-compatible chat endpoint for an LLM judge (`http://host:port/v1` or
+    /// `https://host/v1`); default: the rule-based judge.
     #[arg(long)]
     pub judge_url: Option<String>,
     /// Model name sent to the judge endpoint.
@@ -47,8 +48,8 @@ pub struct JudgeArgs {
 }
 
 impl JudgeArgs {
-    pub fn llm(&self) -> Option<dipole_train::LlmJudge> {
-        self.judge_url.as_ref().map(|url| dipole_train::LlmJudge {
+    pub fn llm(&self) -> Option<LlmJudge> {
+        self.judge_url.as_ref().map(|url| LlmJudge {
             url: url.clone(),
             model: self.judge_model.clone(),
             api_key: std::env::var(&self.judge_key_env).ok().filter(|k| !k.is_empty()),
@@ -70,8 +71,7 @@ pub fn backend_of(args: &TrainArgs, config: &TrainConfig) -> Result<BackendKind>
     if let Some(b) = args.backend {
         return Ok(b);
     }
-    <BackendKind as clap::ValueEnum>::from_str(&config.train.backend, true)
-        .map_err(|_| anyhow!("train.backend = {:?}: expected cpu, ndarray, wgpu, vulkan, metal or cuda", config.train.backend))
+    Ok(config.train.backend)
 }
 
 pub fn run(args: TrainArgs, stage: Option<Stage>) -> Result<()> {
@@ -85,7 +85,7 @@ pub fn run(args: TrainArgs, stage: Option<Stage>) -> Result<()> {
     crate::with_backend!(backend, run_on(&config, &options, judge.as_ref()))
 }
 
-fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOptions, judge: Option<&dipole_train::LlmJudge>) -> Result<()> {
+fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOptions, judge: Option<&LlmJudge>) -> Result<()> {
     let started = std::time::Instant::now();
     let summary = if config.train.gradient_checkpointing {
         train::<Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(config, options, device)
@@ -108,8 +108,9 @@ fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOpt
             eprintln!("  {k:<36} {v:.4}");
         }
     }
+    crate::report::write_plots(config, &summary).context("writing the plots")?;
     if config.train.stage == dipole_train::Stage::Dpo && (summary.initial_eval.is_some() || summary.generations.is_some()) {
-        let (_, table) = dipole_train::run_report(config, &summary, judge).map_err(|e| anyhow!(e))?;
+        let (_, table) = crate::report::run_report(config, &summary, judge)?;
         println!("\nbefore / after ({}):\n{table}", config.train.output_dir.join("report.md").display());
     }
     Ok(())

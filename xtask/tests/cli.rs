@@ -227,6 +227,9 @@ fn eval_with_the_runs_config_agrees_with_the_runs_final_evaluation() {
     let config = config.display().to_string();
     let out = xtask(&["train", "--config", &config], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // the CLI plots a finished run's log
+    let svg = std::fs::read_to_string(dir.path().join("out/plots/loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2, "train and eval loss: {svg}");
     let log = std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
     let adapter = dir.path().join("out/final/adapter").display().to_string();

@@ -7,6 +7,16 @@ use minijinja::{Environment, Error, ErrorKind, context};
 use crate::record::Message;
 use crate::tokenizer::Tokenizer;
 
+/// A chat template that does not parse, or fails on the messages it is given (a
+/// `raise_exception` call of the template included).
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("chat_template does not parse: {0}")]
+    Parse(#[source] Error),
+    #[error("chat_template failed: {0}")]
+    Render(#[source] Error),
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
@@ -20,7 +30,7 @@ fn raise_exception(message: String) -> Result<String, Error> {
 
 impl ChatTemplate {
     /// The tokenizer's template, or `None` when it has none.
-    pub fn from_tokenizer(tokenizer: &Tokenizer) -> Result<Option<Self>, String> {
+    pub fn from_tokenizer(tokenizer: &Tokenizer) -> Result<Option<Self>, TemplateError> {
         let Some(source) = &tokenizer.chat_template else {
             return Ok(None);
         };
@@ -28,19 +38,19 @@ impl ChatTemplate {
         Self::new(source, text(&tokenizer.bos), text(&tokenizer.eos), text(&tokenizer.pad)).map(Some)
     }
 
-    pub fn new(source: &str, bos: String, eos: String, pad: String) -> Result<Self, String> {
+    pub fn new(source: &str, bos: String, eos: String, pad: String) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| format!("chat_template does not parse: {e}"))?;
+            .map_err(TemplateError::Parse)?;
         Ok(Self { env, bos, eos, pad })
     }
 
     /// Renders `messages`; with `add_generation_prompt` the assistant header is appended.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TemplateError> {
         let messages: Vec<_> = messages
             .iter()
             .map(|m| context! { role => m.role.clone(), content => m.content.clone() })
@@ -54,7 +64,7 @@ impl ChatTemplate {
                 eos_token => self.eos.clone(),
                 pad_token => self.pad.clone(),
             })
-            .map_err(|e| format!("chat_template failed: {e}"))
+            .map_err(TemplateError::Render)
     }
 }
 
@@ -86,6 +96,6 @@ mod tests {
         let source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}";
         let t = ChatTemplate::new(source, String::new(), String::new(), String::new()).unwrap();
         let err = t.render(&[msg("assistant", "x")], false).unwrap_err();
-        assert!(err.contains("Conversation must start with user"), "{err}");
+        assert!(err.to_string().contains("Conversation must start with user"), "{err}");
     }
 }

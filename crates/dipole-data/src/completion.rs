@@ -53,7 +53,7 @@ pub fn load_completions_with(
     pairs: PairsAs,
 ) -> Result<PreparedCompletions> {
     let rows = read_rows(path, options)?;
-    let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| DataError::at(&tokenizer.dir, None, e))?;
+    let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| DataError::at(&tokenizer.dir, None, e.to_string()))?;
     let mut items: Vec<(&Path, Location, &Content, &Content, Option<bool>)> = Vec::new();
     for r in &rows.unpaired {
         items.push((&r.path, r.location, &r.prompt, &r.completion, r.label));

@@ -67,7 +67,7 @@ fn tokenize_records(
     lengths: LengthOptions,
     skip_invalid: bool,
 ) -> Result<PreparedPairs> {
-    let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| DataError::at(&tokenizer.dir, None, e))?;
+    let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| DataError::at(&tokenizer.dir, None, e.to_string()))?;
     let mut out = PreparedPairs::default();
     for record in records {
         let pair = match tokenize_pair(tokenizer, template.as_ref(), record) {

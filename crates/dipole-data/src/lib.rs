@@ -7,6 +7,7 @@ pub mod chat;
 pub mod completion;
 pub mod dataset;
 pub mod error;
+pub mod generation;
 pub mod json;
 pub mod parquet_io;
 pub mod ratings;

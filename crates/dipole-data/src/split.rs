@@ -1,4 +1,16 @@
-//! Seeded train/test splits.
+//! Seeded train/test splits and shuffles.
+
+use rand_core::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
+
+/// Fisher-Yates on the SplitMix64 stream: the same order for the same seed on every machine.
+pub fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = SplitMix64::seed_from_u64(seed);
+    for i in (1..items.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
 
 /// Splits `0..n` into (train, test) with `round(n * test_fraction)` (at least 1) test indices chosen
 /// by a seeded shuffle; both lists keep the original order.
@@ -8,19 +20,7 @@ pub fn split_indices(n: usize, test_fraction: f64, seed: u64) -> (Vec<usize>, Ve
     }
     let n_test = ((n as f64 * test_fraction).round() as usize).clamp(1, n);
     let mut order: Vec<usize> = (0..n).collect();
-    // SplitMix64 + Fisher-Yates: the same split for the same seed on every machine.
-    let mut state = seed ^ 0x5EED_5EED_5EED_5EED;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    for i in (1..n).rev() {
-        let j = (next() % (i as u64 + 1)) as usize;
-        order.swap(i, j);
-    }
+    shuffle(&mut order, seed ^ 0x5EED_5EED_5EED_5EED);
     let mut test: Vec<usize> = order[..n_test].to_vec();
     test.sort_unstable();
     let in_test: std::collections::BTreeSet<usize> = test.iter().copied().collect();

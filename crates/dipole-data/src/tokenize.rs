@@ -49,7 +49,8 @@ fn render_texts(
             )?;
             let mut all = p.clone();
             all.extend_from_slice(c);
-            Ok((template.render(p, true)?, template.render(&all, false)?, false))
+            let render = |messages: &[_], generation_prompt| template.render(messages, generation_prompt).map_err(|e| e.to_string());
+            Ok((render(p, true)?, render(&all, false)?, false))
         }
         _ => Err("prompt and completion mix plain text and message lists".into()),
     }
@@ -100,7 +101,8 @@ pub fn tokenize_completion(
 }
 
 /// Which end of `prompt + completion` survives truncation to `max_length`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TruncationMode {
     /// Keep the first `max_length` tokens (TRL's default).
     #[default]

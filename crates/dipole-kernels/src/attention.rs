@@ -35,7 +35,10 @@ pub type RopeTables<B> = (Tensor<B, 2>, Tensor<B, 2>);
 /// Projection output `x` `[batch, len, heads * head_dim]` as contiguous heads
 /// `[batch, heads, len, head_dim]`, each head vector `v` rotated to
 /// `v * cos + swap_halves(v) * signed_sin` if `tables` are given (rotate-half RoPE), in one pass.
-pub fn try_split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, tables: Option<RopeTables<B>>) -> Result<Tensor<B, 4>, (Tensor<B, 3>, Option<RopeTables<B>>)> {
+/// What [`try_split_heads`] hands back when its kernel does not run: its inputs, untouched.
+pub type SplitInputs<B> = (Tensor<B, 3>, Option<RopeTables<B>>);
+
+pub fn try_split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, tables: Option<RopeTables<B>>) -> Result<Tensor<B, 4>, SplitInputs<B>> {
     let [_, _, width] = x.dims();
     assert!(heads > 0 && width % heads == 0, "{width} features do not split into {heads} heads");
     let f32_tables = tables.as_ref().is_none_or(|(c, s)| c.dtype() == DType::F32 && s.dtype() == DType::F32);

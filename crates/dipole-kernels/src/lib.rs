@@ -36,14 +36,23 @@ static FUSED: AtomicU8 = AtomicU8::new(UNSET);
 
 /// What [`FUSED_KERNELS_VAR`] asks for: `None` when it is unset, an error naming the variable and
 /// the values it takes when it holds anything else.
-pub fn fused_from_env() -> Result<Option<bool>, String> {
+pub fn fused_from_env() -> Result<Option<bool>, FusedVarError> {
     match std::env::var(FUSED_KERNELS_VAR) {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Ok(v) if ["1", "on", "true"].contains(&v.to_ascii_lowercase().as_str()) => Ok(Some(true)),
         Ok(v) if ["0", "off", "false"].contains(&v.to_ascii_lowercase().as_str()) => Ok(Some(false)),
-        Ok(v) => Err(format!("{FUSED_KERNELS_VAR}={v:?}: expected 1/on/true or 0/off/false")),
-        Err(e) => Err(format!("{FUSED_KERNELS_VAR}: {e}")),
+        Ok(v) => Err(FusedVarError::Value(v)),
+        Err(std::env::VarError::NotUnicode(_)) => Err(FusedVarError::NotUnicode),
     }
+}
+
+/// A [`FUSED_KERNELS_VAR`] that holds neither an on nor an off value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FusedVarError {
+    #[error("DIPOLE_FUSED_KERNELS={0:?}: expected 1/on/true or 0/off/false")]
+    Value(String),
+    #[error("DIPOLE_FUSED_KERNELS: not valid unicode")]
+    NotUnicode,
 }
 
 /// Turns the fused kernels on or off for the whole process (every thread, every model).

@@ -58,7 +58,10 @@ impl Backward<Flex, 1> for TokenLogpsBackward {
     }
 }
 
-fn logps_autodiff<C: CheckpointStrategy>(logits: Tensor<Autodiff<Flex, C>, 3>, labels: Tensor<Autodiff<Flex, C>, 2, Int>, entropy: bool) -> (Tensor<Autodiff<Flex, C>, 2>, Option<Tensor<Autodiff<Flex, C>, 2>>) {
+/// Per-token log-probs `[batch, len]` and, when asked for, entropies.
+type LogpsAndEntropy<B> = (Tensor<B, 2>, Option<Tensor<B, 2>>);
+
+fn logps_autodiff<C: CheckpointStrategy>(logits: Tensor<Autodiff<Flex, C>, 3>, labels: Tensor<Autodiff<Flex, C>, 2, Int>, entropy: bool) -> LogpsAndEntropy<Autodiff<Flex, C>> {
     let labels = label_indices(labels.into_primitive());
     let logits = logits.into_primitive().tensor();
     let out = forward(&logits.primitive, &labels, entropy);

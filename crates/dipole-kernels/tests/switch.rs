@@ -24,7 +24,8 @@ fn the_switch_and_the_variable_turn_the_kernels_off_and_on() {
     unsafe { std::env::set_var(dipole_kernels::FUSED_KERNELS_VAR, "TRUE") };
     assert_eq!(dipole_kernels::fused_from_env(), Ok(Some(true)));
     unsafe { std::env::set_var(dipole_kernels::FUSED_KERNELS_VAR, "2") };
-    assert_eq!(dipole_kernels::fused_from_env(), Err("DIPOLE_FUSED_KERNELS=\"2\": expected 1/on/true or 0/off/false".to_string()));
+    assert_eq!(dipole_kernels::fused_from_env(), Err(dipole_kernels::FusedVarError::Value("2".into())));
+    assert_eq!(dipole_kernels::fused_from_env().unwrap_err().to_string(), "DIPOLE_FUSED_KERNELS=\"2\": expected 1/on/true or 0/off/false");
     unsafe { std::env::remove_var(dipole_kernels::FUSED_KERNELS_VAR) };
     assert_eq!(dipole_kernels::fused_from_env(), Ok(None));
 }

@@ -21,12 +21,14 @@ pub enum TargetModules {
 
 /// How a fresh adapter's A matrix is initialised (B always starts at zero, so the adapted model
 /// starts equal to the base).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum LoraInit {
     /// PEFT's default: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
     #[default]
+    #[serde(rename = "kaiming", alias = "kaiming_uniform")]
     KaimingUniform,
     /// PEFT's `"gaussian"`: N(0, 1/r).
+    #[serde(rename = "gaussian")]
     Gaussian,
 }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod linear;
 pub mod peft;
+pub mod rng;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use error::{LoraError, Result};

@@ -5,6 +5,7 @@
 //! and `b` is `[r, out]`. PEFT stores the transposes (`lora_A` `[r, in]`, `lora_B` `[out, r]`); the
 //! conversion happens at the file boundary, never in the forward pass.
 
+use crate::rng::SeededRng;
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Distribution, Tensor, TensorData, backend::Backend};
 
@@ -241,32 +242,14 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// SplitMix64 stream for reproducible, backend-independent adapter initialisation.
-fn splitmix(seed: u64) -> impl FnMut() -> f64 {
-    let mut state = seed;
-    move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 fn uniform_matrix(seed: u64, n: usize, low: f64, high: f64) -> Vec<f32> {
-    let mut next = splitmix(seed);
-    (0..n).map(|_| (low + (high - low) * next()) as f32).collect()
+    let mut rng = SeededRng::new(seed);
+    (0..n).map(|_| (low + (high - low) * rng.uniform()) as f32).collect()
 }
 
 fn normal_matrix(seed: u64, n: usize, std: f64) -> Vec<f32> {
-    let mut next = splitmix(seed);
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (1.0 - next(), next());
-            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
-        })
-        .collect()
+    let mut rng = SeededRng::new(seed);
+    (0..n).map(|_| (rng.normal_f64() * std) as f32).collect()
 }
 
 #[cfg(test)]

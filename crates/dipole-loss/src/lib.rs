@@ -6,7 +6,9 @@ pub mod metrics;
 pub mod objectives;
 pub mod token_stats;
 
-pub use objectives::{CpoVariant, FDivergence, KtoOutput, LossType, ObjectiveConfig, ObjectiveOutput, ObjectiveState, PairInputs, kto_loss, preference_loss};
+pub use objectives::{
+    CpoVariant, FDivergence, KtoOutput, LossType, ObjectiveConfig, ObjectiveError, ObjectiveOutput, ObjectiveState, PairInputs, kto_loss, preference_loss,
+};
 pub use metrics::preference_metrics;
 pub use logps::{
     SequenceLogps, ld_weights, prediction_window, sequence_logps, sequence_logps_window, sequence_logps_window_and_entropy, token_entropy, token_logps, token_logps_and_entropy_ops, token_logps_ops,

@@ -5,6 +5,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, backend::Backend};
 use dipole_kernels::logps::try_token_logps;
 
+use crate::objectives::length_normalised;
+
 /// Log-probs of each row's completion tokens.
 #[derive(Clone, Debug)]
 pub struct SequenceLogps<B: Backend> {
@@ -197,7 +199,7 @@ pub fn wpo_weights_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2
     let max = twice.clone().max_dim(2);
     let lse = (twice - max.clone()).exp().sum_dim(2).log() + max;
     let adjusted = (token - lse.squeeze_dim::<2>(2)) * mask.clone();
-    let per_row = adjusted.sum_dim(1).squeeze_dim::<1>(1) / mask.sum_dim(1).squeeze_dim::<1>(1).clamp_min(1.0);
+    let per_row = length_normalised(adjusted.sum_dim(1).squeeze_dim::<1>(1), mask.sum_dim(1).squeeze_dim::<1>(1));
     let b = rows / 2;
     (per_row.clone().narrow(0, 0, b) + per_row.narrow(0, b, b)).exp().clamp_max(1.0)
 }

@@ -182,120 +182,12 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-
-        let model_type = cfg.model_type.clone().ok_or_else(|| {
-            bad("missing key \"model_type\" (expected \"llama\", \"mistral\" or \"qwen2\")".into())
-        })?;
-        let architecture = match model_type.as_str() {
-            "llama" => Architecture::Llama,
-            "mistral" => Architecture::Mistral,
-            "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(ModelError::UnknownModelType {
-                    path: path.to_path_buf(),
-                    found: model_type,
-                });
-            }
-        };
-        if let Some(act) = &cfg.hidden_act
-            && act != "silu" && act != "swish" {
-                return Err(bad(format!("key \"hidden_act\": expected \"silu\", found {act:?}")));
-            }
-        // Zero sizes would build empty matrices and fail (or divide by zero) far from the cause.
-        let positive = |key: &str, value: usize| {
-            if value == 0 {
-                Err(bad(format!("key {key:?}: expected a positive integer, found 0")))
-            } else {
-                Ok(())
-            }
-        };
-        positive("vocab_size", cfg.vocab_size)?;
-        positive("hidden_size", cfg.hidden_size)?;
-        positive("intermediate_size", cfg.intermediate_size)?;
-        positive("num_attention_heads", cfg.num_attention_heads)?;
-        let heads = cfg.num_attention_heads;
-        let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        positive("num_key_value_heads", kv_heads)?;
-        if !heads.is_multiple_of(kv_heads) {
-            return Err(bad(format!(
-                "key \"num_key_value_heads\": expected a divisor of num_attention_heads ({heads}), found {kv_heads}"
-            )));
-        }
-        let head_dim = match cfg.head_dim {
-            Some(d) => {
-                positive("head_dim", d)?;
-                if !d.is_multiple_of(2) {
-                    return Err(bad(format!(
-                        "key \"head_dim\": expected an even number (rotary embeddings rotate pairs), found {d}"
-                    )));
-                }
-                d
-            }
-            None if !cfg.hidden_size.is_multiple_of(heads) => {
-                return Err(bad(format!(
-                    "key \"num_attention_heads\": expected a divisor of hidden_size ({}) as no head_dim is given, found {heads}",
-                    cfg.hidden_size
-                )));
-            }
-            None if !(cfg.hidden_size / heads).is_multiple_of(2) => {
-                return Err(bad(format!(
-                    "key \"hidden_size\": expected hidden_size / num_attention_heads (the head dim, no head_dim is given) \
-                     to be even (rotary embeddings rotate pairs), found {} / {heads} = {}",
-                    cfg.hidden_size,
-                    cfg.hidden_size / heads
-                )));
-            }
-            None => cfg.hidden_size / heads,
-        };
-        // JSON has no NaN, so plain comparisons cover every value these keys can hold.
-        if let Some(eps) = cfg.rms_norm_eps
-            && eps <= 0.0
-        {
-            return Err(bad(format!("key \"rms_norm_eps\": expected a positive number, found {eps:?}")));
-        }
-        if let Some(std) = cfg.initializer_range
-            && std < 0.0
-        {
-            return Err(bad(format!("key \"initializer_range\": expected a non-negative number, found {std:?}")));
-        }
+        let architecture = architecture(&cfg, path)?;
+        let (heads, kv_heads, head_dim) = attention_shape(&cfg).map_err(bad)?;
+        check_scalars(&cfg).map_err(bad)?;
         let max_position_embeddings = cfg.max_position_embeddings.unwrap_or(2048);
-        positive("max_position_embeddings", max_position_embeddings)?;
         let rope = parse_rope(&cfg, max_position_embeddings).map_err(bad)?;
-
-        let layers = cfg.num_hidden_layers;
-        let sliding_window = match architecture {
-            Architecture::Llama => vec![None; layers],
-            Architecture::Mistral => vec![cfg.sliding_window; layers],
-            Architecture::Qwen2 => {
-                if let Some(types) = &cfg.layer_types {
-                    if types.len() != layers {
-                        return Err(bad(format!(
-                            "key \"layer_types\": expected one entry per layer (num_hidden_layers is {layers}), found {}",
-                            types.len()
-                        )));
-                    }
-                    types
-                        .iter()
-                        .map(|t| match t.as_str() {
-                            "sliding_attention" => Ok(cfg.sliding_window),
-                            "full_attention" => Ok(None),
-                            other => Err(bad(format!(
-                                "key \"layer_types\": expected \"full_attention\" or \"sliding_attention\", found {other:?}"
-                            ))),
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                } else if cfg.use_sliding_window.unwrap_or(false) {
-                    let from = cfg.max_window_layers.unwrap_or(layers);
-                    (0..layers).map(|i| if i >= from { cfg.sliding_window } else { None }).collect()
-                } else {
-                    vec![None; layers]
-                }
-            }
-        };
-        // Only a window some layer uses must be positive: Qwen2 configs carry one when it is off.
-        if sliding_window.contains(&Some(0)) {
-            return Err(bad("key \"sliding_window\": expected a positive integer, found 0".into()));
-        }
+        let sliding_window = sliding_windows(&cfg, architecture).map_err(bad)?;
         let attention_bias = cfg.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match architecture {
             Architecture::Llama => (attention_bias, attention_bias, cfg.mlp_bias.unwrap_or(false)),
@@ -308,7 +200,7 @@ impl ModelConfig {
             vocab_size: cfg.vocab_size,
             hidden_size: cfg.hidden_size,
             intermediate_size: cfg.intermediate_size,
-            num_hidden_layers: layers,
+            num_hidden_layers: cfg.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
@@ -370,6 +262,124 @@ impl ModelConfig {
     }
 }
 
+/// The model family `model_type` names; all three use SiLU.
+fn architecture(cfg: &RawConfig, path: &Path) -> Result<Architecture> {
+    let model_type = cfg.model_type.clone().ok_or_else(|| ModelError::Config {
+        path: path.to_path_buf(),
+        message: "missing key \"model_type\" (expected \"llama\", \"mistral\" or \"qwen2\")".into(),
+    })?;
+    let architecture = match model_type.as_str() {
+        "llama" => Architecture::Llama,
+        "mistral" => Architecture::Mistral,
+        "qwen2" => Architecture::Qwen2,
+        _ => return Err(ModelError::UnknownModelType { path: path.to_path_buf(), found: model_type }),
+    };
+    if let Some(act) = &cfg.hidden_act
+        && act != "silu"
+        && act != "swish"
+    {
+        return Err(ModelError::Config { path: path.to_path_buf(), message: format!("key \"hidden_act\": expected \"silu\", found {act:?}") });
+    }
+    Ok(architecture)
+}
+
+/// Zero sizes would build empty matrices and fail (or divide by zero) far from the cause.
+fn positive(key: &str, value: usize) -> Result<(), String> {
+    if value == 0 { Err(format!("key {key:?}: expected a positive integer, found 0")) } else { Ok(()) }
+}
+
+/// (attention heads, key/value heads, head dim), each checked against the others.
+fn attention_shape(cfg: &RawConfig) -> Result<(usize, usize, usize), String> {
+    positive("vocab_size", cfg.vocab_size)?;
+    positive("hidden_size", cfg.hidden_size)?;
+    positive("intermediate_size", cfg.intermediate_size)?;
+    positive("num_attention_heads", cfg.num_attention_heads)?;
+    let heads = cfg.num_attention_heads;
+    let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
+    positive("num_key_value_heads", kv_heads)?;
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(format!("key \"num_key_value_heads\": expected a divisor of num_attention_heads ({heads}), found {kv_heads}"));
+    }
+    let head_dim = match cfg.head_dim {
+        Some(d) => {
+            positive("head_dim", d)?;
+            if !d.is_multiple_of(2) {
+                return Err(format!("key \"head_dim\": expected an even number (rotary embeddings rotate pairs), found {d}"));
+            }
+            d
+        }
+        None if !cfg.hidden_size.is_multiple_of(heads) => {
+            return Err(format!(
+                "key \"num_attention_heads\": expected a divisor of hidden_size ({}) as no head_dim is given, found {heads}",
+                cfg.hidden_size
+            ));
+        }
+        None if !(cfg.hidden_size / heads).is_multiple_of(2) => {
+            return Err(format!(
+                "key \"hidden_size\": expected hidden_size / num_attention_heads (the head dim, no head_dim is given) \
+                 to be even (rotary embeddings rotate pairs), found {} / {heads} = {}",
+                cfg.hidden_size,
+                cfg.hidden_size / heads
+            ));
+        }
+        None => cfg.hidden_size / heads,
+    };
+    Ok((heads, kv_heads, head_dim))
+}
+
+/// Norm epsilon, init scale and context length in range. JSON has no NaN, so plain comparisons
+/// cover every value these keys can hold.
+fn check_scalars(cfg: &RawConfig) -> Result<(), String> {
+    if let Some(eps) = cfg.rms_norm_eps
+        && eps <= 0.0
+    {
+        return Err(format!("key \"rms_norm_eps\": expected a positive number, found {eps:?}"));
+    }
+    if let Some(std) = cfg.initializer_range
+        && std < 0.0
+    {
+        return Err(format!("key \"initializer_range\": expected a non-negative number, found {std:?}"));
+    }
+    positive("max_position_embeddings", cfg.max_position_embeddings.unwrap_or(2048))
+}
+
+/// Each layer's sliding attention window (`None`: full attention).
+fn sliding_windows(cfg: &RawConfig, architecture: Architecture) -> Result<Vec<Option<usize>>, String> {
+    let layers = cfg.num_hidden_layers;
+    let windows = match architecture {
+        Architecture::Llama => vec![None; layers],
+        Architecture::Mistral => vec![cfg.sliding_window; layers],
+        Architecture::Qwen2 => {
+            if let Some(types) = &cfg.layer_types {
+                if types.len() != layers {
+                    return Err(format!(
+                        "key \"layer_types\": expected one entry per layer (num_hidden_layers is {layers}), found {}",
+                        types.len()
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(cfg.sliding_window),
+                        "full_attention" => Ok(None),
+                        other => Err(format!("key \"layer_types\": expected \"full_attention\" or \"sliding_attention\", found {other:?}")),
+                    })
+                    .collect::<Result<Vec<_>, String>>()?
+            } else if cfg.use_sliding_window.unwrap_or(false) {
+                let from = cfg.max_window_layers.unwrap_or(layers);
+                (0..layers).map(|i| if i >= from { cfg.sliding_window } else { None }).collect()
+            } else {
+                vec![None; layers]
+            }
+        }
+    };
+    // Only a window some layer uses must be positive: Qwen2 configs carry one when it is off.
+    if windows.contains(&Some(0)) {
+        return Err("key \"sliding_window\": expected a positive integer, found 0".into());
+    }
+    Ok(windows)
+}
+
 fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeConfig, String> {
     // transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
     let present = |v: &&Value| !v.is_null();
@@ -385,12 +395,16 @@ fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeCon
     if theta <= 0.0 {
         return Err(format!("key {theta_key:?}: expected a positive number, found {theta:?}"));
     }
-    let Some((section, spec)) = params.map(|p| ("rope_parameters", p)).or(scaling.map(|s| ("rope_scaling", s))) else {
-        return Ok(RopeConfig {
-            theta,
-            scaling: RopeScaling::Default,
-        });
+    let scaling = match params.map(|p| ("rope_parameters", p)).or(scaling.map(|s| ("rope_scaling", s))) {
+        Some((section, spec)) => rope_scaling(section, spec, max_position_embeddings)?,
+        None => RopeScaling::Default,
     };
+    Ok(RopeConfig { theta, scaling })
+}
+
+/// The scaling that `section` (`rope_parameters` or `rope_scaling`) describes.
+fn rope_scaling(section: &str, spec: &Value, max_position_embeddings: usize) -> Result<RopeScaling, String> {
+    let present = |v: &&Value| !v.is_null();
     let key = |name: &str| format!("{section}.{name}");
     let kind_key = if spec.get("rope_type").is_some() { "rope_type" } else { "type" };
     let kind = match spec.get(kind_key).filter(present) {
@@ -458,7 +472,7 @@ fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeCon
             ));
         }
     };
-    Ok(RopeConfig { theta, scaling })
+    Ok(scaling)
 }
 
 /// What a `config.json` key must hold. Checked on the JSON before serde reads it: serde's errors

@@ -57,6 +57,12 @@ pub enum ModelError {
         /// That element as read: `NaN`, `inf`, `-inf`, or an F64 value beyond f32's range.
         value: String,
     },
+    #[error("mixed precision {precision}: this backend cannot compute in {dtype} on {device}; use mixed_precision = \"no\" or another backend")]
+    UnsupportedPrecision {
+        precision: &'static str,
+        dtype: String,
+        device: String,
+    },
     #[error("unexpected tensors in {dir} (not part of a {architecture} model): {names:?}")]
     Unexpected {
         dir: PathBuf,

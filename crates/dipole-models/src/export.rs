@@ -69,6 +69,10 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().expect("f32 values")
 }
 
+
+/// One tensor ready for a safetensors file: name, shape, encoded bytes.
+type EncodedTensor = (String, Vec<usize>, Vec<u8>);
+
 impl<B: Backend> CausalLm<B> {
     /// Every weight under its HF name and shape (`[out, in]` for projections), adapters merged in.
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
@@ -105,7 +109,7 @@ impl<B: Backend> CausalLm<B> {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let tensors = self.hf_tensors();
-        let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+        let mut shards: Vec<Vec<EncodedTensor>> = vec![Vec::new()];
         let mut size = 0;
         for (name, shape, vals) in tensors {
             let bytes = dtype.encode(&vals);

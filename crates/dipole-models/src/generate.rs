@@ -3,7 +3,7 @@
 use burn::tensor::{Tensor, backend::Backend};
 
 use crate::llama::{CausalLm, KvCache, ids_tensor};
-use crate::rng::SplitMix64;
+use crate::rng::SeededRng;
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -34,7 +34,7 @@ impl<B: Backend> CausalLm<B> {
     pub fn generate(&self, prompt: &[u32], options: &GenerateOptions) -> Vec<u32> {
         assert!(!prompt.is_empty(), "generation needs at least one prompt token");
         let device = self.embed_tokens.device();
-        let mut rng = SplitMix64::new(options.seed);
+        let mut rng = SeededRng::new(options.seed);
         let mut cache = KvCache::new(self.layers.len());
         let mut out = Vec::new();
         let mut next_input = prompt.to_vec();
@@ -56,7 +56,7 @@ impl<B: Backend> CausalLm<B> {
 }
 
 /// Chooses the next token from `logits` under the decoding options.
-pub fn pick(logits: &[f32], options: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
+pub fn pick(logits: &[f32], options: &GenerateOptions, rng: &mut SeededRng) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -102,13 +102,13 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_argmax() {
-        let mut rng = SplitMix64::new(0);
+        let mut rng = SeededRng::new(0);
         assert_eq!(pick(&[0.1, 3.0, -1.0], &GenerateOptions::default(), &mut rng), 1);
     }
 
     #[test]
     fn top_p_excludes_the_tail() {
-        let mut rng = SplitMix64::new(0);
+        let mut rng = SeededRng::new(0);
         let options = GenerateOptions {
             temperature: 1.0,
             top_p: 0.5,
@@ -122,7 +122,7 @@ mod tests {
 
     #[test]
     fn sampling_follows_the_distribution() {
-        let mut rng = SplitMix64::new(1);
+        let mut rng = SeededRng::new(1);
         let options = GenerateOptions {
             temperature: 1.0,
             ..Default::default()

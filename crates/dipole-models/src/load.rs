@@ -12,7 +12,7 @@ use crate::precision::MixedPrecision;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, CausalLm, DecoderLayer, Mlp, RmsNorm};
-use crate::rng::SplitMix64;
+use crate::rng::SeededRng;
 use crate::weights::Checkpoint;
 
 /// What kind of parameter a tensor is; random initialisation depends on it.
@@ -37,14 +37,14 @@ impl WeightSource for Checkpoint {
 /// Seeded random weights as transformers initialises them: N(0, initializer_range) matrices, unit
 /// norms, zero biases. Generated on the host so every backend gets identical weights for a seed.
 pub struct RandomInit {
-    rng: SplitMix64,
+    rng: SeededRng,
     std: f32,
 }
 
 impl RandomInit {
     pub fn new(seed: u64, std: f64) -> Self {
         Self {
-            rng: SplitMix64::new(seed),
+            rng: SeededRng::new(seed),
             std: std as f32,
         }
     }

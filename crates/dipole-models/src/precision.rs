@@ -36,11 +36,13 @@ impl MixedPrecision {
 
     /// An error naming the dtype when `B` cannot compute in it on `device` (burn's ndarray backend has
     /// no half types; WGSL has no bf16).
-    pub fn check_backend<B: burn::tensor::backend::Backend>(self, device: &B::Device) -> Result<(), String> {
+    pub fn check_backend<B: burn::tensor::backend::Backend>(self, device: &B::Device) -> Result<(), crate::ModelError> {
         match self.compute_dtype() {
-            Some(dtype) if !B::supports_dtype(device, dtype) => Err(format!(
-                "mixed precision {self}: this backend cannot compute in {dtype:?} on {device:?}; use mixed_precision = \"no\" or another backend"
-            )),
+            Some(dtype) if !B::supports_dtype(device, dtype) => Err(crate::ModelError::UnsupportedPrecision {
+                precision: self.name(),
+                dtype: format!("{dtype:?}"),
+                device: format!("{device:?}"),
+            }),
             _ => Ok(()),
         }
     }

@@ -13,19 +13,18 @@ use burn::tensor::backend::AutodiffBackend;
 use dipole_models::{CausalLm, ExportDtype};
 use serde::Serialize;
 
+use crate::error::{TrainError, TrainResult, at};
 use crate::config::TrainConfig;
 use crate::trainer::TrainerState;
 
 /// Writes `bytes` to `path` durably: a temporary file beside it, synced, renamed over `path`, and
 /// the folder synced, so a crash leaves either the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> TrainResult<()> {
     // one temporary name per process: two runs sharing a cache folder never write the same file
     let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
-    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
-    let mut file = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
-    file.write_all(bytes).map_err(|e| err(&tmp, e))?;
-    file.sync_all().map_err(|e| err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
+    let mut file = std::fs::File::create(&tmp).map_err(at(&tmp))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(at(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(at(path))?;
     sync_dir(parent(path))
 }
 
@@ -35,29 +34,29 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// Makes a folder's entries (new files, renames) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), String> {
+pub fn sync_dir(dir: &Path) -> TrainResult<()> {
     // opening a folder to sync it is a Unix notion; elsewhere renames are durable already
     #[cfg(unix)]
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))?;
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
 }
 
-pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+pub fn write_json(path: &Path, value: &impl Serialize) -> TrainResult<()> {
+    let text = serde_json::to_string_pretty(value).map_err(at(path))?;
+    std::fs::write(path, text).map_err(at(path))
 }
 
 /// The file listing each checkpoint file's BLAKE3 digest.
 pub const CHECKSUMS: &str = "checksums.json";
 
-fn files_under(dir: &Path) -> Result<Vec<PathBuf>, String> {
+fn files_under(dir: &Path) -> TrainResult<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
-            let path = entry.map_err(|e| format!("{}: {e}", d.display()))?.path();
+        for entry in std::fs::read_dir(&d).map_err(at(&d))? {
+            let path = entry.map_err(at(&d))?.path();
             if path.is_dir() {
                 stack.push(path);
             } else {
@@ -74,18 +73,18 @@ fn relative(dir: &Path, path: &Path) -> String {
 }
 
 /// Syncs every file and folder under `dir` and writes [`CHECKSUMS`] over its files.
-pub fn seal(dir: &Path) -> Result<(), String> {
+pub fn seal(dir: &Path) -> TrainResult<()> {
     let mut sums = BTreeMap::new();
     let files: Vec<PathBuf> = files_under(dir)?.into_iter().filter(|p| *p != dir.join(CHECKSUMS)).collect();
     for path in &files {
         // a handle opened for writing: Windows cannot flush a read-only one
-        std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", path.display()))?;
+        std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.sync_all()).map_err(at(path))?;
         sums.insert(relative(dir, path), crate::precompute::file_blake3(path)?);
     }
-    let text = serde_json::to_string_pretty(&sums).map_err(|e| e.to_string())?;
+    let text = serde_json::to_string_pretty(&sums).map_err(at(dir))?;
     let list = dir.join(CHECKSUMS);
-    let mut file = std::fs::File::create(&list).map_err(|e| format!("{}: {e}", list.display()))?;
-    file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(|e| format!("{}: {e}", list.display()))?;
+    let mut file = std::fs::File::create(&list).map_err(at(&list))?;
+    file.write_all(text.as_bytes()).and_then(|_| file.sync_all()).map_err(at(&list))?;
     // every folder holding a file, `dir` itself (which now holds the checksums) among them
     let folders: std::collections::BTreeSet<&Path> = files.iter().filter_map(|p| p.parent()).chain([dir]).collect();
     for folder in folders {
@@ -97,25 +96,25 @@ pub fn seal(dir: &Path) -> Result<(), String> {
 /// Checks every file [`CHECKSUMS`] lists against its digest: a checkpoint with a garbled,
 /// truncated or missing file is an error naming it. Checkpoints written before checksums existed
 /// pass with a note.
-pub fn verify(dir: &Path) -> Result<(), String> {
+pub fn verify(dir: &Path) -> TrainResult<()> {
     let list = dir.join(CHECKSUMS);
     let text = match std::fs::read_to_string(&list) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("note: {} has no {CHECKSUMS} (written by an older dipole); its files are not verified", dir.display());
+            tracing::warn!("note: {} has no {CHECKSUMS} (written by an older dipole); its files are not verified", dir.display());
             return Ok(());
         }
-        Err(e) => return Err(format!("{}: {e}", list.display())),
+        Err(e) => return Err(at(&list)(e)),
     };
-    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", list.display()))?;
+    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(at(&list))?;
     for (name, want) in &sums {
         let path = dir.join(name);
         if !path.exists() {
-            return Err(format!("{}: listed in {CHECKSUMS} but missing: the checkpoint is incomplete", path.display()));
+            return Err(TrainError::checkpoint(&path, format!("listed in {CHECKSUMS} but missing: the checkpoint is incomplete")));
         }
         let got = crate::precompute::file_blake3(&path)?;
         if &got != want {
-            return Err(format!("{}: checksum mismatch (BLAKE3 {got}, {CHECKSUMS} says {want}): the file is damaged", path.display()));
+            return Err(TrainError::checkpoint(&path, format!("checksum mismatch (BLAKE3 {got}, {CHECKSUMS} says {want}): the file is damaged")));
         }
     }
     Ok(())
@@ -138,12 +137,12 @@ pub fn checkpoint_dirs(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 /// Publishes the sealed folder `tmp` as `dest` (replacing an older one) and syncs their parent.
-pub fn publish(tmp: &Path, dest: &Path) -> Result<(), String> {
+pub fn publish(tmp: &Path, dest: &Path) -> TrainResult<()> {
     seal(tmp)?;
     if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+        std::fs::remove_dir_all(dest).map_err(at(dest))?;
     }
-    std::fs::rename(tmp, dest).map_err(|e| format!("{}: {e}", dest.display()))?;
+    std::fs::rename(tmp, dest).map_err(at(dest))?;
     sync_dir(parent(dest))
 }
 
@@ -159,28 +158,42 @@ pub(crate) fn weights_dir(config: &TrainConfig, dir: &Path) -> PathBuf {
 
 /// Saves the trainable weights of `policy` into [`weights_dir`] of `dir` (PEFT adapter, or an f32
 /// HF folder).
-pub(crate) fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> Result<(), String> {
+pub(crate) fn save_weights<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, dir: &Path) -> TrainResult<()> {
     let dest = weights_dir(config, dir);
     if config.lora.enabled {
         let lora = config.lora.lora_config(&config.model.path)?;
-        policy.save_adapter(&dest, &lora).map_err(|e| e.to_string())
+        Ok(policy.save_adapter(&dest, &lora)?)
     } else {
-        policy.save_hf(&dest, ExportDtype::F32, usize::MAX, Some(&config.model.path)).map_err(|e| e.to_string())
+        Ok(policy.save_hf(&dest, ExportDtype::F32, usize::MAX, Some(&config.model.path))?)
     }
 }
 
 /// Writes the final weights into `final_dir/adapter` (LoRA) or `final_dir/model`, whole or not at
 /// all: a partial folder, sealed, then renamed into place.
-pub(crate) fn save_final<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, final_dir: &Path) -> Result<PathBuf, String> {
+pub(crate) fn save_final<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, final_dir: &Path) -> TrainResult<PathBuf> {
     let partial = final_dir.join(".partial");
     if partial.exists() {
-        std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+        std::fs::remove_dir_all(&partial).map_err(at(&partial))?;
     }
     save_weights(config, policy, &partial)?;
     let dest = weights_dir(config, final_dir);
     publish(&weights_dir(config, &partial), &dest)?;
-    std::fs::remove_dir_all(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    std::fs::remove_dir_all(&partial).map_err(at(&partial))?;
     Ok(dest)
+}
+
+/// Writes the weights kept by `train.save_best` into `<output_dir>/best` with `best.json`,
+/// replacing the previous best whole (a partial folder, sealed, then renamed into place).
+pub(crate) fn save_best<B: AutodiffBackend>(config: &TrainConfig, policy: &CausalLm<B>, best: &crate::trainer::BestEval) -> TrainResult<()> {
+    let out_dir = &config.train.output_dir;
+    let tmp = out_dir.join(".best.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(at(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(at(&tmp))?;
+    save_weights(config, policy, &tmp)?;
+    write_json(&tmp.join("best.json"), best)?;
+    publish(&tmp, &out_dir.join("best"))
 }
 
 /// Writes `checkpoint-<step>` durably (temporary folder, every file synced and checksummed, then
@@ -192,21 +205,21 @@ pub(crate) fn save_checkpoint<B: AutodiffBackend, O: Optimizer<CausalLm<B>, B>>(
     optimizer: &O,
     state: &TrainerState,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
-) -> Result<(), String> {
+) -> TrainResult<()> {
     let out_dir = &config.train.output_dir;
     let dest = out_dir.join(format!("checkpoint-{}", state.step));
     let tmp = out_dir.join(format!(".checkpoint-{}.tmp", state.step));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp).map_err(at(&tmp))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::create_dir_all(&tmp).map_err(at(&tmp))?;
     save_weights(config, policy, &tmp)?;
     if let Some(reference) = moving_reference {
-        reference.save_hf(&tmp.join("reference"), ExportDtype::F32, usize::MAX, None).map_err(|e| e.to_string())?;
+        reference.save_hf(&tmp.join("reference"), ExportDtype::F32, usize::MAX, None)?;
     }
     recorder
         .record(optimizer.to_record(), tmp.join("optimizer"))
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        .map_err(at(&tmp))?;
     write_json(&tmp.join("trainer_state.json"), state)?;
     write_json(&tmp.join("config.json"), config)?;
     publish(&tmp, &dest)?;
@@ -231,10 +244,9 @@ pub struct RunLock {
 pub const LOCK_FILE: &str = "dipole.lock";
 
 impl RunLock {
-    pub fn acquire(output_dir: &Path) -> Result<Self, String> {
+    pub fn acquire(output_dir: &Path) -> TrainResult<Self> {
         let path = output_dir.join(LOCK_FILE);
-        let err = |e: std::io::Error| format!("{}: {e}", path.display());
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(at(&path))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -243,22 +255,22 @@ impl RunLock {
                     "" => String::new(),
                     pid => format!(" (pid {pid})"),
                 };
-                return Err(format!(
+                return Err(TrainError::Run(format!(
                     "train.output_dir {} is in use by a live run{owner}, which holds {}: give this run another output_dir, or wait for that one to end",
                     output_dir.display(),
                     path.display()
-                ));
+                )));
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+            Err(std::fs::TryLockError::Error(e)) => return Err(at(&path)(e)),
         }
         let mut before = String::new();
-        std::io::Read::read_to_string(&mut file, &mut before).map_err(err)?;
+        std::io::Read::read_to_string(&mut file, &mut before).map_err(at(&path))?;
         if !before.trim().is_empty() {
-            eprintln!("note: {} names pid {}, a run that ended without finishing; taking it over", path.display(), before.trim());
+            tracing::info!("note: {} names pid {}, a run that ended without finishing; taking it over", path.display(), before.trim());
         }
-        file.set_len(0).map_err(err)?;
-        std::io::Seek::rewind(&mut file).map_err(err)?;
-        writeln!(file, "{}", std::process::id()).map_err(err)?;
+        file.set_len(0).map_err(at(&path))?;
+        std::io::Seek::rewind(&mut file).map_err(at(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(at(&path))?;
         Ok(Self { file })
     }
 }
@@ -288,6 +300,9 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.final_dir",
     "train.backend",
     "train.cache_dir",
+    "train.save_best",
+    "train.metric_for_best_model",
+    "train.greater_is_better",
     "train.batch_shards",
     "train.skip_nonfinite",
     "train.max_skipped_fraction",
@@ -322,7 +337,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, s
 /// Compares the config a checkpoint was written with (`saved`, its `config.json`) with the
 /// resumed run's: a difference that changes what the steps compute is an error naming the key and
 /// both values.
-pub fn check_resume_config(saved: &TrainConfig, now: &TrainConfig, checkpoint: &Path) -> Result<(), String> {
+pub fn check_resume_config(saved: &TrainConfig, now: &TrainConfig, checkpoint: &Path) -> TrainResult<()> {
     let keys = |c: &TrainConfig| {
         let mut out = BTreeMap::new();
         flatten("", &serde_json::to_value(c).expect("config serializes"), &mut out);
@@ -337,12 +352,12 @@ pub fn check_resume_config(saved: &TrainConfig, now: &TrainConfig, checkpoint: &
             continue;
         }
         if let Some((_, what)) = NOTED_ON_RESUME.iter().find(|(k, _)| k == key) {
-            eprintln!("note: {key} was {a} in {}, now {b}: {what}", checkpoint.display());
+            tracing::warn!("note: {key} was {a} in {}, now {b}: {what}", checkpoint.display());
             continue;
         }
-        return Err(format!(
-            "--resume {}: {key} was {a} when the checkpoint was written, now {b}; that changes what the run computes (resume with the checkpoint's value, or start a new run in another output_dir)",
-            checkpoint.display()
+        return Err(TrainError::resume(
+            checkpoint,
+            format!("{key} was {a} when the checkpoint was written, now {b}; that changes what the run computes (resume with the checkpoint's value, or start a new run in another output_dir)"),
         ));
     }
     Ok(())
@@ -358,7 +373,7 @@ mod tests {
         let lock = RunLock::acquire(dir.path()).unwrap();
         let err = RunLock::acquire(dir.path()).unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             format!(
                 "train.output_dir {} is in use by a live run (pid {}), which holds {}: give this run another output_dir, or wait for that one to end",
                 dir.path().display(),
@@ -386,13 +401,13 @@ mod tests {
         let mut bytes = std::fs::read(ckpt.join("optimizer.mpk")).unwrap();
         bytes[500] ^= 0xff;
         std::fs::write(ckpt.join("optimizer.mpk"), &bytes).unwrap();
-        let err = verify(&ckpt).unwrap_err();
+        let err = verify(&ckpt).unwrap_err().to_string();
         assert!(err.contains("optimizer.mpk: checksum mismatch"), "{err}");
         std::fs::remove_file(ckpt.join("model/weights.bin")).unwrap();
         seal(&ckpt).unwrap();
         verify(&ckpt).unwrap();
         std::fs::write(ckpt.join(CHECKSUMS), r#"{"model/weights.bin": "00"}"#).unwrap();
-        let err = verify(&ckpt).unwrap_err();
+        let err = verify(&ckpt).unwrap_err().to_string();
         assert!(err.contains("weights.bin: listed in checksums.json but missing"), "{err}");
     }
 
@@ -405,8 +420,9 @@ mod tests {
         check_resume_config(&saved, &now, Path::new("runs/x/checkpoint-4")).unwrap();
         now.lora.r = 16;
         let err = check_resume_config(&saved, &now, Path::new("runs/x/checkpoint-4")).unwrap_err();
+        assert!(matches!(err, TrainError::Resume { .. }));
         assert_eq!(
-            err,
+            err.to_string(),
             "--resume runs/x/checkpoint-4: lora.r was 8 when the checkpoint was written, now 16; that changes what the run computes (resume with the checkpoint's value, or start a new run in another output_dir)"
         );
     }

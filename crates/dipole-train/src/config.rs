@@ -3,11 +3,57 @@
 
 use std::path::{Path, PathBuf};
 
+use dipole_data::TruncationMode;
 use dipole_lora::{LoraConfig, LoraInit, TargetModules};
 use dipole_loss::ObjectiveConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::SchedulerKind;
+
+/// The burn backend a run computes on. CPU (flex) is always built; the others come with the
+/// cargo feature of the same name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend (flex).
+    #[default]
+    Cpu,
+    /// burn's ndarray CPU backend (feature `ndarray`), kept for comparison.
+    Ndarray,
+    /// wgpu: Vulkan, Metal or DX12, whichever the machine has (feature `wgpu`).
+    Wgpu,
+    /// wgpu restricted to Vulkan (feature `vulkan`).
+    Vulkan,
+    /// wgpu restricted to Metal (feature `metal`).
+    Metal,
+    /// CUDA through cubecl, kernels compiled at run time by NVRTC (feature `cuda`).
+    Cuda,
+}
+
+/// A config that cannot be read or used: the file (or `--set`) it came from and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {source}")]
+    Toml { origin: String, source: toml::de::Error },
+    #[error("--set {item:?}: {reason}")]
+    Override { item: String, reason: String },
+    #[error("{origin}: {source}")]
+    Invalid { origin: String, source: InvalidConfig },
+}
+
+/// A value out of range or a combination of keys that cannot work together, named by its key.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidConfig {
+    #[error("{0}")]
+    Value(String),
+    #[error("objective: {0}")]
+    Objective(#[source] dipole_loss::ObjectiveError),
+    #[error("lora: {0}")]
+    Lora(#[source] dipole_lora::LoraError),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -71,7 +117,7 @@ pub struct DataSection {
     pub eval_fraction: f64,
     pub max_length: usize,
     /// `keep_start` or `keep_end`.
-    pub truncation: String,
+    pub truncation: TruncationMode,
     pub shuffle: bool,
     /// Skip invalid rows (each reported) instead of stopping at the first.
     pub skip_invalid: bool,
@@ -88,7 +134,7 @@ impl Default for DataSection {
             eval: None,
             eval_fraction: 0.0,
             max_length: 1024,
-            truncation: "keep_start".into(),
+            truncation: TruncationMode::KeepStart,
             shuffle: true,
             skip_invalid: false,
             max_prompt_length: None,
@@ -110,7 +156,7 @@ pub struct LoraSection {
     pub layers_to_transform: Option<Vec<usize>>,
     pub use_rslora: bool,
     /// `kaiming` (PEFT's default) or `gaussian`.
-    pub init: String,
+    pub init: LoraInit,
     /// Start from this PEFT adapter instead of a fresh one.
     pub init_adapter: Option<PathBuf>,
     /// The frozen reference adapter (`reference = "ref-adapter"`).
@@ -128,7 +174,7 @@ impl Default for LoraSection {
             target_regex: None,
             layers_to_transform: None,
             use_rslora: false,
-            init: "kaiming".into(),
+            init: LoraInit::KaimingUniform,
             init_adapter: None,
             reference_adapter: None,
         }
@@ -136,12 +182,7 @@ impl Default for LoraSection {
 }
 
 impl LoraSection {
-    pub fn lora_config(&self, base: &Path) -> Result<LoraConfig, String> {
-        let init = match self.init.as_str() {
-            "kaiming" | "kaiming_uniform" => LoraInit::KaimingUniform,
-            "gaussian" => LoraInit::Gaussian,
-            other => return Err(format!("lora.init = {other:?}: expected \"kaiming\" or \"gaussian\"")),
-        };
+    pub fn lora_config(&self, base: &Path) -> Result<LoraConfig, InvalidConfig> {
         let config = LoraConfig {
             r: self.r,
             lora_alpha: self.alpha,
@@ -152,10 +193,10 @@ impl LoraSection {
             },
             layers_to_transform: self.layers_to_transform.clone(),
             use_rslora: self.use_rslora,
-            init,
+            init: self.init,
             base_model_name_or_path: Some(base.display().to_string()),
         };
-        config.validate().map_err(|e| format!("lora: {e}"))?;
+        config.validate().map_err(InvalidConfig::Lora)?;
         Ok(config)
     }
 }
@@ -256,8 +297,31 @@ pub struct TrainSection {
     pub ref_model_sync_steps: usize,
     /// Where the final adapter (`adapter/`) or model (`model/`) is written; default `<output_dir>/final`.
     pub final_dir: Option<PathBuf>,
-    /// `cpu`, `wgpu`, `cuda`, ... (read by `cargo xtask`).
-    pub backend: String,
+    /// Keep the weights of the evaluation with the best `metric_for_best_model` in
+    /// `<output_dir>/best/` (`adapter/` or `model/`, and `best.json`: step, metric, value).
+    pub save_best: bool,
+    /// The eval metric `save_best` ranks by: TRL's name, with or without `eval_` (`eval_loss`,
+    /// `rewards/accuracies`, `rewards/margins`, ...).
+    pub metric_for_best_model: String,
+    /// Whether a higher `metric_for_best_model` is better; unset: lower for names ending in
+    /// `loss`, higher for any other (transformers' rule).
+    pub greater_is_better: Option<bool>,
+    /// The backend `cargo xtask` runs on (library callers choose the backend type themselves).
+    pub backend: Backend,
+}
+
+impl TrainSection {
+    /// `metric_for_best_model` as the eval line names it (`eval_` prefixed).
+    pub fn best_metric(&self) -> String {
+        let name = &self.metric_for_best_model;
+        if name.starts_with("eval_") { name.clone() } else { format!("eval_{name}") }
+    }
+
+    /// Whether `value` beats `best` under `metric_for_best_model` and `greater_is_better`.
+    pub fn improves(&self, value: f64, best: f64) -> bool {
+        let greater = self.greater_is_better.unwrap_or(!self.metric_for_best_model.ends_with("loss"));
+        if greater { value > best } else { value < best }
+    }
 }
 
 impl Default for TrainSection {
@@ -293,7 +357,10 @@ impl Default for TrainSection {
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
             final_dir: None,
-            backend: "cpu".into(),
+            save_best: false,
+            metric_for_best_model: "eval_loss".into(),
+            greater_is_better: None,
+            backend: Backend::Cpu,
         }
     }
 }
@@ -312,48 +379,61 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     /// Parses TOML text; `origin` names the file in errors.
-    pub fn from_toml(text: &str, origin: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
-        config.validate().map_err(|e| format!("{origin}: {e}"))?;
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Toml { origin: origin.into(), source })?;
+        config.validate().map_err(|source| ConfigError::Invalid { origin: origin.into(), source })?;
         Ok(config)
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, &path.display().to_string())
     }
 
     /// Applies `section.key=value` overrides (the value is TOML: `0.1`, `"cosine"`, `["q_proj"]`;
-    /// a bare word is taken as a string).
-    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, String> {
-        let mut doc: toml::Table = toml::Table::try_from(self).map_err(|e| e.to_string())?;
+    /// a bare word is taken as a string). A key or value that does not fit is named with its override.
+    pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut doc = toml::Table::try_from(self).expect("a TrainConfig serialises to TOML");
         for item in overrides {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("--set {item:?}: expected section.key=value"))?;
+            let refused = |reason: String| ConfigError::Override { item: item.clone(), reason };
+            let (key, value) = item.split_once('=').ok_or_else(|| refused("expected section.key=value".into()))?;
             let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .map(|t| t["v"].clone())
                 .unwrap_or_else(|_| toml::Value::String(value.to_string()));
             let mut parts = key.split('.').collect::<Vec<_>>();
-            let last = parts.pop().ok_or_else(|| format!("--set {item:?}: empty key"))?;
+            let last = parts.pop().filter(|k| !k.is_empty()).ok_or_else(|| refused("empty key".into()))?;
             let mut table = &mut doc;
             for part in parts {
                 table = table
                     .entry(part.to_string())
                     .or_insert_with(|| toml::Value::Table(toml::Table::new()))
                     .as_table_mut()
-                    .ok_or_else(|| format!("--set {key}: {part} is not a section"))?;
+                    .ok_or_else(|| refused(format!("{part} is not a section")))?;
             }
             table.insert(last.to_string(), parsed);
+            // Checked one override at a time so that the error names the one that does not fit.
+            toml::Value::Table(doc.clone()).try_into::<TrainConfig>().map_err(|e| refused(e.message().to_string()))?;
         }
-        let text = toml::to_string(&doc).map_err(|e| e.to_string())?;
-        Self::from_toml(&text, "--set")
+        let config: TrainConfig = toml::Value::Table(doc).try_into().map_err(|e| ConfigError::Override { item: overrides.join(" "), reason: e.message().to_string() })?;
+        config.validate().map_err(|source| ConfigError::Invalid { origin: "--set".into(), source })?;
+        Ok(config)
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        self.objective.validate().map_err(|e| format!("objective: {e}"))?;
+    /// Every value in range and every combination of keys usable, checked before any work.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.objective.validate().map_err(InvalidConfig::Objective)?;
+        self.check_counts()?;
+        self.check_ranges()?;
+        self.check_combinations()?;
+        if self.lora.enabled {
+            self.lora.lora_config(&self.model.path)?;
+        }
+        Ok(())
+    }
+
+    /// Counts that must be at least 1 (0 would divide by zero or loop forever).
+    fn check_counts(&self) -> Result<(), InvalidConfig> {
         let t = &self.train;
-        let o = &self.optim;
         let at_least_one = [
             ("train.batch_size", t.batch_size),
             ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
@@ -361,26 +441,27 @@ impl TrainConfig {
             ("train.max_new_tokens", t.max_new_tokens),
             ("data.max_length", self.data.max_length),
         ];
-        for (key, value) in at_least_one {
-            if value == 0 {
-                return Err(format!("{key} must be at least 1, got 0"));
-            }
+        if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(invalid(format!("{key} must be at least 1, got 0")));
         }
-        if t.max_steps == Some(0) {
-            return Err("train.max_steps must be at least 1, got 0 (leave it unset to train for train.num_train_epochs)".into());
+        let unset_instead = [
+            ("train.max_steps", t.max_steps, "train for train.num_train_epochs"),
+            ("data.max_prompt_length", self.data.max_prompt_length, "keep whole prompts"),
+            ("train.save_total_limit", t.save_total_limit, "keep every checkpoint"),
+        ];
+        if let Some((key, _, unset)) = unset_instead.iter().find(|(_, value, _)| *value == Some(0)) {
+            return Err(invalid(format!("{key} must be at least 1, got 0 (leave it unset to {unset})")));
         }
-        if self.data.max_prompt_length == Some(0) {
-            return Err("data.max_prompt_length must be at least 1, got 0 (leave it unset to keep whole prompts)".into());
+        if self.lora.enabled && self.lora.r == 0 {
+            return Err(invalid("lora.r must be at least 1, got 0".into()));
         }
-        if self.data.max_prompt_length.is_some_and(|p| p >= self.data.max_length) {
-            return Err(format!(
-                "data.max_prompt_length ({}) must be below data.max_length ({}): no completion token would be left",
-                self.data.max_prompt_length.unwrap_or_default(),
-                self.data.max_length
-            ));
-        }
-        // a NaN fails every range check below, as it should
-        let ranges: [(&str, f64, bool, &str); 11] = [
+        Ok(())
+    }
+
+    /// Real-valued keys in their ranges; a NaN fails every check, as it should.
+    fn check_ranges(&self) -> Result<(), InvalidConfig> {
+        let (t, o) = (&self.train, &self.optim);
+        let ranges: [(&str, f64, bool, &str); 12] = [
             ("train.num_train_epochs", t.num_train_epochs, t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite(), "> 0"),
             ("optim.learning_rate", o.learning_rate, o.learning_rate >= 0.0 && o.learning_rate.is_finite(), ">= 0"),
             ("optim.adam_beta1", o.adam_beta1, (0.0..1.0).contains(&o.adam_beta1), "in [0, 1)"),
@@ -392,59 +473,60 @@ impl TrainConfig {
             ("train.max_skipped_fraction", t.max_skipped_fraction, (0.0..=1.0).contains(&t.max_skipped_fraction), "in [0, 1]"),
             ("lora.alpha", self.lora.alpha, self.lora.alpha > 0.0 && self.lora.alpha.is_finite(), "> 0"),
             ("lora.dropout", self.lora.dropout, (0.0..1.0).contains(&self.lora.dropout), "in [0, 1)"),
+            ("data.eval_fraction", self.data.eval_fraction, (0.0..1.0).contains(&self.data.eval_fraction), "in [0, 1)"),
         ];
-        for (key, value, ok, expected) in ranges {
-            if !ok {
-                return Err(format!("{key} must be {expected}, got {value}"));
-            }
-        }
-        if t.save_total_limit == Some(0) {
-            return Err("train.save_total_limit must be at least 1, got 0 (leave it unset to keep every checkpoint)".into());
-        }
-        if self.lora.enabled && self.lora.r == 0 {
-            return Err("lora.r must be at least 1, got 0".into());
-        }
-        if !(0.0..1.0).contains(&self.data.eval_fraction) {
-            return Err(format!("data.eval_fraction must be in [0, 1), got {}", self.data.eval_fraction));
-        }
-        if !["keep_start", "keep_end"].contains(&self.data.truncation.as_str()) {
-            return Err(format!("data.truncation = {:?}: expected \"keep_start\" or \"keep_end\"", self.data.truncation));
+        if let Some((key, value, _, expected)) = ranges.iter().find(|(_, _, ok, _)| !ok) {
+            return Err(invalid(format!("{key} must be {expected}, got {value}")));
         }
         let temperature_ok = t.generation_temperature >= 0.0 && t.generation_temperature.is_finite();
         let top_p_ok = t.generation_top_p > 0.0 && t.generation_top_p <= 1.0;
         if !(temperature_ok && top_p_ok) {
-            return Err(format!(
+            return Err(invalid(format!(
                 "train.generation_temperature must be >= 0 and train.generation_top_p in (0, 1], got {} and {}",
                 t.generation_temperature, t.generation_top_p
-            ));
-        }
-        if t.sync_ref_model && (!(0.0..=1.0).contains(&t.ref_model_mixup_alpha) || t.ref_model_sync_steps == 0) {
-            return Err(format!(
-                "train.ref_model_mixup_alpha must be in [0, 1] and train.ref_model_sync_steps at least 1, got {} and {}",
-                t.ref_model_mixup_alpha, t.ref_model_sync_steps
-            ));
-        }
-        if t.sync_ref_model && self.lora.enabled {
-            return Err("train.sync_ref_model (TR-DPO) updates a frozen reference copy: it needs full fine-tuning (lora.enabled = false)".into());
-        }
-        if self.model.from_scratch && self.lora.enabled {
-            return Err("model.from_scratch trains every weight: set lora.enabled = false".into());
-        }
-        let lora = self.lora.enabled;
-        match self.train.reference {
-            ReferenceStrategy::AdapterOff | ReferenceStrategy::RefAdapter if !lora => {
-                return Err(format!("train.reference = {:?} needs lora.enabled = true", self.train.reference));
-            }
-            ReferenceStrategy::RefAdapter if self.lora.reference_adapter.is_none() => {
-                return Err("train.reference = \"ref-adapter\" needs lora.reference_adapter".into());
-            }
-            _ => {}
-        }
-        if lora {
-            self.lora.lora_config(&self.model.path)?;
+            )));
         }
         Ok(())
     }
+
+    /// Keys that only work together (or not at all together).
+    fn check_combinations(&self) -> Result<(), InvalidConfig> {
+        let t = &self.train;
+        if let Some(prompt) = self.data.max_prompt_length.filter(|p| *p >= self.data.max_length) {
+            return Err(invalid(format!(
+                "data.max_prompt_length ({prompt}) must be below data.max_length ({}): no completion token would be left",
+                self.data.max_length
+            )));
+        }
+        if t.sync_ref_model && (!(0.0..=1.0).contains(&t.ref_model_mixup_alpha) || t.ref_model_sync_steps == 0) {
+            return Err(invalid(format!(
+                "train.ref_model_mixup_alpha must be in [0, 1] and train.ref_model_sync_steps at least 1, got {} and {}",
+                t.ref_model_mixup_alpha, t.ref_model_sync_steps
+            )));
+        }
+        if t.sync_ref_model && self.lora.enabled {
+            return Err(invalid("train.sync_ref_model (TR-DPO) updates a frozen reference copy: it needs full fine-tuning (lora.enabled = false)".into()));
+        }
+        if t.save_best && self.data.eval.is_none() && self.data.eval_fraction == 0.0 {
+            return Err(invalid("train.save_best ranks evaluations: it needs held-out data (data.eval or data.eval_fraction)".into()));
+        }
+        if self.model.from_scratch && self.lora.enabled {
+            return Err(invalid("model.from_scratch trains every weight: set lora.enabled = false".into()));
+        }
+        match t.reference {
+            ReferenceStrategy::AdapterOff | ReferenceStrategy::RefAdapter if !self.lora.enabled => {
+                Err(invalid(format!("train.reference = {:?} needs lora.enabled = true", t.reference)))
+            }
+            ReferenceStrategy::RefAdapter if self.lora.reference_adapter.is_none() => {
+                Err(invalid("train.reference = \"ref-adapter\" needs lora.reference_adapter".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn invalid(message: String) -> InvalidConfig {
+    InvalidConfig::Value(message)
 }
 
 #[cfg(test)]
@@ -453,15 +535,15 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = TrainConfig::from_toml("[optim]\nlearning_rat = 1e-5\n", "x.toml").unwrap_err();
+        let err = TrainConfig::from_toml("[optim]\nlearning_rat = 1e-5\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("learning_rat") && err.contains("x.toml"), "{err}");
     }
 
     #[test]
     fn bad_enum_value_lists_the_allowed_ones() {
-        let err = TrainConfig::from_toml("[optim]\nlr_scheduler_type = \"cosin\"\n", "x.toml").unwrap_err();
+        let err = TrainConfig::from_toml("[optim]\nlr_scheduler_type = \"cosin\"\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("cosin") && err.contains("cosine"), "{err}");
-        let err = TrainConfig::from_toml("[objective]\nloss_type = [\"sigmoidd\"]\n", "x.toml").unwrap_err();
+        let err = TrainConfig::from_toml("[objective]\nloss_type = [\"sigmoidd\"]\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("sigmoidd") && err.contains("hinge"), "{err}");
     }
 
@@ -473,13 +555,13 @@ mod tests {
         assert_eq!(c.objective.beta, 0.5);
         assert_eq!(c.optim.lr_scheduler_type, SchedulerKind::Cosine);
         assert_eq!(c.lora.target_modules, vec!["q_proj".to_string()]);
-        let err = TrainConfig::default().with_overrides(&["train.batch_size=0".into()]).unwrap_err();
+        let err = TrainConfig::default().with_overrides(&["train.batch_size=0".into()]).unwrap_err().to_string();
         assert!(err.contains("batch_size"), "{err}");
     }
 
     #[test]
     fn reference_strategy_needs_lora() {
-        let err = TrainConfig::from_toml("[train]\nreference = \"adapter-off\"\n", "x.toml").unwrap_err();
+        let err = TrainConfig::from_toml("[train]\nreference = \"adapter-off\"\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("lora.enabled"), "{err}");
     }
 }

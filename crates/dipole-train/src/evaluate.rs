@@ -7,11 +7,13 @@ use std::path::Path;
 use burn::module::AutodiffModule;
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use dipole_data::generation::Generation;
 use dipole_data::{CompletionInputs, PairInputs, PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::CausalLm;
 
+use crate::error::{TrainResult, at};
 use crate::examples::Examples;
 use crate::metrics::mean_metrics;
 use crate::step::{StepContext, batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
@@ -104,7 +106,7 @@ impl<B: AutodiffBackend> Trainer<'_, B> {
 
     /// Continuations of the first `train.generations` eval prompts by the policy and the reference
     /// (greedy, or sampled with `train.generation_temperature`), one JSON line per prompt.
-    pub(crate) fn write_generations(&self, path: &Path) -> Result<(), String> {
+    pub(crate) fn write_generations(&self, path: &Path) -> TrainResult<()> {
         let (config, tokenizer, examples) = (self.config, &self.tokenizer, &self.eval_set);
         let policy = self.policy().valid();
         let reference = match self.references.frozen() {
@@ -127,16 +129,16 @@ impl<B: AutodiffBackend> Trainer<'_, B> {
                 // The same seed per prompt for policy and reference: differences come from the models.
                 seed: config.train.seed.wrapping_add(index as u64),
             };
-            let text = |ids: &[u32]| tokenizer.decode(ids, true).map_err(|e| e.to_string());
-            let line = serde_json::json!({
-                "index": index,
-                "prompt": text(&prompt)?,
-                "policy": text(&policy.generate(&prompt, &options))?,
-                "reference": text(&reference.generate(&prompt, &options))?,
-            });
-            lines.push_str(&line.to_string());
+            let text = |ids: &[u32]| tokenizer.decode(ids, true);
+            let line = Generation {
+                index,
+                prompt: text(&prompt)?,
+                policy: text(&policy.generate(&prompt, &options))?,
+                reference: text(&reference.generate(&prompt, &options))?,
+            };
+            lines.push_str(&serde_json::to_string(&line).map_err(at(path))?);
             lines.push('\n');
         }
-        std::fs::write(path, lines).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::write(path, lines).map_err(at(path))
     }
 }

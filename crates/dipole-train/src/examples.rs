@@ -5,10 +5,11 @@
 use std::path::Path;
 
 use dipole_data::{
-    CompletionInputs, LengthOptions, PairInputs, PairsAs, ReadOptions, Tokenizer, TruncationMode, kto_pairs, load_completions_with, load_pairs_with,
+    CompletionInputs, LengthOptions, PairInputs, PairsAs, ReadOptions, Tokenizer, kto_pairs, load_completions_with, load_pairs_with,
 };
 use dipole_loss::ObjectiveConfig;
 
+use crate::error::{TrainError, TrainResult};
 use crate::config::{Stage, TrainConfig};
 
 /// A stage's examples: preference pairs, or single prompt + completion sequences (SFT).
@@ -74,16 +75,16 @@ impl Examples {
 
 /// The training and eval examples of `config`'s stage, tokenised by `tokenizer`; skipped and
 /// dropped rows are reported on stderr.
-pub(crate) fn load(config: &TrainConfig, objective: &ObjectiveConfig, tokenizer: &Tokenizer) -> Result<(Examples, Examples), String> {
+pub(crate) fn load(config: &TrainConfig, objective: &ObjectiveConfig, tokenizer: &Tokenizer) -> TrainResult<(Examples, Examples)> {
     let lengths = LengthOptions {
         max_length: Some(config.data.max_length),
-        truncation: if config.data.truncation == "keep_end" { TruncationMode::KeepEnd } else { TruncationMode::KeepStart },
+        truncation: config.data.truncation,
         max_prompt_length: config.data.max_prompt_length,
     };
     let read = ReadOptions { format: None, skip_invalid: config.data.skip_invalid };
     // SFT and KTO read prompt + completion examples (pairs give their chosen side, or both sides).
-    let completion_sets = |pairs_as: PairsAs| -> Result<(Vec<CompletionInputs>, Vec<CompletionInputs>), String> {
-        let load = |path: &Path| load_completions_with(path, tokenizer, lengths, read, pairs_as).map_err(|e| e.to_string());
+    let completion_sets = |pairs_as: PairsAs| -> TrainResult<(Vec<CompletionInputs>, Vec<CompletionInputs>)> {
+        let load = |path: &Path| load_completions_with(path, tokenizer, lengths, read, pairs_as);
         let prepared = load(&config.data.train)?;
         report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.examples.len() + prepared.dropped.len());
         Ok(match &config.data.eval {
@@ -98,21 +99,21 @@ pub(crate) fn load(config: &TrainConfig, objective: &ObjectiveConfig, tokenizer:
         // KTO: each example with a mismatched KL sequence fixed by dataset order.
         let (train, eval) = completion_sets(PairsAs::Unpaired)?;
         let with_kl = |examples: &[CompletionInputs]| {
-            kto_pairs(examples, config.train.batch_size, lengths.max_length, lengths.truncation).map_err(|e| e.to_string())
+            kto_pairs(examples, config.train.batch_size, lengths.max_length, lengths.truncation)
         };
         let ((train, train_labels), (eval, eval_labels)) = (with_kl(&train)?, with_kl(&eval)?);
         (Examples::Pairs(train, Some(train_labels)), Examples::Pairs(eval, Some(eval_labels)))
     } else {
-        let prepared = load_pairs_with(&config.data.train, tokenizer, lengths, read).map_err(|e| e.to_string())?;
+        let prepared = load_pairs_with(&config.data.train, tokenizer, lengths, read)?;
         report_skipped_and_dropped(config, &prepared.skipped, &prepared.dropped, prepared.tokenized.len());
         let (train, eval) = match &config.data.eval {
-            Some(path) => (prepared.pairs, load_pairs_with(path, tokenizer, lengths, read).map_err(|e| e.to_string())?.pairs),
+            Some(path) => (prepared.pairs, load_pairs_with(path, tokenizer, lengths, read)?.pairs),
             None => split_pairs(prepared.pairs, config.data.eval_fraction, config.train.seed),
         };
         (Examples::Pairs(train, None), Examples::Pairs(eval, None))
     };
     if train.is_empty() {
-        return Err(format!("{}: no training examples left after length filtering", config.data.train.display()));
+        return Err(TrainError::Run(format!("{}: no training examples left after length filtering", config.data.train.display())));
     }
     Ok((train, eval))
 }
@@ -130,13 +131,13 @@ pub fn split_pairs<T>(pairs: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T
 
 fn report_skipped_and_dropped(config: &TrainConfig, skipped: &[dipole_data::DataError], dropped: &[usize], total: usize) {
     if !skipped.is_empty() {
-        eprintln!("{} invalid training rows skipped:", skipped.len());
+        tracing::warn!("{} invalid training rows skipped:", skipped.len());
         for e in skipped {
-            eprintln!("  {e}");
+            tracing::warn!("  {e}");
         }
     }
     if !dropped.is_empty() {
-        eprintln!(
+        tracing::warn!(
             "{} of {total} training records dropped: prompt alone reaches max_length {} (records {dropped:?})",
             dropped.len(),
             config.data.max_length,

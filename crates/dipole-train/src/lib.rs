@@ -4,15 +4,14 @@
 pub mod alloc;
 pub mod checkpoint;
 pub mod config;
+pub mod error;
 pub mod evaluate;
 mod examples;
 pub mod grads;
-pub mod http;
-pub mod judge;
 pub mod logps;
+pub mod manifest;
 pub mod metrics;
 pub mod memory;
-pub mod plot;
 pub mod precompute;
 mod reference;
 pub mod sampler;
@@ -21,9 +20,9 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
+pub use error::{TrainError, TrainResult};
 pub use config::{ReferenceStrategy, Stage, TrainConfig};
 pub use evaluate::{EvalReference, EvalSettings, evaluate_pairs};
 pub use logps::{BatchTensors, PairLogps, pair_logps};
-pub use judge::{Generation, JudgeReport, LlmJudge, Rubric, RunReport, judge_with_rules, run_report};
 pub use step::{Reference, StepContext, StepOutput, TrainStep, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step, sharded_model_logps};
 pub use trainer::{Resume, RunOptions, TrainSummary, train};

@@ -5,6 +5,8 @@
 use burn::tensor::backend::Backend;
 use dipole_models::ModelConfig;
 
+use crate::error::{TrainError, TrainResult};
+
 /// Bytes that attention over a batch of `pairs` pairs padded to `len` tokens holds at the least, in
 /// f32: in each pair, whichever part runs as its own queries (the whole rows, or a shared prompt and
 /// then the completions against it) has at least `len / 2` queries, each scoring at least `len / 2`
@@ -24,7 +26,7 @@ pub fn available_bytes() -> Option<u128> {
 
 /// [`check_batch_fits`] for `pairs` scored `batch_size` at a time in order, unsharded (`cargo xtask
 /// logps`, `eval`, `score`): the batch holding the longest row pads every pair to it.
-pub fn check_pairs_fit<B: Backend>(device: &B::Device, config: &ModelConfig, pairs: &[dipole_data::PairInputs], batch_size: usize, setting: &str) -> Result<(), String> {
+pub fn check_pairs_fit<B: Backend>(device: &B::Device, config: &ModelConfig, pairs: &[dipole_data::PairInputs], batch_size: usize, setting: &str) -> TrainResult<()> {
     let longest = pairs.iter().map(|p| p.chosen.input_ids.len().max(p.rejected.input_ids.len())).max().unwrap_or(0);
     check_batch_fits::<B>(device, config, batch_size.min(pairs.len()), longest, setting)
 }
@@ -32,19 +34,19 @@ pub fn check_pairs_fit<B: Backend>(device: &B::Device, config: &ModelConfig, pai
 /// An error naming `setting` when a batch of `pairs` pairs padded to `len` tokens cannot fit on a
 /// CPU backend: the floor of [`attention_floor_bytes`] alone exceeds the memory available. GPU
 /// memory is not checked here.
-pub fn check_batch_fits<B: Backend>(device: &B::Device, config: &ModelConfig, pairs: usize, len: usize, setting: &str) -> Result<(), String> {
+pub fn check_batch_fits<B: Backend>(device: &B::Device, config: &ModelConfig, pairs: usize, len: usize, setting: &str) -> TrainResult<()> {
     if !dipole_models::is_cpu_backend::<B>(device) {
         return Ok(());
     }
     let (Some(available), need) = (available_bytes(), attention_floor_bytes(config, pairs, len)) else { return Ok(()) };
     if need > available {
         let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
-        return Err(format!(
+        return Err(TrainError::Run(format!(
             "{setting}: the longest row has {len} tokens; attention over a batch of {pairs} pairs that long needs at least {:.1} GiB ({} heads), more than the {:.1} GiB this machine has available: lower {setting} or the batch size",
             gib(need),
             config.num_attention_heads,
             gib(available)
-        ));
+        )));
     }
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use crate::error::{TrainResult, at};
+
 /// The process's peak resident memory (Linux `VmHWM`), MiB.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -54,7 +56,7 @@ pub fn mean_metrics(window: &[BTreeMap<String, f64>]) -> BTreeMap<String, f64> {
 
 /// `metrics.jsonl` for a run at `step`: a fresh run starts it empty, a resumed one keeps the lines
 /// of steps up to its checkpoint (a killed run may have logged past it) and appends.
-pub fn open_metrics(path: &Path, step: usize) -> Result<std::fs::File, String> {
+pub fn open_metrics(path: &Path, step: usize) -> TrainResult<std::fs::File> {
     let kept = match std::fs::read_to_string(path) {
         Ok(text) if step > 0 => text
             .lines()
@@ -68,7 +70,7 @@ pub fn open_metrics(path: &Path, step: usize) -> Result<std::fs::File, String> {
         _ => String::new(),
     };
     crate::checkpoint::write_atomic(path, kept.as_bytes())?;
-    std::fs::OpenOptions::new().append(true).open(path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::OpenOptions::new().append(true).open(path).map_err(at(path))
 }
 
 /// A logging window: the metrics of each micro-batch and the loss and tokens of each step since

@@ -11,6 +11,7 @@ use std::time::UNIX_EPOCH;
 use dipole_data::PairInputs;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{TrainResult, at};
 use crate::config::TrainConfig;
 
 /// A file by its content: name, size and BLAKE3 digest (hex).
@@ -43,7 +44,7 @@ impl CacheInputs {
     /// The inputs of `config`'s reference over `train` and `eval`. Model files are hashed in full,
     /// streamed in fixed-size reads; `memo`, when given, remembers digests by (path, size, mtime)
     /// so a large checkpoint is read once, not every run.
-    pub fn of(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs], memo: Option<&Path>) -> Result<Self, String> {
+    pub fn of(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs], memo: Option<&Path>) -> TrainResult<Self> {
         let mut digests = DigestMemo::open(memo);
         let model = digests.folder(&config.model.path, |name| !name.starts_with("tokenizer"))?;
         let reference_adapter = match &config.lora.reference_adapter {
@@ -117,12 +118,12 @@ pub fn hash_sequence(hasher: &mut blake3::Hasher, seq: &dipole_data::Sequence) {
 }
 
 /// Streams `path` through BLAKE3 in 1 MiB reads (a 14 GB checkpoint is never held in memory).
-pub fn file_blake3(path: &Path) -> Result<String, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn file_blake3(path: &Path) -> TrainResult<String> {
+    let mut file = std::fs::File::open(path).map_err(at(path))?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = file.read(&mut buf).map_err(at(path))?;
         if n == 0 {
             break;
         }
@@ -154,6 +155,15 @@ fn identity(_: &std::fs::Metadata) -> String {
     String::new()
 }
 
+/// Digests of the regular files of `dir` whose names `keep`, sorted by name, remembered in
+/// `<memo>/file-digests.json` (when given) so that an unchanged file is hashed once.
+pub fn folder_digests(dir: &Path, keep: impl Fn(&str) -> bool, memo: Option<&Path>) -> TrainResult<Vec<FileDigest>> {
+    let mut digests = DigestMemo::open(memo);
+    let files = digests.folder(dir, keep)?;
+    digests.save();
+    Ok(files)
+}
+
 /// Digests of files already hashed, kept in `<cache dir>/file-digests.json`.
 struct DigestMemo {
     path: Option<PathBuf>,
@@ -173,8 +183,8 @@ impl DigestMemo {
         Self { path, known, changed: false }
     }
 
-    fn digest(&mut self, path: &Path) -> Result<FileDigest, String> {
-        let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    fn digest(&mut self, path: &Path) -> TrainResult<FileDigest> {
+        let meta = std::fs::metadata(path).map_err(at(path))?;
         let modified_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
@@ -192,9 +202,9 @@ impl DigestMemo {
     }
 
     /// Digests of the regular files of `dir` whose names `keep`, sorted by name.
-    fn folder(&mut self, dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<FileDigest>, String> {
+    fn folder(&mut self, dir: &Path, keep: impl Fn(&str) -> bool) -> TrainResult<Vec<FileDigest>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .map_err(at(dir))?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_file() && p.file_name().is_some_and(|n| keep(&n.to_string_lossy())))
@@ -226,33 +236,33 @@ pub struct ReferenceCache {
 impl ReferenceCache {
     /// Reads `<dir>/<key>.json` when it was made from exactly `inputs`, or computes the values and
     /// writes them there (a file made from other inputs, or unreadable, is recomputed, said on stderr).
-    pub fn load_or_compute(dir: &Path, inputs: &CacheInputs, compute: impl FnOnce() -> Result<Vec<(f32, f32)>, String>) -> Result<Self, String> {
+    pub fn load_or_compute(dir: &Path, inputs: &CacheInputs, compute: impl FnOnce() -> TrainResult<Vec<(f32, f32)>>) -> TrainResult<Self> {
         let key = inputs.key();
         let path = dir.join(format!("{key}.json"));
         if let Ok(text) = std::fs::read_to_string(&path) {
             match serde_json::from_str::<Self>(&text) {
                 Ok(cache) if cache.inputs == *inputs && cache.values.len() == inputs.train_pairs + inputs.eval_pairs => {
-                    eprintln!("reference log-probs: reusing {}", path.display());
+                    tracing::info!("reference log-probs: reusing {}", path.display());
                     return Ok(cache);
                 }
                 Ok(cache) if cache.inputs != *inputs => {
-                    eprintln!("reference log-probs: {} was made from other inputs ({}); recomputing", path.display(), inputs.first_difference(&cache.inputs));
+                    tracing::info!("reference log-probs: {} was made from other inputs ({}); recomputing", path.display(), inputs.first_difference(&cache.inputs));
                 }
-                Ok(cache) => eprintln!(
+                Ok(cache) => tracing::info!(
                     "reference log-probs: {} holds {} values for {} pairs; recomputing",
                     path.display(),
                     cache.values.len(),
                     inputs.train_pairs + inputs.eval_pairs
                 ),
-                Err(e) => eprintln!("reference log-probs: {} is unreadable ({e}); recomputing", path.display()),
+                Err(e) => tracing::info!("reference log-probs: {} is unreadable ({e}); recomputing", path.display()),
             }
         }
         let values = compute()?;
         let cache = Self { key, inputs: inputs.clone(), values };
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let text = serde_json::to_string(&cache).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
+        let text = serde_json::to_string(&cache).map_err(at(&path))?;
         crate::checkpoint::write_atomic(&path, text.as_bytes())?;
-        eprintln!("reference log-probs: computed and cached in {}", path.display());
+        tracing::info!("reference log-probs: computed and cached in {}", path.display());
         Ok(cache)
     }
 }

@@ -12,13 +12,13 @@ use dipole_lora::AdapterMode;
 use dipole_loss::{LossType, ObjectiveConfig};
 use dipole_models::{CausalLm, ModelConfig};
 
+use crate::error::{TrainError, TrainResult};
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
 use crate::evaluate::EvalReference;
 use crate::examples::Examples;
 use crate::precompute::{CacheInputs, ReferenceCache};
 use crate::step::{Reference, batch_shards, reference_logps};
 
-type Result<T> = std::result::Result<T, String>;
 
 /// The objective a stage trains: SFT is the NLL of the chosen completions.
 pub(crate) fn stage_objective(config: &TrainConfig) -> ObjectiveConfig {
@@ -33,7 +33,7 @@ pub(crate) fn stage_objective(config: &TrainConfig) -> ObjectiveConfig {
 }
 
 /// Resolves `auto` and checks the strategy fits the run.
-pub fn resolve_reference(config: &TrainConfig) -> Result<ReferenceStrategy> {
+pub fn resolve_reference(config: &TrainConfig) -> TrainResult<ReferenceStrategy> {
     let objective = stage_objective(config);
     Ok(match config.train.reference {
         ReferenceStrategy::Auto if objective.reference_free() => ReferenceStrategy::None,
@@ -41,24 +41,24 @@ pub fn resolve_reference(config: &TrainConfig) -> Result<ReferenceStrategy> {
         ReferenceStrategy::Auto if config.lora.enabled => ReferenceStrategy::AdapterOff,
         ReferenceStrategy::Auto => ReferenceStrategy::FrozenCopy,
         ReferenceStrategy::Precompute if objective.reference_free() => {
-            return Err(format!(
+            return Err(TrainError::invalid(format!(
                 "train.reference = \"precompute\" but loss_type {:?} (stage {:?}) uses no reference",
                 objective.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>(),
                 config.train.stage
-            ));
+            )));
         }
         ReferenceStrategy::None if !objective.reference_free() => {
-            return Err(format!(
+            return Err(TrainError::invalid(format!(
                 "train.reference = \"none\" but loss_type {:?} needs reference log-probs",
                 objective.loss_type.iter().map(|t| t.name()).collect::<Vec<_>>()
-            ));
+            )));
         }
         other => other,
     })
 }
 
 /// Builds the policy the config describes, from the base model or from a checkpoint.
-pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Path>, device: &B::Device) -> Result<CausalLm<B>> {
+pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint: Option<&Path>, device: &B::Device) -> TrainResult<CausalLm<B>> {
     let base = &config.model.path;
     let full_weights = match checkpoint {
         Some(dir) if !config.lora.enabled => dir.join("model"),
@@ -66,20 +66,20 @@ pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint:
     };
     let mut model = match checkpoint {
         None => base_model::<B>(config, device)?,
-        Some(_) => CausalLm::<B>::load(&full_weights, device).map_err(|e| e.to_string())?.0,
+        Some(_) => CausalLm::<B>::load(&full_weights, device)?.0,
     };
     if config.lora.enabled {
         let lora = config.lora.lora_config(base)?;
         if let Some(dir) = checkpoint {
-            model.load_adapter(&dir.join("adapter")).map_err(|e| e.to_string())?;
+            model.load_adapter(&dir.join("adapter"))?;
         } else if let Some(init) = &config.lora.init_adapter {
-            model.load_adapter(init).map_err(|e| format!("lora.init_adapter: {e}"))?;
+            model.load_adapter(init).map_err(TrainError::key("lora.init_adapter"))?;
         } else {
             check_lora_fits(&lora, &mut model)?;
-            model.add_lora(&lora, config.train.seed).map_err(|e| e.to_string())?;
+            model.add_lora(&lora, config.train.seed)?;
         }
         if let Some(reference) = &config.lora.reference_adapter {
-            model.load_reference_adapter(reference).map_err(|e| format!("lora.reference_adapter: {e}"))?;
+            model.load_reference_adapter(reference).map_err(TrainError::key("lora.reference_adapter"))?;
         }
         if config.train.disable_dropout {
             for (_, l) in model.linears_mut() {
@@ -92,7 +92,7 @@ pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint:
         model.set_embeddings_trainable(!config.model.freeze_embeddings);
         for &layer in &config.model.freeze_layers {
             if layer >= model.layers.len() {
-                return Err(format!("model.freeze_layers: layer {layer} does not exist (the model has {})", model.layers.len()));
+                return Err(TrainError::invalid(format!("model.freeze_layers: layer {layer} does not exist (the model has {})", model.layers.len())));
             }
             model.set_layer_trainable(layer, false);
         }
@@ -105,28 +105,28 @@ pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint:
 
 /// `lora.layers_to_transform` must name layers the model has, and `lora.r` must not exceed the
 /// smaller side of any layer it adapts (a rank above it adds parameters and no capacity).
-fn check_lora_fits<B: Backend>(lora: &dipole_lora::LoraConfig, model: &mut CausalLm<B>) -> Result<()> {
+fn check_lora_fits<B: Backend>(lora: &dipole_lora::LoraConfig, model: &mut CausalLm<B>) -> TrainResult<()> {
     let layers = model.layers.len();
     if let Some(bad) = lora.layers_to_transform.iter().flatten().find(|&&l| l >= layers) {
         let valid = if layers == 0 { "none".to_string() } else { format!("0..={}", layers - 1) };
-        return Err(format!("lora.layers_to_transform: layer {bad} does not exist (the model has {layers}: {valid})"));
+        return Err(TrainError::invalid(format!("lora.layers_to_transform: layer {bad} does not exist (the model has {layers}: {valid})")));
     }
     for (name, linear) in model.linears_mut() {
         let side = linear.in_features().min(linear.out_features());
         if lora.targets(&name) && lora.r > side {
-            return Err(format!(
+            return Err(TrainError::invalid(format!(
                 "lora.r = {} is larger than {name} ({} -> {} features): the rank can be at most {side}",
                 lora.r,
                 linear.in_features(),
                 linear.out_features()
-            ));
+            )));
         }
     }
     Ok(())
 }
 
 /// TR-DPO's soft update: `alpha * policy + (1 - alpha) * reference`, weight by weight.
-fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: f64) -> Result<CausalLm<B>> {
+fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: f64) -> TrainResult<CausalLm<B>> {
     struct Mix(BTreeMap<String, Vec<f32>>);
     impl dipole_models::WeightSource for Mix {
         fn tensor(&mut self, name: &str, shape: &[usize], _kind: dipole_models::ParamKind) -> dipole_models::Result<Vec<f32>> {
@@ -143,19 +143,19 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
         mixed.insert(name, p.iter().zip(r).map(|(p, r)| a * p + b * r).collect());
     }
     let device = reference.embed_tokens.device();
-    let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device).map_err(|e| e.to_string())?;
+    let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device)?;
     model.set_mixed_precision(reference.mixed_precision);
     model.prefix_sharing = reference.prefix_sharing;
     Ok(model)
 }
 
 /// The starting weights: the model folder's, or seeded random ones (`model.from_scratch`).
-pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> Result<CausalLm<B>> {
+pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> TrainResult<CausalLm<B>> {
     let mut model = if config.model.from_scratch {
-        let model_config = ModelConfig::from_dir(&config.model.path).map_err(|e| e.to_string())?;
+        let model_config = ModelConfig::from_dir(&config.model.path)?;
         CausalLm::init(model_config, config.train.seed, device)
     } else {
-        CausalLm::<B>::load(&config.model.path, device).map_err(|e| e.to_string())?.0
+        CausalLm::<B>::load(&config.model.path, device)?.0
     };
     model.set_mixed_precision(config.train.mixed_precision);
     model.prefix_sharing = config.train.prefix_sharing;
@@ -174,14 +174,14 @@ pub(crate) struct References<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> References<B> {
     /// The reference of `config`'s run; `checkpoint` holds TR-DPO's moved reference on resume.
-    pub(crate) fn new(config: &TrainConfig, strategy: ReferenceStrategy, checkpoint: Option<&Path>, sets: (&Examples, &Examples), pad: u32, device: &B::Device) -> Result<Self> {
+    pub(crate) fn new(config: &TrainConfig, strategy: ReferenceStrategy, checkpoint: Option<&Path>, sets: (&Examples, &Examples), pad: u32, device: &B::Device) -> TrainResult<Self> {
         if config.train.sync_ref_model && strategy != ReferenceStrategy::FrozenCopy {
-            return Err(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}"));
+            return Err(TrainError::invalid(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}")));
         }
         let frozen = match (strategy, checkpoint) {
             // TR-DPO's reference moves: a checkpoint holds the one it had reached.
             (ReferenceStrategy::FrozenCopy, Some(dir)) if config.train.sync_ref_model => {
-                let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device).map_err(|e| e.to_string())?.0;
+                let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device)?.0;
                 reference.set_mixed_precision(config.train.mixed_precision);
                 reference.prefix_sharing = config.train.prefix_sharing;
                 Some(reference)
@@ -213,7 +213,7 @@ impl<B: AutodiffBackend> References<B> {
     }
 
     /// TR-DPO's sync: the frozen reference becomes `alpha * policy + (1 - alpha) * reference`.
-    pub(crate) fn sync(&mut self, policy: &CausalLm<B>, alpha: f64) -> Result<()> {
+    pub(crate) fn sync(&mut self, policy: &CausalLm<B>, alpha: f64) -> TrainResult<()> {
         let frozen = self.frozen.as_ref().expect("TR-DPO runs on frozen-copy (checked in new)");
         self.frozen = Some(mix_models(&policy.valid(), frozen, alpha)?);
         Ok(())
@@ -245,7 +245,7 @@ impl<B: AutodiffBackend> References<B> {
 
 /// The reference log-probs of a precomputed run (the initial policy with adapters off, or base +
 /// reference adapter), from the cache when it holds them for exactly these inputs.
-fn precompute<B: AutodiffBackend>(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs], pad: u32, device: &B::Device) -> Result<ReferenceCache> {
+fn precompute<B: AutodiffBackend>(config: &TrainConfig, train: &[PairInputs], eval: &[PairInputs], pad: u32, device: &B::Device) -> TrainResult<ReferenceCache> {
     let dir = config.train.cache_dir.clone().unwrap_or_else(|| config.train.output_dir.join("reference-cache"));
     let inputs = CacheInputs::of(config, train, eval, Some(&dir))?;
     let ld_alpha = stage_objective(config).ld_alpha;

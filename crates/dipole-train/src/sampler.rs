@@ -23,11 +23,7 @@ impl DataOrder {
         let (epoch, within) = (k / per_epoch, k % per_epoch);
         let mut order: Vec<usize> = (0..self.num_pairs).collect();
         if self.shuffle {
-            let mut rng = dipole_models::rng::SplitMix64::new(self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for i in (1..order.len()).rev() {
-                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-                order.swap(i, j);
-            }
+            dipole_data::split::shuffle(&mut order, self.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
         if let Some(lengths) = &self.lengths {
             for window in order.chunks_mut(self.batch_size * 50) {

@@ -16,6 +16,8 @@ use crate::grads::accumulate;
 use crate::logps::BatchTensors;
 
 /// Where the reference log-probs of a batch come from.
+// One value per step, moved, never stored in bulk: boxing the model would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Reference<B: AutodiffBackend> {
     /// Precomputed `(chosen, rejected)` log-probs per pair, in batch order.
     Precomputed(Vec<(f32, f32)>),
@@ -30,6 +32,7 @@ pub enum Reference<B: AutodiffBackend> {
 }
 
 /// A reference with its model picked: values at hand, or a no-autodiff model to run.
+#[allow(clippy::large_enum_variant)]
 enum Resolved<B: Backend> {
     Values(Option<Vec<(f32, f32)>>),
     Model(CausalLm<B>),

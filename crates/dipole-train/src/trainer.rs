@@ -15,9 +15,11 @@ use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::{CausalLm, MixedPrecision};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{TrainError, TrainResult, at};
 use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, is_sealed, save_checkpoint, save_final, verify, weights_dir};
 use crate::config::TrainConfig;
 use crate::examples::{Examples, mask_tokens};
+use crate::manifest::{ManifestInputs, RunManifest};
 use crate::grads::{accumulate, clip_global_norm, scale};
 use crate::metrics::{Window, open_metrics};
 use crate::reference::{References, build_policy, resolve_reference, stage_objective};
@@ -66,6 +68,17 @@ pub struct TrainerState {
     /// another file, split or tokenisation would make the saved data cursor meaningless.
     #[serde(default)]
     pub train_data: Option<String>,
+    /// The best evaluation so far under `train.metric_for_best_model` (`train.save_best`).
+    #[serde(default)]
+    pub best: Option<BestEval>,
+}
+
+/// An evaluation kept by `train.save_best`, as `best/best.json` records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BestEval {
+    pub step: usize,
+    pub metric: String,
+    pub value: f64,
 }
 
 /// The outcome of a run.
@@ -86,9 +99,9 @@ pub struct TrainSummary {
     pub generations: Option<PathBuf>,
     /// Where the final adapter or model was written.
     pub final_dir: PathBuf,
+    /// The evaluation whose weights `train.save_best` kept in `<output_dir>/best`.
+    pub best: Option<BestEval>,
 }
-
-pub type TrainResult<T> = Result<T, String>;
 
 /// Runs the configured training. Prints a progress bar (when enabled) and writes
 /// `metrics.jsonl`, checkpoints and the final adapter or model under `train.output_dir`.
@@ -155,34 +168,22 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let objective = stage_objective(config);
         let strategy = resolve_reference(config)?;
         let out_dir = config.train.output_dir.clone();
-        std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        std::fs::create_dir_all(&out_dir).map_err(at(&out_dir))?;
         let lock = RunLock::acquire(&out_dir)?;
-        let tokenizer = Tokenizer::from_dir(&config.model.path).map_err(|e| e.to_string())?;
+        let tokenizer = Tokenizer::from_dir(&config.model.path)?;
         let (train_set, eval_set) = crate::examples::load(config, &objective, &tokenizer)?;
         let pad = tokenizer.pad_id();
 
         let (resume_dir, mut state) = resume(config, options, &train_set)?;
-        let order = DataOrder {
-            num_pairs: train_set.len(),
-            batch_size: config.train.batch_size,
-            shuffle: config.data.shuffle,
-            seed: config.train.seed,
-            lengths: config.data.group_by_length.then(|| (0..train_set.len()).map(|i| train_set.row_len(i)).collect()),
-        };
+        write_manifest::<B>(config, resume_dir.as_deref(), (&train_set, &eval_set), device)?;
+        let order = data_order(config, &train_set);
         let steps_per_epoch = (order.batches_per_epoch() / config.train.gradient_accumulation_steps).max(1);
         let total_steps = config.train.max_steps.unwrap_or_else(|| (config.train.num_train_epochs * steps_per_epoch as f64).ceil() as usize);
         let final_dir = config.train.final_dir.clone().unwrap_or_else(|| out_dir.join("final"));
-        let final_weights = weights_dir(config, &final_dir);
-        // a run killed after its last checkpoint but before its final weights were whole still ends
-        if let Some(dir) = resume_dir.as_ref().filter(|_| state.step >= total_steps && is_sealed(&final_weights)) {
-            return Err(format!(
-                "--resume {}: the run finished there (step {} of {total_steps}; its weights are in {}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
-                dir.display(),
-                state.step,
-                final_weights.display()
-            ));
+        if let Some(dir) = &resume_dir {
+            refuse_finished(dir, state.step, total_steps, &weights_dir(config, &final_dir))?;
         }
-        config.train.mixed_precision.check_backend::<B>(device).map_err(|e| format!("train.mixed_precision: {e}"))?;
+        config.train.mixed_precision.check_backend::<B>(device).map_err(TrainError::key("train.mixed_precision"))?;
         // fp16 scales the loss; a run resumed in another precision drops the scaler
         state.loss_scaler = (config.train.mixed_precision == MixedPrecision::Fp16).then(|| state.loss_scaler.take().unwrap_or_default());
 
@@ -198,21 +199,16 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
         let optimizer = adamw::<B>(config, resume_dir.as_deref(), &recorder, device)?;
         if let Some(dir) = &resume_dir {
-            eprintln!("resumed from {} at step {}", dir.display(), state.step);
+            tracing::info!("resumed from {} at step {}", dir.display(), state.step);
         }
         // Auto shards follow the machine's cores; a different count changes results by float rounding only.
         let shards = batch_shards::<B>(config.train.batch_shards, config.train.batch_size, device);
         if resume_dir.is_some() && state.batch_shards != 0 && state.batch_shards != shards {
-            eprintln!("note: the run used {} batch shards, this machine uses {shards}: results differ from an uninterrupted run by float rounding", state.batch_shards);
+            tracing::info!("note: the run used {} batch shards, this machine uses {shards}: results differ from an uninterrupted run by float rounding", state.batch_shards);
         }
         state.batch_shards = shards;
         let metrics = open_metrics(&out_dir.join("metrics.jsonl"), state.step)?;
-        let progress = config.train.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(total_steps as u64);
-            bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("a valid template"));
-            bar.set_position(state.step as u64);
-            bar
-        });
+        let progress = config.train.progress.then(|| progress_bar(total_steps, state.step));
         Ok(Self {
             config,
             device: device.clone(),
@@ -287,7 +283,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         // a scale below 1 are not an overflow: they take the non-finite path.
         let overflowed = self.state.loss_scaler.as_mut().is_some_and(|scaler| !scaler.update(grad_norm.is_finite()) && scaler.scale >= 1.0);
         if let Some(scaler) = self.state.loss_scaler.as_ref().filter(|_| overflowed) {
-            eprintln!("step {}: fp16 gradients overflowed; update skipped, loss scale now {}", self.state.step + 1, scaler.scale);
+            tracing::info!("step {}: fp16 gradients overflowed; update skipped, loss scale now {}", self.state.step + 1, scaler.scale);
         }
         if !grad_norm.is_finite() && !overflowed {
             return self.skip_or_stop(&format!("gradient norm is {grad_norm} (batches {batches:?})"), None);
@@ -340,16 +336,16 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         let step = self.state.step + 1;
         if !self.config.train.skip_nonfinite {
             let at = micro_batch.map_or(String::new(), |m| format!(" (micro-batch {m})"));
-            return Err(format!("step {step}{at}: {what}; no checkpoint was written for this step"));
+            return Err(TrainError::Run(format!("step {step}{at}: {what}; no checkpoint was written for this step")));
         }
-        eprintln!("step {step}: {what}; step skipped");
+        tracing::warn!("step {step}: {what}; step skipped");
         self.state.nonfinite_steps += 1;
         let limit = self.config.train.max_skipped_fraction;
         if self.state.nonfinite_steps > 1 && self.state.nonfinite_steps as f64 > limit * step as f64 {
-            return Err(format!(
+            return Err(TrainError::Run(format!(
                 "step {step}: {} of {step} steps were skipped as not finite, more than train.max_skipped_fraction = {limit}; the run is diverging (lower optim.learning_rate, or check the data)",
                 self.state.nonfinite_steps
-            ));
+            )));
         }
         self.state.skipped_steps += 1;
         self.state.step += 1;
@@ -379,17 +375,47 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         Ok(())
     }
 
-    /// Evaluates now and logs the `eval_*` line (with its step).
+    /// Evaluates now and logs the `eval_*` line (with its step); keeps the weights when they are
+    /// the best so far (`train.save_best`).
     fn log_eval(&mut self) -> TrainResult<BTreeMap<String, f64>> {
         let mut eval = self.evaluate();
         eval.insert("step".into(), self.state.step as f64);
         self.write_line(&eval)?;
         self.summary.log_history.push(eval.clone());
+        if self.config.train.save_best {
+            self.keep_if_best(&eval)?;
+        }
         Ok(eval)
     }
 
+    /// Writes the weights to `<output_dir>/best` when `eval` beats the best evaluation so far.
+    fn keep_if_best(&mut self, eval: &BTreeMap<String, f64>) -> TrainResult<()> {
+        let train = &self.config.train;
+        let metric = train.best_metric();
+        let Some(&value) = eval.get(&metric) else {
+            let names: Vec<&str> = eval.keys().map(String::as_str).filter(|k| k.starts_with("eval_")).collect();
+            return Err(TrainError::invalid(format!(
+                "train.metric_for_best_model = {:?}: the evaluation has no {metric:?}; it has {}",
+                train.metric_for_best_model,
+                names.join(", ")
+            )));
+        };
+        let better = match &self.state.best {
+            Some(best) if best.metric == metric => value.is_finite() && train.improves(value, best.value),
+            _ => value.is_finite(),
+        };
+        if better {
+            let best = BestEval { step: self.state.step, metric, value };
+            crate::checkpoint::save_best(self.config, self.policy(), &best)?;
+            self.state.best = Some(best);
+        }
+        Ok(())
+    }
+
     fn write_line(&mut self, line: &BTreeMap<String, f64>) -> TrainResult<()> {
-        writeln!(self.metrics, "{}", serde_json::to_string(line).map_err(|e| e.to_string())?).map_err(|e| format!("metrics.jsonl: {e}"))
+        let path = self.config.train.output_dir.join("metrics.jsonl");
+        let text = serde_json::to_string(line).map_err(at(&path))?;
+        writeln!(self.metrics, "{text}").map_err(at(&path))
     }
 
     fn save_checkpoint(&self) -> TrainResult<()> {
@@ -397,13 +423,14 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         save_checkpoint(self.config, self.policy(), moving, &self.optimizer, &self.state, &self.recorder)
     }
 
-    /// At the end of a run: the final evaluation, plots, the final weights and generations. A run
+    /// At the end of a run: the final evaluation, the final weights and generations. A run
     /// stopped early (`RunOptions::stop_after`) ends with its checkpoints only.
     fn finish(mut self) -> TrainResult<TrainSummary> {
         if let Some(bar) = &self.progress {
             bar.finish();
         }
         self.summary.steps = self.state.step;
+        self.summary.best = self.state.best.clone();
         if self.state.step < self.total_steps {
             return Ok(self.summary);
         }
@@ -412,7 +439,6 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             self.summary.final_eval = Some(eval);
         }
         let out_dir = &self.config.train.output_dir;
-        crate::plot::write_run_plots(&out_dir.join("plots"), &self.summary.log_history).map_err(|e| format!("plots: {e}"))?;
         save_final(self.config, self.policy(), &self.final_dir)?;
         self.summary.final_dir = self.final_dir.clone();
         if self.config.train.generations > 0 && !self.eval_set.is_empty() {
@@ -422,6 +448,52 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
         }
         Ok(self.summary)
     }
+}
+
+/// The order of the training examples: shuffled per epoch (seeded), optionally grouped by length.
+fn data_order(config: &TrainConfig, train_set: &Examples) -> DataOrder {
+    DataOrder {
+        num_pairs: train_set.len(),
+        batch_size: config.train.batch_size,
+        shuffle: config.data.shuffle,
+        seed: config.train.seed,
+        lengths: config.data.group_by_length.then(|| (0..train_set.len()).map(|i| train_set.row_len(i)).collect()),
+    }
+}
+
+/// A resume from a run that already finished: its last checkpoint is at the end and its final
+/// weights are whole (a run killed between the two still ends).
+fn refuse_finished(dir: &Path, step: usize, total_steps: usize, final_weights: &Path) -> TrainResult<()> {
+    if step < total_steps || !is_sealed(final_weights) {
+        return Ok(());
+    }
+    Err(TrainError::resume(
+        dir,
+        format!(
+            "the run finished there (step {step} of {total_steps}; its weights are in {}); nothing left to train (raise train.max_steps or train.num_train_epochs to go on)",
+            final_weights.display()
+        ),
+    ))
+}
+
+fn progress_bar(total_steps: usize, step: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total_steps as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed}<{eta}] {msg}").expect("a valid template"));
+    bar.set_position(step as u64);
+    bar
+}
+
+/// `output_dir/manifest.json` for this start of the run (see [`crate::manifest`]).
+fn write_manifest<B: AutodiffBackend>(config: &TrainConfig, resumed_from: Option<&Path>, (train, eval): (&Examples, &Examples), device: &B::Device) -> TrainResult<()> {
+    let manifest = RunManifest::new(ManifestInputs {
+        config,
+        resumed_from,
+        backend: std::any::type_name::<B>(),
+        device: format!("{device:?}"),
+        examples: (train.len(), eval.len()),
+        train_examples_blake3: train.digest(),
+    })?;
+    manifest.write(&config.train.output_dir)
 }
 
 /// The checkpoint `options.resume` names (the latest in `output_dir` for `Latest`), checked
@@ -434,14 +506,14 @@ fn resume_point(config: &TrainConfig, options: &RunOptions) -> TrainResult<Optio
         Some(Resume::Latest) => checkpoint_dirs(out_dir)
             .pop()
             .map(|(_, p)| p)
-            .ok_or_else(|| format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()))?,
+            .ok_or_else(|| TrainError::Run(format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display())))?,
     };
     if !dir.join("trainer_state.json").exists() {
-        return Err(format!("--resume {}: not a checkpoint (no trainer_state.json)", dir.display()));
+        return Err(TrainError::resume(&dir, "not a checkpoint (no trainer_state.json)"));
     }
     let saved = dir.join("config.json");
-    let text = std::fs::read_to_string(&saved).map_err(|e| format!("{}: {e}", saved.display()))?;
-    let saved: TrainConfig = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", saved.display()))?;
+    let text = std::fs::read_to_string(&saved).map_err(at(&saved))?;
+    let saved: TrainConfig = serde_json::from_str(&text).map_err(at(&saved))?;
     check_resume_config(&saved, config, &dir)?;
     verify(&dir)?;
     Ok(Some(dir))
@@ -459,10 +531,12 @@ fn resume(config: &TrainConfig, options: &RunOptions, train_set: &Examples) -> T
     if let (Some(dir), Some(saved)) = (&resume_dir, &state.train_data)
         && *saved != train_data
     {
-        return Err(format!(
-            "--resume {}: the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; {} examples now)",
-            dir.display(),
-            train_set.len()
+        return Err(TrainError::resume(
+            dir,
+            format!(
+                "the training examples differ from the checkpoint's (data.train, data.eval_fraction or the tokenisation changed; {} examples now)",
+                train_set.len()
+            ),
         ));
     }
     state.train_data = Some(train_data);
@@ -484,14 +558,14 @@ fn adamw<B: AutodiffBackend>(
         .with_weight_decay(config.optim.weight_decay as f32)
         .init::<B, CausalLm<B>>();
     let Some(dir) = checkpoint else { return Ok(optimizer) };
-    let record = recorder.load(dir.join("optimizer"), device).map_err(|e| format!("{}/optimizer.mpk: {e}", dir.display()))?;
+    let record = recorder.load(dir.join("optimizer"), device).map_err(at(&dir.join("optimizer.mpk")))?;
     Ok(optimizer.load_record(record))
 }
 
 fn load_state(dir: &Path) -> TrainResult<TrainerState> {
     let path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let text = std::fs::read_to_string(&path).map_err(at(&path))?;
+    serde_json::from_str(&text).map_err(at(&path))
 }
 
 /// Refuses a run whose longest rows cannot fit in memory at all (see `memory::check_batch_fits`).

@@ -1,17 +1,16 @@
 //! The same weights stored differently (bf16, sharded with an index) load to the same log-probs.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use common::{fixtures, read_f32_tensors};
+use std::path::Path;
 
 use burn::backend::Flex;
 use dipole_data::{LengthOptions, Tokenizer, TruncationMode, load_pairs};
 use dipole_models::CausalLm;
 use dipole_train::{PairLogps, pair_logps};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use safetensors::{Dtype, tensor::TensorView};
 
 /// Copies the non-weight files of `src` into a fresh temporary folder.
 fn copy_model_files(src: &Path) -> tempfile::TempDir {
@@ -29,22 +28,6 @@ fn logps_of(dir: &Path) -> Vec<PairLogps> {
     let device = Default::default();
     let (model, _) = CausalLm::<Flex>::load(dir, &device).unwrap();
     pair_logps(&model, &prepared.pairs[..12], 4, tokenizer.pad_id(), &device)
-}
-
-fn read_f32_tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), Dtype::F32);
-            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            (name, view.shape().to_vec(), values)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 #[test]

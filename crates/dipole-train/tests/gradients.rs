@@ -1,7 +1,10 @@
 //! Gradients of the sigmoid DPO loss against PyTorch/TRL (`grad.json`), finite-difference checks of
 //! every objective, and the step-0 identities.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::fixtures;
+use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use burn::optim::GradientsParams;
@@ -13,10 +16,6 @@ use dipole_train::{Reference, StepContext, preference_step};
 use serde_json::Value;
 
 type AD = Autodiff<Flex>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn batch0() -> PreferenceBatch {
     let tokenizer = Tokenizer::from_dir(fixtures().join("tiny-llama")).unwrap();

@@ -1,7 +1,10 @@
 //! LoRA against PEFT: adapters PEFT wrote load to the same log-probs, ours round-trip, merge and
 //! export keep the function, and the reference modes compute what they promise.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::fixtures;
+use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
 use dipole_data::{LengthOptions, PairInputs, Tokenizer, TruncationMode, load_pairs};
@@ -10,12 +13,8 @@ use dipole_models::{CausalLm, ExportDtype};
 use dipole_train::{PairLogps, pair_logps};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
 fn goldens() -> PathBuf {
-    fixtures().join("goldens/tiny-llama/standard")
+    common::goldens_of("tiny-llama", "standard")
 }
 
 fn batch0() -> (Vec<PairInputs>, u32) {

@@ -1,7 +1,9 @@
 //! Every objective of `losses.json` (TRL 1.16 goldens) on every tiny checkpoint and both data
 //! formats: loss and every metric within 1e-5 relative (1e-6 absolute near zero).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::fixtures;
 
 use burn::backend::Flex;
 use burn::tensor::{Tensor, TensorData};
@@ -12,10 +14,6 @@ use dipole_train::BatchTensors;
 use serde_json::Value;
 
 type B = Flex;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
 
 fn config_from(golden: &Value) -> ObjectiveConfig {
     let c = &golden["config"];

@@ -1,12 +1,14 @@
 //! The shipped customer-support task, shortened: a few LoRA DPO steps of the shipped base on the
-//! shipped pairs move held-out reward accuracy up from the step-0 coin flip, and every output of
-//! the default run (adapter, metrics, plots, generations, judged report) is written. The full run's
-//! numbers live in the README, measured by `cargo xtask train`.
+//! shipped pairs move held-out reward accuracy up from the step-0 coin flip, and every output the
+//! trainer writes for the default run (adapter, metrics, generations, checkpoint) is there. The
+//! judged report and the plots are the CLI's (dipole-eval's tests); the full run's numbers live in
+//! the README, measured by `cargo xtask train`.
 
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Flex};
-use dipole_train::{RunOptions, TrainConfig, run_report, train};
+use dipole_data::generation::read_generations;
+use dipole_train::{RunOptions, TrainConfig, train};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -43,19 +45,13 @@ fn a_short_default_run_improves_heldout_accuracy_and_writes_its_outputs() {
     assert_eq!(before, 0.5, "policy = reference at step 0: every margin ties");
     assert!(after > 0.6, "held-out reward accuracy {before} -> {after}");
 
-    let (report, table) = run_report(&config, &summary, None).unwrap();
-    let judged = report.judge.as_ref().unwrap();
-    assert_eq!(judged.prompts, 4);
-    assert!(judged.base.factual_accuracy.is_some(), "held-out rows carry facts");
-    assert!(table.contains("win rate"), "{table}");
-
     let out = &config.train.output_dir;
+    let generations = read_generations(summary.generations.as_ref().unwrap()).unwrap();
+    assert_eq!(generations.len(), 4);
+    assert!(generations.iter().all(|g| !g.prompt.is_empty()), "{generations:?}");
     for file in [
         "metrics.jsonl",
         "generations.jsonl",
-        "report.json",
-        "report.md",
-        "plots/loss.svg",
         "final/adapter/adapter_model.safetensors",
         "final/adapter/adapter_config.json",
         "checkpoint-12/trainer_state.json",

@@ -158,23 +158,29 @@ pub fn assert_steps_match(summary: &TrainSummary, golden: &Value) {
     }
 }
 
+/// Every tensor of an F32 safetensors file: name, shape, values, sorted by name.
+pub fn read_f32_tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32);
+            let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (name, view.shape().to_vec(), values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 pub fn assert_tensors_close(got: &Path, want: &Path) {
-    let read = |path: &Path| -> Vec<(String, Vec<f32>)> {
-        let bytes = std::fs::read(path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<f32>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, t)| (n, t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
-            .collect();
-        v.sort_by(|x, y| x.0.cmp(&y.0));
-        v
-    };
-    let (ours, theirs) = (read(got), read(want));
+    let (ours, theirs) = (read_f32_tensors(got), read_f32_tensors(want));
     assert_eq!(ours.len(), theirs.len(), "tensor count");
     let machine = machine();
-    for (name, values) in &theirs {
-        let (_, mine) = ours.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} missing"));
+    for (name, _, values) in &theirs {
+        let (_, _, mine) = ours.iter().find(|(n, _, _)| n == name).unwrap_or_else(|| panic!("{name} missing"));
         let worst = mine.iter().zip(values).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         // Adam moves a weight by about lr·sign(g) when |g| is near eps: a gradient that is zero up
         // to float rounding (an embedding row touched only through tiny paths) can then land up to
