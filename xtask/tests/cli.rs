@@ -247,3 +247,23 @@ fn eval_with_the_runs_config_agrees_with_the_runs_final_evaluation() {
         assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{key}: eval {got} vs the run's {want}");
     }
 }
+
+#[test]
+fn the_dipole_binary_is_the_same_command_line_with_completions() {
+    let dipole = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_dipole")).args(args).current_dir(root()).output().unwrap();
+    let help = dipole(&["--help"]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(help.status.success() && text.contains("Usage: dipole <COMMAND>"), "{text}");
+    for command in ["train", "sft", "eval", "score", "logps", "export", "data", "bench", "completions"] {
+        assert!(text.contains(&format!("  {command} ")), "help lacks {command}:\n{text}");
+    }
+    for (shell, marker) in [("bash", "_dipole()"), ("zsh", "#compdef dipole"), ("fish", "complete -c dipole")] {
+        let out = dipole(&["completions", shell]);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && script.contains(marker) && script.contains("train"), "{shell}:\n{script}");
+    }
+    refused(&["completions", "tcsh"], &[], 2, "invalid value 'tcsh'");
+    // the in-repo entry point names itself as it is typed
+    let help = xtask(&["--help"], &[]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: cargo xtask <COMMAND>"));
+}
