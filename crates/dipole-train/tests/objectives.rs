@@ -156,19 +156,4 @@ fn check(model_name: &str, format: &str) {
     assert!(failures.is_empty(), "{model_name}/{format}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
-macro_rules! parity {
-    ($($name:ident: $model:literal, $format:literal;)*) => {
-        $(#[test] fn $name() { check($model, $format); })*
-    };
-}
-
-parity! {
-    llama_standard: "tiny-llama", "standard";
-    mistral_standard: "tiny-mistral", "standard";
-    qwen2_standard: "tiny-qwen2", "standard";
-    llama3_rope_standard: "tiny-llama3-rope", "standard";
-    llama_conversational: "tiny-llama", "conversational";
-    mistral_conversational: "tiny-mistral", "conversational";
-    qwen2_conversational: "tiny-qwen2", "conversational";
-    llama3_rope_conversational: "tiny-llama3-rope", "conversational";
-}
+common::per_fixture!(check);

@@ -10,22 +10,7 @@ use dipole_data::{LengthOptions, Tokenizer, TruncationMode, load_pairs};
 use dipole_models::CausalLm;
 use dipole_train::pair_logps;
 
-macro_rules! parity {
-    ($($name:ident: $model:literal, $format:literal;)*) => {
-        $(#[test] fn $name() { check_parity($model, $format, 4); })*
-    };
-}
-
-parity! {
-    llama_standard: "tiny-llama", "standard";
-    mistral_standard: "tiny-mistral", "standard";
-    qwen2_standard: "tiny-qwen2", "standard";
-    llama3_rope_standard: "tiny-llama3-rope", "standard";
-    llama_conversational: "tiny-llama", "conversational";
-    mistral_conversational: "tiny-mistral", "conversational";
-    qwen2_conversational: "tiny-qwen2", "conversational";
-    llama3_rope_conversational: "tiny-llama3-rope", "conversational";
-}
+common::per_fixture!(|model, format| check_parity(model, format, 4));
 
 /// Another machine sums in another order: other batch sizes (other padding and prompt sharing),
 /// other thread counts (other splits of every reduction). Each must stay within the same

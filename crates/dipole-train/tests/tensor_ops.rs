@@ -19,22 +19,10 @@ fn log_probs_match_trl_with_tensor_ops() {
     }
 }
 
-macro_rules! three_steps {
-    ($($name:ident: $model:literal, $format:literal;)*) => {
-        $(#[test] fn $name() { tensor_ops(); trl_three_steps($model, $format, 0); })*
-    };
-}
-
-three_steps! {
-    trl_steps_llama_standard: "tiny-llama", "standard";
-    trl_steps_llama_conversational: "tiny-llama", "conversational";
-    trl_steps_mistral_standard: "tiny-mistral", "standard";
-    trl_steps_mistral_conversational: "tiny-mistral", "conversational";
-    trl_steps_qwen2_standard: "tiny-qwen2", "standard";
-    trl_steps_qwen2_conversational: "tiny-qwen2", "conversational";
-    trl_steps_llama3_rope_standard: "tiny-llama3-rope", "standard";
-    trl_steps_llama3_rope_conversational: "tiny-llama3-rope", "conversational";
-}
+common::per_fixture!(|model, format| {
+    tensor_ops();
+    trl_three_steps(model, format, 0)
+});
 
 /// The same three steps split into 3 shards on 3 threads and into 1 shard on 1 thread: other
 /// summation orders must stay within the goldens' tolerances too.

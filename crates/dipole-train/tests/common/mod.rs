@@ -17,6 +17,27 @@ use serde_json::Value;
 
 pub type AD = Autodiff<Flex>;
 
+/// One `#[test]` per fixture model and data format, named `<model>_<format>`, each running
+/// `$check(model_folder, format)`.
+macro_rules! per_fixture {
+    ($check:expr) => {
+        $crate::common::per_fixture!(@tests $check,
+            llama_standard: "tiny-llama", "standard";
+            mistral_standard: "tiny-mistral", "standard";
+            qwen2_standard: "tiny-qwen2", "standard";
+            llama3_rope_standard: "tiny-llama3-rope", "standard";
+            llama_conversational: "tiny-llama", "conversational";
+            mistral_conversational: "tiny-mistral", "conversational";
+            qwen2_conversational: "tiny-qwen2", "conversational";
+            llama3_rope_conversational: "tiny-llama3-rope", "conversational";
+        );
+    };
+    (@tests $check:expr, $($name:ident: $model:literal, $format:literal;)*) => {
+        $(#[test] fn $name() { ($check)($model, $format); })*
+    };
+}
+pub(crate) use per_fixture;
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
