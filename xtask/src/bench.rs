@@ -220,15 +220,38 @@ fn naive_dpo_loss<B: AutodiffBackend>(policy: &CausalLm<B>, reference: &[(f32, f
     burn::tensor::activation::log_sigmoid(logits).neg().mean()
 }
 
-fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
-    let naive = name.starts_with("full_naive_logps");
-    let lora = name.starts_with("lora");
-    let precompute = name.ends_with("precompute");
-    let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
-    let config = ModelConfig::llama(LlamaShape::BENCHMARK)?;
-    let params = config.num_parameters();
+/// What a configuration's name selects.
+struct Variant {
+    /// Textbook log-probs (`naive_dpo_loss`) instead of `preference_step`.
+    naive: bool,
+    lora: bool,
+    /// Reference log-probs computed once before training.
+    precompute: bool,
+    prompt: usize,
+    completion: usize,
+    precision: MixedPrecision,
+}
+
+impl Variant {
+    fn of(name: &str) -> Self {
+        let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
+        Variant {
+            naive: name.starts_with("full_naive_logps"),
+            lora: name.starts_with("lora"),
+            precompute: name.ends_with("precompute"),
+            prompt,
+            completion,
+            precision: if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No },
+        }
+    }
+
+}
+
+/// The policy to train: random init (seed 0), LoRA r 16 on q/v under `lora`, the variant's
+/// precision and `--no-prefix-sharing`.
+fn bench_policy<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str, v: &Variant, config: &ModelConfig) -> Result<CausalLm<AB>> {
     let mut policy = CausalLm::<AB>::init(config.clone(), 0, device);
-    if lora {
+    if v.lora {
         let lc = LoraConfig {
             r: 16,
             lora_alpha: 32.0,
@@ -237,78 +260,135 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         };
         policy.add_lora(&lc, 0).map_err(|e| anyhow!(e.to_string()))?;
     }
-    let precision = if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No };
-    precision.check_backend::<AB>(device).map_err(|e| anyhow!("{name}: {e}"))?;
-    policy.set_mixed_precision(precision);
+    v.precision.check_backend::<AB>(device).map_err(|e| anyhow!("{name}: {e}"))?;
+    policy.set_mixed_precision(v.precision);
     policy.prefix_sharing = !args.no_prefix_sharing;
     policy.assign_stable_param_ids();
-    let trainable = policy.num_trainable_params();
-    let frozen = (!lora && !precompute).then(|| {
-        let mut m = CausalLm::<AB::InnerBackend>::init(config, 0, device);
-        m.set_mixed_precision(precision);
+    Ok(policy)
+}
+
+/// The frozen reference copy (the policy's init, no autodiff) full fine-tuning runs each step
+/// against; none with LoRA (the policy's base is the reference) or a precomputed reference.
+fn frozen_reference<B: Backend>(device: &B::Device, args: &BenchArgs, v: &Variant, config: &ModelConfig) -> Option<CausalLm<B>> {
+    (!v.lora && !v.precompute).then(|| {
+        let mut m = CausalLm::<B>::init(config.clone(), 0, device);
+        m.set_mixed_precision(v.precision);
         m.prefix_sharing = !args.no_prefix_sharing;
         m
-    });
-    let objective = ObjectiveConfig::default();
-    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, prompt, completion, 8000, k)).collect();
-    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
-    let mut precompute_seconds = None;
-    let cached: Vec<Vec<(f32, f32)>> = if precompute {
-        let t = Instant::now();
-        let mode = if lora { AdapterMode::Disabled } else { AdapterMode::Active };
-        let v = batches.iter().map(|b| reference_logps(&policy, Reference::Policy(mode), b, None, shards, device).expect("reference")).collect();
-        precompute_seconds = Some(t.elapsed().as_secs_f64());
-        v
+    })
+}
+
+/// The reference log-probs of every batch, computed once, and the seconds that took.
+fn precompute_references<AB: AutodiffBackend>(policy: &CausalLm<AB>, batches: &[PreferenceBatch], lora: bool, shards: usize, device: &AB::Device) -> (Vec<Vec<(f32, f32)>>, f64) {
+    let t = Instant::now();
+    let mode = if lora { AdapterMode::Disabled } else { AdapterMode::Active };
+    let v = batches.iter().map(|b| reference_logps(policy, Reference::Policy(mode), b, None, shards, device).expect("reference")).collect();
+    (v, t.elapsed().as_secs_f64())
+}
+
+/// One step's gradients, and the seconds of its forward (counted from `started`) and backward.
+/// As the trainer does: shards on parallel threads, each running its reference pass, then its policy's.
+fn forward_backward<AB: AutodiffBackend>(policy: &CausalLm<AB>, reference: Reference<AB>, batch: &PreferenceBatch, naive: bool, ctx: StepContext<'_>, started: Instant, device: &AB::Device) -> (GradientsParams, f64, f64) {
+    if naive {
+        let values = reference_logps(policy, reference, batch, None, ctx.shards, device).expect("reference");
+        let loss = naive_dpo_loss(policy, &values, batch, device);
+        let forward = started.elapsed().as_secs_f64();
+        let backward_started = Instant::now();
+        let grads = GradientsParams::from_grads(loss.backward(), policy);
+        (grads, forward, backward_started.elapsed().as_secs_f64())
     } else {
-        Vec::new()
-    };
-    let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
-    let mut state = ObjectiveState::default();
-    let mut timed = 0.0;
-    let mut phases = PhaseSeconds::default();
-    for step in 0..args.warmup + args.steps {
-        let k = step % batches.len();
-        let batch = &batches[k];
-        let started = Instant::now();
-        let reference = if precompute {
-            Reference::Precomputed(cached[k].clone())
-        } else if lora {
+        let train_step = preference_step(policy, reference, batch, ctx, device);
+        let forward = started.elapsed().as_secs_f64();
+        let backward_started = Instant::now();
+        let grads = train_step.backward(1.0);
+        (grads, forward, backward_started.elapsed().as_secs_f64())
+    }
+}
+
+/// What the timed steps measured: total seconds, and per phase.
+struct Timed {
+    seconds: f64,
+    phases: PhaseSeconds,
+}
+
+/// A configuration ready to time: its batches, where their reference log-probs come from, and the
+/// shards each is split into.
+struct Workload<'a, AB: AutodiffBackend> {
+    variant: Variant,
+    args: &'a BenchArgs,
+    batches: Vec<PreferenceBatch>,
+    /// Reference log-probs per batch (precompute configurations).
+    cached: Vec<Vec<(f32, f32)>>,
+    /// The frozen reference copy (full fine-tuning without a precomputed reference).
+    frozen: Option<CausalLm<AB::InnerBackend>>,
+    shards: usize,
+}
+
+impl<AB: AutodiffBackend> Workload<'_, AB> {
+    /// Where batch `k`'s reference log-probs come from: the cache, the policy with its adapters
+    /// off (LoRA), or the frozen copy (full fine-tuning).
+    fn reference(&self, k: usize) -> Reference<AB> {
+        if self.variant.precompute {
+            Reference::Precomputed(self.cached[k].clone())
+        } else if self.variant.lora {
             Reference::Policy(AdapterMode::Disabled)
         } else {
-            Reference::Model(frozen.clone().expect("frozen copy"))
-        };
-        // as the trainer does: shards on parallel threads, each running its reference pass, then its policy's
-        let (mut grads, forward, backward) = if naive {
-            let values = reference_logps(&policy, reference, batch, None, shards, device).expect("reference");
-            let loss = naive_dpo_loss(&policy, &values, batch, device);
-            let forward = started.elapsed().as_secs_f64();
-            let backward_started = Instant::now();
-            let grads = GradientsParams::from_grads(loss.backward(), &policy);
-            (grads, forward, backward_started.elapsed().as_secs_f64())
-        } else {
-            let train_step = preference_step(&policy, reference, batch, StepContext { objective: &objective, state: &mut state, shards }, device);
-            let forward = started.elapsed().as_secs_f64();
-            let backward_started = Instant::now();
-            let grads = train_step.backward(1.0);
-            (grads, forward, backward_started.elapsed().as_secs_f64())
-        };
-        let optimizer_started = Instant::now();
-        clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
-        policy = optimizer.step(1e-6, policy, grads);
-        // reading a value waits for the device
-        let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
-        if step >= args.warmup {
-            timed += started.elapsed().as_secs_f64();
-            phases.forward += forward;
-            phases.backward += backward;
-            phases.optimizer += optimizer_started.elapsed().as_secs_f64();
+            Reference::Model(self.frozen.clone().expect("frozen copy"))
         }
     }
+
+    /// `--warmup` then `--steps` AdamW steps (sigmoid DPO, clipping at 1) cycling over the
+    /// batches; only the steps after the warmup are timed.
+    fn train_timed(&self, mut policy: CausalLm<AB>, device: &AB::Device) -> Timed {
+        let objective = ObjectiveConfig::default();
+        let mut optimizer = AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init::<AB, CausalLm<AB>>();
+        let mut state = ObjectiveState::default();
+        let mut timed = Timed { seconds: 0.0, phases: PhaseSeconds::default() };
+        for step in 0..self.args.warmup + self.args.steps {
+            let k = step % self.batches.len();
+            let started = Instant::now();
+            let reference = self.reference(k);
+            let ctx = StepContext { objective: &objective, state: &mut state, shards: self.shards };
+            let (mut grads, forward, backward) = forward_backward(&policy, reference, &self.batches[k], self.variant.naive, ctx, started, device);
+            let optimizer_started = Instant::now();
+            clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
+            policy = optimizer.step(1e-6, policy, grads);
+            // reading a value waits for the device
+            let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
+            if step >= self.args.warmup {
+                timed.seconds += started.elapsed().as_secs_f64();
+                timed.phases.forward += forward;
+                timed.phases.backward += backward;
+                timed.phases.optimizer += optimizer_started.elapsed().as_secs_f64();
+            }
+        }
+        timed
+    }
+}
+
+fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
+    let variant = Variant::of(name);
+    let config = ModelConfig::llama(LlamaShape::BENCHMARK)?;
+    let params = config.num_parameters();
+    let policy = bench_policy::<AB>(device, args, name, &variant, &config)?;
+    let trainable = policy.num_trainable_params();
+    let frozen = frozen_reference::<AB::InnerBackend>(device, args, &variant, &config);
+    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, variant.prompt, variant.completion, 8000, k)).collect();
+    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
+    let (cached, precompute_seconds) = if variant.precompute {
+        let (cached, seconds) = precompute_references(&policy, &batches, variant.lora, shards, device);
+        (cached, Some(seconds))
+    } else {
+        (Vec::new(), None)
+    };
+    let workload = Workload { variant, args, batches, cached, frozen, shards };
+    let timed = workload.train_timed(policy, device);
+    let (prompt, completion, precompute) = (workload.variant.prompt, workload.variant.completion, workload.variant.precompute);
     let per_step = |total: f64| total / args.steps as f64;
-    let phases = PhaseSeconds { forward: per_step(phases.forward), backward: per_step(phases.backward), optimizer: per_step(phases.optimizer) };
+    let phases = PhaseSeconds { forward: per_step(timed.phases.forward), backward: per_step(timed.phases.backward), optimizer: per_step(timed.phases.optimizer) };
     let seq = prompt + completion;
     let tokens_per_step = (2 * 4 * seq) as f64;
-    let seconds_per_step = timed / args.steps as f64;
+    let seconds_per_step = per_step(timed.seconds);
     let reference_tokens = if precompute { 0.0 } else { tokens_per_step };
     let flops_per_step = 6.0 * params as f64 * tokens_per_step + 2.0 * params as f64 * reference_tokens;
     Ok(BenchResult {

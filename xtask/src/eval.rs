@@ -1,16 +1,17 @@
 //! `cargo xtask eval`: held-out preference metrics of a model (optionally with an adapter) against a
 //! reference, and sampled generations of policy and reference on the held-out prompts.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use burn::tensor::backend::Backend;
 use clap::Args;
-use dipole_data::{ChatTemplate, Content, ReadOptions, read_preferences};
+use dipole_data::{ChatTemplate, Content, PreparedPairs, ReadOptions, Tokenizer, read_preferences};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
-use dipole_models::GenerateOptions;
-use dipole_eval::{Generation, format_table, judge_with_rules, rubrics_of};
+use dipole_models::{CausalLm, GenerateOptions};
+use dipole_eval::{Generation, JudgeReport, format_table, judge_with_rules, rubrics_of};
 use dipole_train::{EvalReference, EvalSettings, Stage, TrainConfig, evaluate_pairs};
 
 use crate::pairs::{Loaded, ModelAndPairs};
@@ -75,20 +76,36 @@ fn objective_of(args: &EvalArgs, config: &TrainConfig) -> ObjectiveConfig {
     objective
 }
 
-fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig) -> Result<()> {
-    let Loaded { tokenizer, prepared, mut policy, reference } = args.input.load::<B>(device)?;
-    // without --ref or --adapter the model is judged against itself
-    let mut reference = reference.unwrap_or_else(|| policy.clone());
-    for model in [&mut policy, &mut reference] {
-        model.set_mixed_precision(config.train.mixed_precision);
-        model.prefix_sharing = config.train.prefix_sharing;
+/// What an evaluation runs on: the tokenised held-out pairs and the two models, set up as the run's.
+struct EvalInputs<B: Backend> {
+    tokenizer: Tokenizer,
+    prepared: PreparedPairs,
+    policy: CausalLm<B>,
+    reference: CausalLm<B>,
+}
+
+impl<B: Backend> EvalInputs<B> {
+    /// Loads the pairs and models, with the config's precision and prefix sharing; without --ref or
+    /// --adapter the model is judged against itself.
+    fn load(device: &B::Device, args: &EvalArgs, config: &TrainConfig) -> Result<Self> {
+        let Loaded { tokenizer, prepared, mut policy, reference } = args.input.load::<B>(device)?;
+        let mut reference = reference.unwrap_or_else(|| policy.clone());
+        for model in [&mut policy, &mut reference] {
+            model.set_mixed_precision(config.train.mixed_precision);
+            model.prefix_sharing = config.train.prefix_sharing;
+        }
+        Ok(EvalInputs { tokenizer, prepared, policy, reference })
     }
+}
+
+fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig) -> Result<()> {
+    let inputs = EvalInputs::<B>::load(device, args, config)?;
     let objective = objective_of(args, config);
     objective.validate().map_err(|e| anyhow!("objective: {e}"))?;
     if objective.loss_type.iter().any(|t| t.unpaired()) {
         return Err(anyhow!("eval scores preference pairs; a KTO run's evaluation is the one `cargo xtask train` logs"));
     }
-    if prepared.pairs.is_empty() {
+    if inputs.prepared.pairs.is_empty() {
         return Err(anyhow!("{}: no pairs left to evaluate", args.input.data.display()));
     }
     let settings = EvalSettings {
@@ -96,15 +113,25 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig)
         state: ObjectiveState::default(),
         batch_size: args.input.batch_size(),
         shards: config.train.batch_shards,
-        pad: tokenizer.pad_id(),
+        pad: inputs.tokenizer.pad_id(),
     };
-    let reference_model = if objective.reference_free() { EvalReference::None } else { EvalReference::Model(Box::new(reference.clone())) };
-    let metrics = evaluate_pairs(&policy, reference_model, &prepared.pairs, None, settings, device);
+    let reference = if objective.reference_free() { EvalReference::None } else { EvalReference::Model(Box::new(inputs.reference.clone())) };
+    let metrics = evaluate_pairs(&inputs.policy, reference, &inputs.prepared.pairs, None, settings, device);
+    report_metrics(args, &objective, &inputs.prepared, &metrics)?;
+    let report = if args.generations > 0 { Some(generate_and_judge(args, &inputs)?) } else { None };
+    // The base against itself: every reward margin is 0, a coin flip.
+    let accuracy_after = metrics.get("rewards/accuracies_ties_half").copied();
+    println!("\n{}", format_table(Some(0.5), accuracy_after, report.as_ref()));
+    Ok(())
+}
+
+/// Prints the metrics and, with --out, writes them as JSON.
+fn report_metrics(args: &EvalArgs, objective: &ObjectiveConfig, prepared: &PreparedPairs, metrics: &BTreeMap<String, f64>) -> Result<()> {
     let n = prepared.pairs.len();
     let names: Vec<&str> = objective.loss_type.iter().map(|t| t.name()).collect();
     println!("{} pairs from {} ({} dropped at max_length {})", n, args.input.data.display(), prepared.dropped.len(), args.input.max_length());
     println!("  objective: {} (beta {}{})", names.join(" + "), objective.beta, objective.rpo_alpha.map_or(String::new(), |a| format!(", rpo_alpha {a}")));
-    for (k, v) in &metrics {
+    for (k, v) in metrics {
         println!("  {k:<24} {v:>10.4}");
     }
     if let Some(path) = &args.out {
@@ -119,51 +146,63 @@ fn run_on<B: Backend>(device: &B::Device, args: &EvalArgs, config: &TrainConfig)
         std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-
-    let accuracy_after = metrics.get("rewards/accuracies_ties_half").copied();
-    if args.generations > 0 {
-        let (records, _) = read_preferences(&args.input.data, ReadOptions::default())?;
-        let template = ChatTemplate::from_tokenizer(&tokenizer).map_err(|e| anyhow!(e))?;
-        let stop: Vec<u32> = tokenizer.eos.iter().map(|t| t.id).collect();
-        let mut generations = Vec::new();
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&args.generations_out)?);
-        for record in records.iter().take(args.generations) {
-            let (prompt_text, ids) = match &record.prompt {
-                Content::Text(p) => (p.clone(), tokenizer.encode(p, true)?),
-                Content::Messages(m) => {
-                    let t = template.as_ref().ok_or_else(|| anyhow!("conversational prompts need a chat template"))?;
-                    let text = t.render(m, true).map_err(|e| anyhow!(e))?;
-                    let ids = tokenizer.encode(&text, false)?;
-                    (text, ids)
-                }
-            };
-            let options = GenerateOptions {
-                max_new_tokens: args.max_new_tokens,
-                temperature: args.temperature,
-                top_p: args.top_p,
-                stop_tokens: stop.clone(),
-                seed: args.seed.wrapping_add(record.index as u64),
-            };
-            let generation = Generation {
-                index: record.index,
-                prompt: prompt_text,
-                policy: tokenizer.decode(&policy.generate(&ids, &options), true)?,
-                reference: tokenizer.decode(&reference.generate(&ids, &options), true)?,
-            };
-            writeln!(out, "{}", serde_json::to_string(&generation)?)?;
-            generations.push(generation);
-        }
-        out.flush()?;
-        println!("wrote {} generations to {}", generations.len(), args.generations_out.display());
-        let rubrics = rubrics_of(&args.input.data)?;
-        let (report, _) = match args.judge.llm() {
-            Some(judge) => judge.judge(&generations, &rubrics)?,
-            None => judge_with_rules(&generations, &rubrics),
-        };
-        // The base against itself: every reward margin is 0, a coin flip.
-        println!("\n{}", format_table(Some(0.5), accuracy_after, Some(&report)));
-    } else {
-        println!("\n{}", format_table(Some(0.5), accuracy_after, None));
-    }
     Ok(())
+}
+
+/// Generations of policy and reference for the first --generations prompts (written to
+/// --generations-out), judged by the LLM judge when one is configured, else by the rules.
+fn generate_and_judge<B: Backend>(args: &EvalArgs, inputs: &EvalInputs<B>) -> Result<JudgeReport> {
+    let generations = write_generations(args, inputs)?;
+    println!("wrote {} generations to {}", generations.len(), args.generations_out.display());
+    let rubrics = rubrics_of(&args.input.data)?;
+    let (report, _) = match args.judge.llm() {
+        Some(judge) => judge.judge(&generations, &rubrics)?,
+        None => judge_with_rules(&generations, &rubrics),
+    };
+    Ok(report)
+}
+
+/// Samples both models on the first --generations prompts (the same seed per prompt for both),
+/// one JSON line each into --generations-out.
+fn write_generations<B: Backend>(args: &EvalArgs, inputs: &EvalInputs<B>) -> Result<Vec<Generation>> {
+    let EvalInputs { tokenizer, policy, reference, .. } = inputs;
+    let (records, _) = read_preferences(&args.input.data, ReadOptions::default())?;
+    let template = ChatTemplate::from_tokenizer(tokenizer).map_err(|e| anyhow!(e))?;
+    let stop: Vec<u32> = tokenizer.eos.iter().map(|t| t.id).collect();
+    let mut generations = Vec::new();
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&args.generations_out)?);
+    for record in records.iter().take(args.generations) {
+        let (prompt_text, ids) = encode_prompt(&record.prompt, tokenizer, template.as_ref())?;
+        let options = GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            stop_tokens: stop.clone(),
+            seed: args.seed.wrapping_add(record.index as u64),
+        };
+        let generation = Generation {
+            index: record.index,
+            prompt: prompt_text,
+            policy: tokenizer.decode(&policy.generate(&ids, &options), true)?,
+            reference: tokenizer.decode(&reference.generate(&ids, &options), true)?,
+        };
+        writeln!(out, "{}", serde_json::to_string(&generation)?)?;
+        generations.push(generation);
+    }
+    out.flush()?;
+    Ok(generations)
+}
+
+/// A prompt's text and ids: plain text encoded with the tokenizer's special tokens, a conversation
+/// rendered with the chat template (for a generation turn) and encoded as rendered.
+fn encode_prompt(prompt: &Content, tokenizer: &Tokenizer, template: Option<&ChatTemplate>) -> Result<(String, Vec<u32>)> {
+    match prompt {
+        Content::Text(p) => Ok((p.clone(), tokenizer.encode(p, true)?)),
+        Content::Messages(m) => {
+            let t = template.ok_or_else(|| anyhow!("conversational prompts need a chat template"))?;
+            let text = t.render(m, true).map_err(|e| anyhow!(e))?;
+            let ids = tokenizer.encode(&text, false)?;
+            Ok((text, ids))
+        }
+    }
 }

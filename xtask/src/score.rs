@@ -7,9 +7,9 @@ use anyhow::{Context, Result, anyhow};
 use burn::tensor::ElementConversion;
 use burn::tensor::backend::Backend;
 use clap::Args;
-use dipole_data::PreferenceBatch;
 use dipole_loss::{LossType, ObjectiveConfig, ObjectiveState};
-use dipole_train::{StepContext, objective_on_batch, pair_logps};
+use dipole_train::evaluate::evaluate_batches;
+use dipole_train::{EvalReference, EvalSettings};
 
 use crate::pairs::{Loaded, ModelAndPairs};
 
@@ -26,6 +26,7 @@ pub struct ScoreArgs {
     pub beta: f64,
     #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
     pub label_smoothing: f64,
+    /// LD-DPO: weight of the log-probs beyond the shorter completion's length (policy's and reference's).
     #[arg(long, value_parser = crate::flags::unit)]
     pub ld_alpha: Option<f64>,
     #[arg(long)]
@@ -38,7 +39,8 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     crate::with_backend!(args.input.backend, run_on(&args))
 }
 
-fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
+/// The objective the flags describe, validated; unpaired loss types (KTO) are refused.
+fn objective_of(args: &ScoreArgs) -> Result<ObjectiveConfig> {
     let loss_type = args.loss.iter().map(|l| LossType::parse(l)).collect::<Result<Vec<_>, _>>().map_err(|e| anyhow!("--loss: {e}"))?;
     let config = ObjectiveConfig {
         loss_type,
@@ -53,40 +55,45 @@ fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
     if config.loss_type.iter().any(|t| t.unpaired()) {
         return Err(anyhow!("--loss kto / apo_zero_unpaired: score works on preference pairs; KTO runs through `cargo xtask train` (unpaired rows, or pairs split into desirable and undesirable rows)"));
     }
+    Ok(config)
+}
+
+/// Scores the pairs through [`dipole_train::evaluate::evaluate_batches`], the batches the trainer's
+/// evaluation and `cargo xtask eval` average (reference log-probs LD-DPO weighted under
+/// `--ld-alpha`, shards picked as `train.batch_shards = 0` does), writing each batch instead.
+fn run_on<B: Backend>(device: &B::Device, args: &ScoreArgs) -> Result<()> {
+    let config = objective_of(args)?;
     let Loaded { tokenizer, prepared, policy, reference } = args.input.load::<B>(device)?;
     if reference.is_none() && !config.reference_free() {
         return Err(anyhow!("--ref is required for loss types that compare with a reference"));
     }
-    let pad = tokenizer.pad_id();
-    let ld = config.ld_alpha;
-    let mut state = ObjectiveState::default();
-    let mut batches = Vec::new();
-    let mut examples = Vec::new();
-    for chunk in prepared.pairs.chunks(args.input.batch_size()) {
-        let batch = PreferenceBatch::new(chunk, pad);
-        let ref_pairs = reference.as_ref().map(|r| {
-            let lp = pair_logps(r, chunk, chunk.len(), pad, device);
-            lp.iter().map(|p| (p.chosen as f32, p.rejected as f32)).collect::<Vec<_>>()
-        });
-        if ld.is_some() && ref_pairs.is_some() {
-            return Err(anyhow!("--ld-alpha with a reference is computed by the trainer; score supports it reference-free only"));
-        }
-        let out = objective_on_batch(&policy, ref_pairs.clone(), &batch, StepContext { objective: &config, state: &mut state, shards: dipole_train::batch_shards::<B>(0, chunk.len(), device) }, device);
-        let loss: f64 = out.loss.clone().into_scalar().elem::<f64>();
+    // a given reference is run (and its log-probs written) even for reference-free objectives
+    let reference = reference.map_or(EvalReference::None, |model| EvalReference::Model(Box::new(model)));
+    let settings = EvalSettings { objective: &config, state: ObjectiveState::default(), batch_size: args.input.batch_size(), shards: 0, pad: tokenizer.pad_id() };
+    let (mut batches, mut examples) = (Vec::new(), Vec::new());
+    evaluate_batches(&policy, reference, &prepared.pairs, None, settings, device, |batch, out| {
+        let loss: f64 = out.loss.into_scalar().elem::<f64>();
         batches.push(serde_json::json!({"indices": batch.indices, "loss": loss, "metrics": out.metrics}));
-        for (k, (pc, pr)) in out.policy_logps.iter().enumerate() {
-            let (rc, rr) = ref_pairs.as_ref().map(|r| (Some(r[k].0), Some(r[k].1))).unwrap_or((None, None));
-            examples.push(serde_json::json!({
-                "index": batch.indices[k],
-                "policy_chosen_logps": pc,
-                "policy_rejected_logps": pr,
-                "ref_chosen_logps": rc,
-                "ref_rejected_logps": rr,
-            }));
-        }
-    }
+        examples.extend(pair_logps_json(&batch.indices, &out.policy_logps, out.reference_logps.as_deref()));
+    });
     let out = serde_json::json!({"batches": batches, "examples": examples, "dropped_indices": prepared.dropped});
     std::fs::write(&args.out, serde_json::to_string_pretty(&out)?).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("scored {} pairs in {} batches; wrote {}", examples.len(), batches.len(), args.out.display());
     Ok(())
+}
+
+/// One `examples` entry per pair of a batch: its policy's and reference's summed log-probs.
+fn pair_logps_json(indices: &[usize], policy: &[(f32, f32)], reference: Option<&[(f32, f32)]>) -> Vec<serde_json::Value> {
+    let mut out = Vec::with_capacity(policy.len());
+    for (k, (pc, pr)) in policy.iter().enumerate() {
+        let (rc, rr) = reference.map_or((None, None), |r| (Some(r[k].0), Some(r[k].1)));
+        out.push(serde_json::json!({
+            "index": indices[k],
+            "policy_chosen_logps": pc,
+            "policy_rejected_logps": pr,
+            "ref_chosen_logps": rc,
+            "ref_rejected_logps": rr,
+        }));
+    }
+    out
 }

@@ -248,6 +248,62 @@ fn eval_with_the_runs_config_agrees_with_the_runs_final_evaluation() {
     }
 }
 
+/// `score --ld-alpha` with a reference (refused while score had a reference path of its own) runs
+/// the evaluation's batches: on one batch its loss and metrics are `eval --config`'s with the same
+/// `objective.ld_alpha`, to 1e-6, and the reference's log-probs it writes are LD-DPO weighted.
+#[test]
+fn score_with_ld_alpha_and_a_reference_agrees_with_eval_on_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = std::fs::read_to_string(root().join("fixtures/data/prefs_standard.jsonl")).unwrap();
+    let data = dir.path().join("six.jsonl");
+    std::fs::write(&data, pairs.lines().take(6).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let data = data.display().to_string();
+    let config = tiny_run(dir.path());
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("[objective]\nld_alpha = 0.5\n");
+    std::fs::write(&config, text).unwrap();
+    let config = config.display().to_string();
+    let (policy, reference) = (fixture("tiny-llama-perturbed"), fixture("tiny-llama"));
+    // six pairs in one batch of eight
+    let common = ["--model", &policy, "--ref", &reference, "--data", &data, "--max-length", "128", "--batch-size", "8"];
+    let read = |path: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap() };
+    let eval_json = dir.path().join("eval.json").display().to_string();
+    let out = xtask(&[&["eval", "--config", &config, "--out", &eval_json][..], &common].concat(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let score = |name: &str, extra: &[&str]| {
+        let path = dir.path().join(name).display().to_string();
+        let out = xtask(&[&["score", "--out", &path][..], &common, extra].concat(), &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        read(&path)
+    };
+    let (ld, plain) = (score("ld.json", &["--ld-alpha", "0.5"]), score("plain.json", &[]));
+    let batches = ld["batches"].as_array().unwrap();
+    assert_eq!(batches.len(), 1, "one batch: {batches:?}");
+    let eval = read(&eval_json);
+    let metrics = eval["metrics"].as_object().unwrap();
+    assert!(metrics.len() > 5, "{metrics:?}");
+    for (key, want) in metrics {
+        let want = want.as_f64().unwrap();
+        let got = if key == "loss" { &batches[0]["loss"] } else { &batches[0]["metrics"][key] };
+        let got = got.as_f64().unwrap_or_else(|| panic!("score lacks {key}: {}", batches[0]));
+        assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{key}: score {got} vs eval {want}");
+    }
+    assert_ne!(ld["batches"][0]["loss"], plain["batches"][0]["loss"]);
+    // weights <= 1 on negative log-probs: the weighted sums are higher, strictly where completions differ in length
+    let (ld_examples, plain_examples) = (ld["examples"].as_array().unwrap(), plain["examples"].as_array().unwrap());
+    assert_eq!(ld_examples.len(), plain_examples.len());
+    let mut raised = 0;
+    for (a, b) in ld_examples.iter().zip(plain_examples) {
+        assert_eq!(a["index"], b["index"]);
+        for side in ["ref_chosen_logps", "ref_rejected_logps"] {
+            let (weighted, whole) = (a[side].as_f64().unwrap(), b[side].as_f64().unwrap());
+            assert!(weighted >= whole - 1e-4, "{side} of pair {}: {weighted} < {whole}", a["index"]);
+            raised += (weighted > whole + 1e-3) as usize;
+        }
+    }
+    assert!(raised > 0, "no reference log-prob was LD-DPO weighted");
+}
+
 #[test]
 fn the_dipole_binary_is_the_same_command_line_with_completions() {
     let dipole = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_dipole")).args(args).current_dir(root()).output().unwrap();

@@ -16,7 +16,7 @@ use dipole_models::CausalLm;
 use crate::error::{TrainResult, at};
 use crate::examples::Examples;
 use crate::metrics::mean_metrics;
-use crate::step::{StepContext, batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
+use crate::step::{StepContext, StepOutput, batch_shards, objective_on_batch, sft_on_batch, sharded_model_logps};
 use crate::trainer::Trainer;
 
 /// The reference of an evaluation: a model run without gradients (a clone shares the original's
@@ -49,8 +49,31 @@ pub fn evaluate_pairs<B: Backend>(
     settings: EvalSettings<'_>,
     device: &B::Device,
 ) -> BTreeMap<String, f64> {
-    let EvalSettings { objective, mut state, batch_size, shards, pad } = settings;
     let (mut all, mut losses) = (Vec::new(), Vec::new());
+    evaluate_batches(policy, reference, pairs, labels, settings, device, |_, out| {
+        losses.push(out.loss.into_scalar().elem::<f64>());
+        all.push(out.metrics);
+    });
+    let mut out = mean_metrics(&all);
+    out.insert("loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
+    out
+}
+
+/// The batches of [`evaluate_pairs`], one by one: `visit` gets each batch (in order, `batch_size`
+/// pairs) and its [`StepOutput`] (loss, TRL's metrics, the policy's and the reference's log-probs
+/// per pair). The reference's log-probs come from [`sharded_model_logps`] (LD-DPO weighted under
+/// `objective.ld_alpha`) and the objective from [`objective_on_batch`], as in training, so
+/// `cargo xtask score`'s per-batch numbers are those the evaluation averages.
+pub fn evaluate_batches<B: Backend>(
+    policy: &CausalLm<B>,
+    reference: EvalReference<'_, B>,
+    pairs: &[PairInputs],
+    labels: Option<&[bool]>,
+    settings: EvalSettings<'_>,
+    device: &B::Device,
+    mut visit: impl FnMut(&PreferenceBatch, StepOutput<B>),
+) {
+    let EvalSettings { objective, mut state, batch_size, shards, pad } = settings;
     for start in (0..pairs.len()).step_by(batch_size.max(1)) {
         let range = start..(start + batch_size.max(1)).min(pairs.len());
         let mut batch = PreferenceBatch::new(&pairs[range.clone()], pad);
@@ -62,12 +85,8 @@ pub fn evaluate_pairs<B: Backend>(
             EvalReference::None => None,
         };
         let out = objective_on_batch(policy, ref_pairs, &batch, StepContext { objective, state: &mut state, shards }, device);
-        losses.push(out.loss.into_scalar().elem::<f64>());
-        all.push(out.metrics);
+        visit(&batch, out);
     }
-    let mut out = mean_metrics(&all);
-    out.insert("loss".into(), losses.iter().sum::<f64>() / losses.len().max(1) as f64);
-    out
 }
 
 impl<B: AutodiffBackend> Trainer<'_, B> {
