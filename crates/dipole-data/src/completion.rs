@@ -109,7 +109,7 @@ pub fn kto_pairs(
     let mut labels = Vec::with_capacity(examples.len());
     for (k, e) in examples.iter().enumerate() {
         let label = e.label.ok_or_else(|| {
-            DataError::located(&e.source.0, Some(e.source.1), "missing field \"label\" (true for desirable, false for undesirable): KTO needs one on every row".into())
+            DataError::located(&e.source.0, Some(e.source.1), "missing field \"label\" (true for desirable, false for undesirable): KTO needs one on every row")
         })?;
         let start = k - k % chunk.max(1);
         let end = (start + chunk.max(1)).min(examples.len());

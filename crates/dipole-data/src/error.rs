@@ -37,11 +37,11 @@ impl DataError {
         Self::located(path, line.map(Location::Line), reason)
     }
 
-    pub fn located(path: &Path, location: Option<Location>, reason: String) -> Self {
+    pub fn located(path: &Path, location: Option<Location>, reason: impl Into<String>) -> Self {
         Self {
             path: path.to_path_buf(),
             location,
-            reason,
+            reason: reason.into(),
         }
     }
 
@@ -69,5 +69,29 @@ impl fmt::Display for DataError {
 }
 
 impl std::error::Error for DataError {}
+
+/// What is wrong with one row or cell, before the caller names its file and line
+/// ([`DataError::located`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RowError(pub String);
+
+impl From<String> for RowError {
+    fn from(reason: String) -> Self {
+        RowError(reason)
+    }
+}
+
+impl From<RowError> for String {
+    fn from(e: RowError) -> Self {
+        e.0
+    }
+}
+
+impl From<&str> for RowError {
+    fn from(reason: &str) -> Self {
+        RowError(reason.to_string())
+    }
+}
 
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -20,7 +20,7 @@ pub use batch::PreferenceBatch;
 pub use chat::ChatTemplate;
 pub use completion::{CompletionInputs, PairsAs, PreparedCompletions, SequenceBatch, kto_pairs, load_completions_with};
 pub use dataset::{LengthOptions, PreparedPairs, load_pairs, load_pairs_with, prepare_records};
-pub use error::{DataError, Location, Result};
+pub use error::{DataError, Location, Result, RowError};
 pub use record::{Content, Format, Message, PreferenceRecord, ReadOptions, Row, Rows, UnpairedRecord, read_preferences, read_rows};
 pub use tokenize::{PairInputs, Sequence, TokenizedPair, TruncationMode, prepare_pair, prepare_pair_with_prompt_limit, tokenize_completion, tokenize_pair};
 pub use tokenizer::{SpecialToken, Tokenizer};

@@ -12,6 +12,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Number, Value};
 
+use crate::error::RowError;
 use crate::error::{DataError, Location, Result};
 
 /// One cell as JSON; unsupported types are an error naming the type.
@@ -79,7 +80,7 @@ fn duplicate_names(fields: &Fields, column: Option<&str>) -> std::result::Result
 }
 
 /// Every row of a Parquet file as a JSON object, with its row number.
-pub fn read_values(path: &Path) -> Result<Vec<(Location, std::result::Result<Value, String>)>> {
+pub fn read_values(path: &Path) -> Result<Vec<(Location, std::result::Result<Value, RowError>)>> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| DataError::at(path, None, format!("not a readable Parquet file: {e}")))?;
@@ -102,7 +103,7 @@ pub fn read_values(path: &Path) -> Result<Vec<(Location, std::result::Result<Val
                     Err(e) => err = Some(format!("column \"{}\": {e}", field.name())),
                 }
             }
-            out.push((Location::Row(out.len()), err.map_or(Ok(Value::Object(obj)), Err)));
+            out.push((Location::Row(out.len()), err.map_or(Ok(Value::Object(obj)), |e| Err(RowError(e)))));
         }
     }
     Ok(out)

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::error::RowError;
 use crate::error::{DataError, Location, Result};
 use crate::json;
 
@@ -191,7 +192,11 @@ pub enum Row {
 }
 
 /// Checks one JSON object as a record; the error is the reason (the caller knows where).
-pub fn parse_row(value: &Value, index: usize, path: &Path, location: Location) -> std::result::Result<Row, String> {
+pub fn parse_row(value: &Value, index: usize, path: &Path, location: Location) -> std::result::Result<Row, RowError> {
+    row_of(value, index, path, location).map_err(RowError)
+}
+
+fn row_of(value: &Value, index: usize, path: &Path, location: Location) -> std::result::Result<Row, String> {
     let Some(obj) = value.as_object() else {
         return Err(format!("expected a JSON object, found {}", json_kind(value)));
     };
@@ -283,7 +288,7 @@ fn parse_line(line: &[u8]) -> std::result::Result<Value, String> {
 }
 
 /// The raw JSON values of one file with their locations.
-pub fn raw_values(path: &Path, format: Format) -> Result<Vec<(Location, std::result::Result<Value, String>)>> {
+pub fn raw_values(path: &Path, format: Format) -> Result<Vec<(Location, std::result::Result<Value, RowError>)>> {
     match format {
         // Bytes, not a String: one line that is not UTF-8 is that line's error, not the file's.
         Format::Jsonl => {
@@ -299,7 +304,7 @@ pub fn raw_values(path: &Path, format: Format) -> Result<Vec<(Location, std::res
                         Ok(line) if line.trim().is_empty() => return None,
                         Ok(line) => parse_line(line.as_bytes()),
                     };
-                    Some((Location::Line(i + 1), parsed))
+                    Some((Location::Line(i + 1), parsed.map_err(RowError)))
                 })
                 .collect())
         }
@@ -344,7 +349,7 @@ pub fn raw_values(path: &Path, format: Format) -> Result<Vec<(Location, std::res
                 .into_iter()
                 .zip(bad)
                 .enumerate()
-                .map(|(i, (v, bad))| (Location::Element(i), bad.map_or(Ok(v), Err)))
+                .map(|(i, (v, bad))| (Location::Element(i), bad.map_or(Ok(v), |reason| Err(RowError(reason)))))
                 .collect())
         }
         Format::Parquet => crate::parquet_io::read_values(path),
@@ -455,7 +460,7 @@ pub fn read_rows(path: &Path, options: ReadOptions) -> Result<Rows> {
         return Err(DataError::located(
             &first.path,
             Some(first.location),
-            "an unpaired {prompt, completion, label} row in a preference dataset (one kind per dataset)".into(),
+            "an unpaired {prompt, completion, label} row in a preference dataset (one kind per dataset)",
         ));
     }
     if rows.total == 0 {

@@ -8,6 +8,7 @@
 //! Conversational format: the same on the rendered chat template (prompt with the generation
 //! prompt), tokenised without special tokens because the template writes them, and no extra EOS.
 
+use crate::error::RowError;
 use crate::chat::ChatTemplate;
 use crate::record::{Content, PreferenceRecord};
 use crate::tokenizer::Tokenizer;
@@ -61,6 +62,14 @@ pub fn tokenize_pair(
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     record: &PreferenceRecord,
+) -> Result<TokenizedPair, RowError> {
+    pair_tokens(tokenizer, template, record).map_err(RowError)
+}
+
+fn pair_tokens(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    record: &PreferenceRecord,
 ) -> Result<TokenizedPair, String> {
     let (prompt, chosen, special) = render_texts(tokenizer, template, &record.prompt, &record.chosen)?;
     let (_, rejected, _) = render_texts(tokenizer, template, &record.prompt, &record.rejected)?;
@@ -85,6 +94,15 @@ pub fn tokenize_pair(
 /// Tokenises one prompt + completion (SFT, KTO) with the same rules as [`tokenize_pair`]:
 /// returns `(prompt_ids, completion_ids)`.
 pub fn tokenize_completion(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    prompt: &Content,
+    completion: &Content,
+) -> Result<(Vec<u32>, Vec<u32>), RowError> {
+    completion_tokens(tokenizer, template, prompt, completion).map_err(RowError)
+}
+
+fn completion_tokens(
     tokenizer: &Tokenizer,
     template: Option<&ChatTemplate>,
     prompt: &Content,
