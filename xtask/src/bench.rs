@@ -1,8 +1,10 @@
-//! `cargo xtask bench`: DPO (sigmoid) training throughput and memory on a fixed, weight-free shape,
+//! `cargo xtask bench`: DPO (sigmoid) training throughput and memory on weight-free shapes,
 //! comparable with `fixtures/tools/bench_trl.py` (TRL + PyTorch on the same shape).
 //!
-//! Shape: Llama, hidden 384, 6 layers, 6 heads (6 kv), intermediate 1024, vocab 8000, random init
-//! (seed 0); 4 pairs per step of 256 tokens (64 prompt + 192 completion), random ids; fp32.
+//! Shapes (`--shape`, the `config.json` of each in `xtask/shapes/`): `bench-17m` (the default: Llama,
+//! hidden 384, 6 layers, 6 heads, intermediate 1024, vocab 8000) and released architectures at their
+//! real sizes (`smollm2-135m`, `qwen2.5-0.5b`, `llama-3.2-1b`), random init (seed 0); 4 pairs per
+//! step of `--max-length` tokens (a quarter prompt, the rest completion), random ids; fp32.
 //! Each configuration runs in its own process so peak RSS is its own.
 
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use dipole_data::{PairInputs, PreferenceBatch, Sequence};
 use dipole_lora::{AdapterMode, LoraConfig, TargetModules};
 use dipole_loss::{ObjectiveConfig, ObjectiveState};
 use dipole_models::rng::SeededRng;
-use dipole_models::{CausalLm, LlamaShape, MixedPrecision, ModelConfig};
+use dipole_models::{CausalLm, MixedPrecision, ModelConfig};
 use dipole_train::grads::clip_global_norm;
 use dipole_train::{Reference, StepContext, preference_step, reference_logps};
 use serde::{Deserialize, Serialize};
@@ -43,8 +45,31 @@ pub const CONFIGS: [&str; 11] = [
     "lora_bf16",
 ];
 
+/// The shapes `--shape` names: each a Hugging Face `config.json` of that architecture's real sizes.
+pub const SHAPES: [(&str, &str); 4] = [
+    ("bench-17m", include_str!("../shapes/bench-17m.json")),
+    ("smollm2-135m", include_str!("../shapes/smollm2-135m.json")),
+    ("qwen2.5-0.5b", include_str!("../shapes/qwen2.5-0.5b.json")),
+    ("llama-3.2-1b", include_str!("../shapes/llama-3.2-1b.json")),
+];
+
+/// The model config of shape `name`.
+pub fn shape_config(name: &str) -> Result<ModelConfig> {
+    let (_, json) = SHAPES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| anyhow!("--shape: unknown {name:?}; expected {}", SHAPES.map(|(n, _)| n).join(", ")))?;
+    Ok(ModelConfig::from_json_str(json, std::path::Path::new(&format!("xtask/shapes/{name}.json")))?)
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Model shape (see `xtask/shapes/`): bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b.
+    #[arg(long, default_value = "bench-17m")]
+    pub shape: String,
+    /// Tokens per sequence (a quarter prompt, the rest completion); `*_t1024` configurations use 1024.
+    #[arg(long, default_value_t = 256, value_parser = crate::flags::at_least_one)]
+    pub max_length: usize,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
     /// CPU threads (sets RAYON_NUM_THREADS for each measured process).
@@ -74,6 +99,8 @@ pub struct BenchArgs {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BenchResult {
     pub config: String,
+    #[serde(default)]
+    pub shape: String,
     pub backend: String,
     pub threads: Option<usize>,
     /// Shards each batch was split into.
@@ -90,7 +117,9 @@ pub struct BenchResult {
     /// Chosen + rejected tokens (prompt included) per second.
     pub tokens_per_second: f64,
     pub completion_tokens_per_second: f64,
-    /// 6N per trained token + 2N per reference token (N = parameters).
+    /// Per trained token 4N (forward, and the backward pass's activation gradients) plus 2 per
+    /// trainable parameter (its weight gradient): 6N in full fine-tuning, about 4N with LoRA; plus 2N
+    /// per reference token (N = parameters).
     pub achieved_flops: f64,
     pub peak_rss_mib: f64,
     /// Seconds of the one-off reference pass (precompute configurations).
@@ -146,6 +175,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
+    shape_config(&args.shape)?;
     let configs: Vec<String> = if args.configs.is_empty() { CONFIGS.iter().map(|s| s.to_string()).collect() } else { args.configs.clone() };
     for c in &configs {
         if !CONFIGS.contains(&c.as_str()) {
@@ -161,6 +191,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for c in &configs {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
+        cmd.args(["--shape", &args.shape, "--max-length", &args.max_length.to_string()]);
         cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase(), "--shards", &args.shards.to_string()]);
         if args.no_prefix_sharing {
             cmd.arg("--no-prefix-sharing");
@@ -233,8 +264,10 @@ struct Variant {
 }
 
 impl Variant {
-    fn of(name: &str) -> Self {
-        let (prompt, completion) = if name.ends_with("t1024") { (256, 768) } else { (64, 192) };
+    fn of(name: &str, max_length: usize) -> Self {
+        let length = if name.ends_with("t1024") { 1024 } else { max_length };
+        let prompt = (length / 4).max(1);
+        let completion = (length - prompt).max(1);
         Variant {
             naive: name.starts_with("full_naive_logps"),
             lora: name.starts_with("lora"),
@@ -367,13 +400,14 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
 }
 
 fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
-    let variant = Variant::of(name);
-    let config = ModelConfig::llama(LlamaShape::BENCHMARK)?;
+    let variant = Variant::of(name, args.max_length);
+    let config = shape_config(&args.shape)?;
     let params = config.num_parameters();
     let policy = bench_policy::<AB>(device, args, name, &variant, &config)?;
     let trainable = policy.num_trainable_params();
     let frozen = frozen_reference::<AB::InnerBackend>(device, args, &variant, &config);
-    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, variant.prompt, variant.completion, 8000, k)).collect();
+    let vocab = config.vocab_size as u32;
+    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, variant.prompt, variant.completion, vocab, k)).collect();
     let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
     let (cached, precompute_seconds) = if variant.precompute {
         let (cached, seconds) = precompute_references(&policy, &batches, variant.lora, shards, device);
@@ -390,9 +424,10 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     let tokens_per_step = (2 * 4 * seq) as f64;
     let seconds_per_step = per_step(timed.seconds);
     let reference_tokens = if precompute { 0.0 } else { tokens_per_step };
-    let flops_per_step = 6.0 * params as f64 * tokens_per_step + 2.0 * params as f64 * reference_tokens;
+    let flops_per_step = (4.0 * params as f64 + 2.0 * trainable as f64) * tokens_per_step + 2.0 * params as f64 * reference_tokens;
     Ok(BenchResult {
         config: name.to_string(),
+        shape: args.shape.clone(),
         backend: format!("{:?}", args.backend).to_lowercase(),
         threads: args.threads,
         shards,
@@ -409,4 +444,22 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         precompute_seconds,
         phases,
     })
+}
+
+#[cfg(test)]
+mod shape_tests {
+    use super::*;
+
+    /// Parameter counts of the released checkpoints these shapes copy (their model cards round them
+    /// to 135M, 0.49B and 1.24B), and the criterion benches' shape for `bench-17m`.
+    #[test]
+    fn shapes_have_the_released_models_sizes() {
+        let bench = ModelConfig::llama(dipole_models::LlamaShape::BENCHMARK).unwrap();
+        assert_eq!(shape_config("bench-17m").unwrap().num_parameters(), bench.num_parameters());
+        for (name, params) in [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)] {
+            assert_eq!(shape_config(name).unwrap().num_parameters(), params, "{name}");
+        }
+        let err = shape_config("gpt2").unwrap_err().to_string();
+        assert_eq!(err, "--shape: unknown \"gpt2\"; expected bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b");
+    }
 }
