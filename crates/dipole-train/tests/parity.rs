@@ -12,6 +12,22 @@ use dipole_train::pair_logps;
 
 common::per_fixture!(|model, format| check_parity(model, format, 4));
 
+/// The layout transformers 5 saves: the chat template in `chat_template.jinja` (none in
+/// `tokenizer_config.json`), `pad_token` equal to `eos_token` (and `pad_token_id` in config.json),
+/// a `dtype` key and no `torch_dtype`. Same weights as tiny-llama, so TRL's goldens for it hold:
+/// padding with the EOS id must not mask the completions' own EOS tokens.
+#[test]
+fn a_transformers_5_checkpoint_layout_scores_as_trl_does() {
+    let dir = common::fixtures().join("tiny-llama-hf5");
+    assert!(dir.join("chat_template.jinja").is_file());
+    let tokenizer = dipole_data::Tokenizer::from_dir(&dir).unwrap();
+    assert!(tokenizer.chat_template.is_some(), "the template is read from chat_template.jinja");
+    assert_eq!(Some(tokenizer.pad_id()), tokenizer.eos.as_ref().map(|t| t.id), "pad is eos");
+    for format in ["standard", "conversational"] {
+        common::check_parity_of("tiny-llama", &[("tiny-llama-hf5", "ref")], format, 4);
+    }
+}
+
 /// Another machine sums in another order: other batch sizes (other padding and prompt sharing),
 /// other thread counts (other splits of every reduction). Each must stay within the same
 /// tolerances, so an order-dependent rounding shows up here rather than on the next CI machine.

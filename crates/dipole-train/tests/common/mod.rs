@@ -103,14 +103,21 @@ pub fn check_logps(variant: &str, format: &str, prefix: &str, logps: &[PairLogps
 /// Tokenisation (ids, masks, dropped records) and log-probs of the base and perturbed checkpoint
 /// of `model_name` on `format` data, scored `batch_size` pairs at a time.
 pub fn check_parity(model_name: &str, format: &str, batch_size: usize) {
+    let perturbed = format!("{model_name}-perturbed");
+    check_parity_of(model_name, &[(model_name, "ref"), (&perturbed, "policy")], format, batch_size);
+}
+
+/// [`check_parity`] of the fixture folders `variants` (each with the golden's prefix, `ref` for the
+/// base weights, `policy` for the perturbed ones) against the goldens of `golden_model`.
+pub fn check_parity_of(golden_model: &str, variants: &[(&str, &str)], format: &str, batch_size: usize) {
     let root = fixtures();
-    let golden = golden_of(model_name, format, "examples.json");
+    let golden = golden_of(golden_model, format, "examples.json");
     let examples = golden["examples"].as_array().unwrap();
     let data = root.join(format!("data/prefs_{format}.jsonl"));
     let lengths = LengthOptions { max_length: Some(128), truncation: TruncationMode::KeepStart, ..Default::default() };
     let device = Default::default();
-    for (variant, prefix) in [(model_name.to_string(), "ref"), (format!("{model_name}-perturbed"), "policy")] {
-        let dir = root.join(&variant);
+    for &(variant, prefix) in variants {
+        let dir = root.join(variant);
         let tokenizer = Tokenizer::from_dir(&dir).unwrap();
         let prepared = load_pairs(&data, &tokenizer, lengths).unwrap();
         let dropped: Vec<usize> = golden["dropped_indices"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
@@ -131,7 +138,7 @@ pub fn check_parity(model_name: &str, format: &str, batch_size: usize) {
         }
         let (model, _) = CausalLm::<Flex>::load(&dir, &device).unwrap();
         let logps = pair_logps(&model, &prepared.pairs, batch_size, tokenizer.pad_id(), &device);
-        let worst = check_logps(&variant, format, prefix, &logps, examples);
+        let worst = check_logps(variant, format, prefix, &logps, examples);
         eprintln!("{variant}/{format}: worst summed log-prob difference {worst:.2e} ({})", machine());
     }
 }
