@@ -1,6 +1,7 @@
 //! dipole's command line: `dipole ...` once installed (`cargo install --path xtask --bin dipole`),
 //! `cargo xtask ...` inside the repository. Both binaries call [`run_cli`].
 
+mod annotate;
 mod backend;
 mod bench;
 mod data;
@@ -43,6 +44,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Held-out preference metrics of a model or adapter, and generations vs the reference.
     Eval(eval::EvalArgs),
+    /// Human preference annotation: serve a page where annotators judge pairs; export majority pairs.
+    #[command(subcommand)]
+    Annotate(annotate::AnnotateCommand),
     /// Shell completions for this command line, on stdout (`dipole completions bash > ...`).
     Completions {
         #[arg(value_enum)]
@@ -70,6 +74,7 @@ pub fn run_cli(program: &'static str) -> Result<()> {
         Command::Data(command) => data::run(command),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Annotate(command) => annotate::run(command),
         Command::Completions { shell } => {
             // into a buffer first: clap_complete panics on a write error (a closed pipe, say)
             let mut script = Vec::new();
