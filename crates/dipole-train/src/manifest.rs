@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::write_json;
 use crate::config::TrainConfig;
 use crate::error::TrainResult;
-use crate::precompute::{FileDigest, folder_digests};
+use crate::precompute::{DigestMemo, FileDigest};
 
 pub const MANIFEST: &str = "manifest.json";
 
@@ -36,8 +36,9 @@ pub struct RunManifest {
 /// The data a run trains and evaluates on: its files, and the examples as tokenised.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DataDigests {
-    pub train_file: FileDigest,
-    pub eval_file: Option<FileDigest>,
+    /// The files of `data.train` (the file, or a folder's dataset files in name order).
+    pub train_files: Vec<FileDigest>,
+    pub eval_files: Option<Vec<FileDigest>>,
     pub train_examples: usize,
     pub eval_examples: usize,
     /// BLAKE3 of the training examples' token ids, masks and labels in order (what resume checks).
@@ -114,13 +115,14 @@ impl RunManifest {
     /// Hashes the model and data files (memoised beside the reference cache, or in `output_dir`).
     pub(crate) fn new(inputs: ManifestInputs) -> TrainResult<Self> {
         let config = inputs.config;
-        let memo = config.train.cache_dir.as_deref().unwrap_or(&config.train.output_dir);
-        let file = |path: &Path| -> TrainResult<FileDigest> {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let name = path.file_name().map(|n| n.to_string_lossy().to_string());
-            let found = folder_digests(dir, |n| Some(n) == name.as_deref(), Some(memo))?;
-            found.into_iter().next().ok_or_else(|| crate::TrainError::Run(format!("{}: not a file", path.display())))
+        let mut digests = DigestMemo::open(Some(config.train.cache_dir.as_deref().unwrap_or(&config.train.output_dir)));
+        let model = digests.folder(&config.model.path, |_| true)?;
+        let mut dataset = |path: &Path| -> TrainResult<Vec<FileDigest>> {
+            dipole_data::record::dataset_files(path, None)?.iter().map(|(file, _)| digests.digest(file)).collect()
         };
+        let train_files = dataset(&config.data.train)?;
+        let eval_files = config.data.eval.as_deref().map(&mut dataset).transpose()?;
+        digests.save();
         Ok(Self {
             dipole_version: env!("CARGO_PKG_VERSION").into(),
             git_commit: option_env!("DIPOLE_GIT_DESCRIBE").map(String::from),
@@ -129,10 +131,10 @@ impl RunManifest {
             backend: inputs.backend.into(),
             device: inputs.device,
             machine: Machine::detect(),
-            model: folder_digests(&config.model.path, |_| true, Some(memo))?,
+            model,
             data: DataDigests {
-                train_file: file(&config.data.train)?,
-                eval_file: config.data.eval.as_deref().map(file).transpose()?,
+                train_files,
+                eval_files,
                 train_examples: inputs.examples.0,
                 eval_examples: inputs.examples.1,
                 train_examples_blake3: inputs.train_examples_blake3,

@@ -155,24 +155,16 @@ fn identity(_: &std::fs::Metadata) -> String {
     String::new()
 }
 
-/// Digests of the regular files of `dir` whose names `keep`, sorted by name, remembered in
-/// `<memo>/file-digests.json` (when given) so that an unchanged file is hashed once.
-pub fn folder_digests(dir: &Path, keep: impl Fn(&str) -> bool, memo: Option<&Path>) -> TrainResult<Vec<FileDigest>> {
-    let mut digests = DigestMemo::open(memo);
-    let files = digests.folder(dir, keep)?;
-    digests.save();
-    Ok(files)
-}
-
-/// Digests of files already hashed, kept in `<cache dir>/file-digests.json`.
-struct DigestMemo {
+/// Digests of files already hashed, kept in `<cache dir>/file-digests.json`, so that an unchanged
+/// file is hashed once.
+pub(crate) struct DigestMemo {
     path: Option<PathBuf>,
     known: BTreeMap<PathBuf, Remembered>,
     changed: bool,
 }
 
 impl DigestMemo {
-    fn open(dir: Option<&Path>) -> Self {
+    pub(crate) fn open(dir: Option<&Path>) -> Self {
         let path = dir.map(|d| d.join("file-digests.json"));
         // an unreadable memo only costs a re-hash
         let known = path
@@ -183,7 +175,7 @@ impl DigestMemo {
         Self { path, known, changed: false }
     }
 
-    fn digest(&mut self, path: &Path) -> TrainResult<FileDigest> {
+    pub(crate) fn digest(&mut self, path: &Path) -> TrainResult<FileDigest> {
         let meta = std::fs::metadata(path).map_err(at(path))?;
         let modified_ns = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
         let full = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -202,7 +194,7 @@ impl DigestMemo {
     }
 
     /// Digests of the regular files of `dir` whose names `keep`, sorted by name.
-    fn folder(&mut self, dir: &Path, keep: impl Fn(&str) -> bool) -> TrainResult<Vec<FileDigest>> {
+    pub(crate) fn folder(&mut self, dir: &Path, keep: impl Fn(&str) -> bool) -> TrainResult<Vec<FileDigest>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(at(dir))?
             .flatten()
@@ -213,7 +205,7 @@ impl DigestMemo {
         files.iter().map(|p| self.digest(p)).collect()
     }
 
-    fn save(&self) {
+    pub(crate) fn save(&self) {
         let Some(path) = self.path.as_ref().filter(|_| self.changed) else { return };
         // best effort: a memo that cannot be written is re-hashed next time
         if let Some(dir) = path.parent() {

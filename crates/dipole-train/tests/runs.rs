@@ -205,10 +205,27 @@ fn the_manifest_names_the_build_config_files_and_machine() {
     let config_json = manifest.model.iter().find(|f| f.name == "config.json").expect("config.json listed");
     assert_eq!(config_json.blake3, digest(&c.model.path.join("config.json")));
     assert_eq!(manifest.model.len(), std::fs::read_dir(&c.model.path).unwrap().flatten().filter(|e| e.path().is_file()).count());
-    assert_eq!(manifest.data.train_file.blake3, digest(&c.data.train));
+    assert_eq!(manifest.data.train_files.len(), 1);
+    assert_eq!(manifest.data.train_files[0].blake3, digest(&c.data.train));
     // the 64 rows less the 2 whose prompt alone reaches max_length 128
     assert_eq!((manifest.data.train_examples, manifest.data.eval_examples), (62, 0));
     assert!(manifest.backend.contains("Autodiff"), "{}", manifest.backend);
     assert!(manifest.machine.threads >= 1);
     assert_eq!(manifest.resumed_from, None);
+
+    // a dataset folder: every one of its files, in name order
+    let data = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(&c.data.train).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(data.path().join("a.jsonl"), lines[..32].join("\n")).unwrap();
+    std::fs::write(data.path().join("b.jsonl"), lines[32..].join("\n")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut c = c;
+    c.data.train = data.path().to_path_buf();
+    c.train.output_dir = out.path().to_path_buf();
+    train::<AD>(&c, &RunOptions::default(), &Default::default()).unwrap();
+    let manifest = dipole_train::manifest::RunManifest::read(out.path()).unwrap();
+    let names: Vec<&str> = manifest.data.train_files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["a.jsonl", "b.jsonl"]);
+    assert_eq!(manifest.data.train_files[1].blake3, digest(&data.path().join("b.jsonl")));
 }

@@ -19,6 +19,8 @@ pub type AD = Autodiff<Flex>;
 
 /// One `#[test]` per fixture model and data format, named `<model>_<format>`, each running
 /// `$check(model_folder, format)`.
+// not every test binary runs the per-fixture cases
+#[allow(unused_macros)]
 macro_rules! per_fixture {
     ($check:expr) => {
         $crate::common::per_fixture!(@tests $check,
@@ -36,6 +38,7 @@ macro_rules! per_fixture {
         $(#[test] fn $name() { ($check)($model, $format); })*
     };
 }
+#[allow(unused_imports)]
 pub(crate) use per_fixture;
 
 pub fn fixtures() -> PathBuf {
