@@ -380,9 +380,13 @@ fn sliding_windows(cfg: &RawConfig, architecture: Architecture) -> Result<Vec<Op
     Ok(windows)
 }
 
+/// A key that is there and not `null` (transformers writes `null` for unset options).
+fn present(v: &&Value) -> bool {
+    !v.is_null()
+}
+
 fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeConfig, String> {
     // transformers 5 writes `rope_parameters` (theta included); older configs `rope_theta` + `rope_scaling`.
-    let present = |v: &&Value| !v.is_null();
     let params = cfg.rope_parameters.as_ref().filter(present);
     let scaling = cfg.rope_scaling.as_ref().filter(present);
     let (theta_key, theta) = match params.and_then(|p| p.get("rope_theta")).filter(present) {
@@ -404,7 +408,6 @@ fn parse_rope(cfg: &RawConfig, max_position_embeddings: usize) -> Result<RopeCon
 
 /// The scaling that `section` (`rope_parameters` or `rope_scaling`) describes.
 fn rope_scaling(section: &str, spec: &Value, max_position_embeddings: usize) -> Result<RopeScaling, String> {
-    let present = |v: &&Value| !v.is_null();
     let key = |name: &str| format!("{section}.{name}");
     let kind_key = if spec.get("rope_type").is_some() { "rope_type" } else { "type" };
     let kind = match spec.get(kind_key).filter(present) {

@@ -394,6 +394,7 @@ impl TrainConfig {
     /// a bare word is taken as a string). A key or value that does not fit is named with its override.
     pub fn with_overrides(&self, overrides: &[String]) -> Result<Self, ConfigError> {
         let mut doc = toml::Table::try_from(self).expect("a TrainConfig serialises to TOML");
+        let mut config = self.clone();
         for item in overrides {
             let refused = |reason: String| ConfigError::Override { item: item.clone(), reason };
             let (key, value) = item.split_once('=').ok_or_else(|| refused("expected section.key=value".into()))?;
@@ -411,10 +412,9 @@ impl TrainConfig {
                     .ok_or_else(|| refused(format!("{part} is not a section")))?;
             }
             table.insert(last.to_string(), parsed);
-            // Checked one override at a time so that the error names the one that does not fit.
-            toml::Value::Table(doc.clone()).try_into::<TrainConfig>().map_err(|e| refused(e.message().to_string()))?;
+            // Read back one override at a time so that the error names the one that does not fit.
+            config = toml::Value::Table(doc.clone()).try_into().map_err(|e| refused(e.message().to_string()))?;
         }
-        let config: TrainConfig = toml::Value::Table(doc).try_into().map_err(|e| ConfigError::Override { item: overrides.join(" "), reason: e.message().to_string() })?;
         config.validate().map_err(|source| ConfigError::Invalid { origin: "--set".into(), source })?;
         Ok(config)
     }

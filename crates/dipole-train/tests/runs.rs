@@ -220,7 +220,6 @@ fn the_manifest_names_the_build_config_files_and_machine() {
     std::fs::write(data.path().join("a.jsonl"), lines[..32].join("\n")).unwrap();
     std::fs::write(data.path().join("b.jsonl"), lines[32..].join("\n")).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let mut c = c;
     c.data.train = data.path().to_path_buf();
     c.train.output_dir = out.path().to_path_buf();
     train::<AD>(&c, &RunOptions::default(), &Default::default()).unwrap();
