@@ -81,6 +81,10 @@ pub struct BenchArgs {
     /// Run every row whole instead of each pair's prompt once (`train.prefix_sharing = false`).
     #[arg(long)]
     pub no_prefix_sharing: bool,
+    /// Make the whole `[rows, T, vocab]` logits instead of the fused, tiled LM head
+    /// (`train.fused_lm_head = false`).
+    #[arg(long)]
+    pub no_fused_head: bool,
     #[arg(long, default_value_t = 20, value_parser = crate::flags::at_least_one)]
     pub steps: usize,
     #[arg(long, default_value_t = 3)]
@@ -109,6 +113,9 @@ pub struct BenchResult {
     /// Whether each pair's prompt ran once (`train.prefix_sharing`).
     #[serde(default)]
     pub prefix_sharing: bool,
+    /// Whether the LM head ran fused with the log-probs (`train.fused_lm_head`).
+    #[serde(default)]
+    pub fused_head: bool,
     pub params: usize,
     pub trainable_params: usize,
     pub seq_len: usize,
@@ -195,6 +202,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase(), "--shards", &args.shards.to_string()]);
         if args.no_prefix_sharing {
             cmd.arg("--no-prefix-sharing");
+        }
+        if args.no_fused_head {
+            cmd.arg("--no-fused-head");
         }
         if let Some(t) = args.threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
@@ -296,6 +306,7 @@ fn bench_policy<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name
     v.precision.check_backend::<AB>(device).map_err(|e| anyhow!("{name}: {e}"))?;
     policy.set_mixed_precision(v.precision);
     policy.prefix_sharing = !args.no_prefix_sharing;
+    policy.fused_head = !args.no_fused_head;
     policy.assign_stable_param_ids();
     Ok(policy)
 }
@@ -307,6 +318,7 @@ fn frozen_reference<B: Backend>(device: &B::Device, args: &BenchArgs, v: &Varian
         let mut m = CausalLm::<B>::init(config.clone(), 0, device);
         m.set_mixed_precision(v.precision);
         m.prefix_sharing = !args.no_prefix_sharing;
+        m.fused_head = !args.no_fused_head;
         m
     })
 }
@@ -432,6 +444,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         threads: args.threads,
         shards,
         prefix_sharing: !args.no_prefix_sharing,
+        fused_head: !args.no_fused_head,
         params,
         trainable_params: trainable,
         seq_len: seq,

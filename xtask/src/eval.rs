@@ -91,8 +91,7 @@ impl<B: Backend> EvalInputs<B> {
         let Loaded { tokenizer, prepared, mut policy, reference } = args.input.load::<B>(device)?;
         let mut reference = reference.unwrap_or_else(|| policy.clone());
         for model in [&mut policy, &mut reference] {
-            model.set_mixed_precision(config.train.mixed_precision);
-            model.prefix_sharing = config.train.prefix_sharing;
+            config.train.apply_to(model);
         }
         Ok(EvalInputs { tokenizer, prepared, policy, reference })
     }

@@ -130,8 +130,8 @@ fn backward(logits: &FlexTensor, labels: &[usize], lse: &[f32], grad: FlexTensor
 }
 
 simd_dispatch! {
-    fn exponentials = exponentials_kernel(row: &[f32], shift: f32, out: &mut [f32]);
-    fn position_gradient = position_gradient_kernel(row: &[f32], lse: f32, grad: f32, out: &mut [f32]);
+    pub(crate) fn exponentials = exponentials_kernel(row: &[f32], shift: f32, out: &mut [f32]);
+    pub(crate) fn position_gradient = position_gradient_kernel(row: &[f32], lse: f32, grad: f32, out: &mut [f32]);
 }
 
 /// `(logsumexp, entropy)` of one position's logits (`entropy` 0 unless asked for); `scratch` holds

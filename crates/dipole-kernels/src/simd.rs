@@ -5,8 +5,8 @@
 /// CPU has them (x86-64 builds target the baseline without them), and for the build's target
 /// otherwise (with FMA on aarch64, where it always exists).
 macro_rules! simd_dispatch {
-    ($(fn $name:ident = $kernel:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {$(
-        fn $name($($arg: $ty),*) {
+    ($($vis:vis fn $name:ident = $kernel:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {$(
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]

@@ -161,3 +161,62 @@ fn token_logps_and_entropy_match_log_softmax() {
     let grads = (lp * tensor::<AD, 2>(&w, [rows, len])).sum().backward();
     assert_close("log-prob gradient", &host(x.grad(&grads).unwrap()), &want_grad);
 }
+
+/// The fused head against the whole `[positions, vocab]` logits in f64: log-probs, entropy, mean
+/// logit, `log Σ p²`, argmax, and the gradients of `Σ w · logp` for the hidden states and the weight.
+/// Tiles of 3 positions × 50 tokens over 7 positions × 203 tokens hit uneven last blocks and chunks.
+/// Its sums run over at most 203 terms, so the tolerance's 2e-5 still covers them (203 · 2^-24 ≈ 1.2e-5).
+#[test]
+fn fused_head_matches_the_whole_logits_and_their_gradients() {
+    use dipole_kernels::head::{HeadOptions, head_logps};
+    let [n, h, vocab] = [7, 16, 203];
+    let (hidden, weight) = (values(n * h, 0.3, 2.0), values(h * vocab, 1.9, 1.0));
+    let labels: Vec<i64> = (0..n).map(|i| ((i * 61 + 5) % vocab) as i64).collect();
+    let w = values(n, 4.2, 1.0);
+    let (hidden, weight): (Vec<f64>, Vec<f64>) = (hidden.iter().map(|&x| x as f32 as f64).collect(), weight.iter().map(|&x| x as f32 as f64).collect());
+    let mut want = [vec![], vec![], vec![], vec![]];
+    let mut want_argmax = vec![];
+    let (mut d_hidden, mut d_weight) = (vec![0.0; n * h], vec![0.0; h * vocab]);
+    for p in 0..n {
+        let logits: Vec<f64> = (0..vocab).map(|v| (0..h).map(|k| hidden[p * h + k] * weight[k * vocab + v]).sum()).collect();
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + logits.iter().map(|&z| (z - max).exp()).sum::<f64>().ln();
+        let prob = |z: f64| (z - lse).exp();
+        want[0].push(logits[labels[p] as usize] - lse);
+        want[1].push(-logits.iter().map(|&z| prob(z) * (z - lse)).sum::<f64>());
+        want[2].push(logits.iter().sum::<f64>() / vocab as f64);
+        want[3].push(logits.iter().map(|&z| prob(z) * prob(z)).sum::<f64>().ln());
+        want_argmax.push(logits.iter().position(|&z| z == max).unwrap() as i64);
+        for (v, &z) in logits.iter().enumerate() {
+            let d = w[p] * (if v == labels[p] as usize { 1.0 } else { 0.0 } - prob(z));
+            for k in 0..h {
+                d_hidden[p * h + k] += d * weight[k * vocab + v];
+                d_weight[k * vocab + v] += d * hidden[p * h + k];
+            }
+        }
+    }
+    let options = HeadOptions { tile_elements: 150, vocab_chunk: 50, ..HeadOptions::default() };
+    let ids = || Tensor::<AD, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &Default::default());
+    let (x, wt) = (tensor::<AD, 2>(&hidden, [n, h]).require_grad(), tensor::<AD, 2>(&weight, [h, vocab]).require_grad());
+    let out = head_logps(x.clone(), wt.clone(), ids(), options);
+    for (name, got, want) in [("log-probs", out.logps.clone(), &want[0]), ("entropy", out.entropy, &want[1]), ("mean logit", out.logit_mean, &want[2]), ("log sum of squares", out.log_sum_sq, &want[3])] {
+        assert_close(name, &host(got), want);
+    }
+    assert_eq!(out.argmax.into_data().convert::<i64>().to_vec::<i64>().unwrap(), want_argmax, "argmax");
+    let grads = (out.logps * tensor::<AD, 1>(&w, [n])).sum().backward();
+    assert_close("hidden gradient", &host(x.grad(&grads).unwrap()), &d_hidden);
+    assert_close("weight gradient", &host(wt.grad(&grads).unwrap()), &d_weight);
+
+    // a frozen weight gets no gradient, the hidden states the same one
+    let (x, wt) = (tensor::<AD, 2>(&hidden, [n, h]).require_grad(), tensor::<AD, 2>(&weight, [h, vocab]));
+    let grads = (head_logps(x.clone(), wt.clone(), ids(), options).logps * tensor::<AD, 1>(&w, [n])).sum().backward();
+    assert_close("hidden gradient, frozen weight", &host(x.grad(&grads).unwrap()), &d_hidden);
+    assert!(wt.grad(&grads).is_none(), "a frozen weight has no gradient");
+
+    // without autodiff, one tile or many, the same values
+    for options in [options, HeadOptions::default()] {
+        let ids = Tensor::<Flex, 1, Int>::from_data(TensorData::new(labels.clone(), [n]), &Default::default());
+        let out = head_logps(tensor::<Flex, 2>(&hidden, [n, h]), tensor::<Flex, 2>(&weight, [h, vocab]), ids, options);
+        assert_close("log-probs without autodiff", &host(out.logps), &want[0]);
+    }
+}

@@ -187,15 +187,25 @@ impl<B: Backend> LoraLinear<B> {
         let weight = cast_to(self.weight.val(), dtype);
         let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
         let base = burn::tensor::module::linear(x.clone(), weight, bias);
-        let extra = match self.mode {
-            AdapterMode::Active if !self.merged => self.adapter.as_ref(),
-            AdapterMode::Reference => self.reference_adapter.as_ref(),
-            _ => None,
-        };
-        match extra {
+        match self.active_adapter() {
             Some(adapter) => base + adapter.forward(x),
             None => base,
         }
+    }
+
+    /// The adapter the forward pass adds to the base projection in the current mode, if any.
+    fn active_adapter(&self) -> Option<&LoraAdapter<B>> {
+        match self.mode {
+            AdapterMode::Active if !self.merged => self.adapter.as_ref(),
+            AdapterMode::Reference => self.reference_adapter.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The `[in, out]` weight when the layer is that weight alone (no bias, no adapter in the
+    /// current mode), for callers that fuse the projection into what follows it.
+    pub fn plain_weight(&self) -> Option<Tensor<B, 2>> {
+        (self.bias.is_none() && self.active_adapter().is_none()).then(|| self.weight.val())
     }
 
     /// Freezes (or unfreezes) the base weight and bias.

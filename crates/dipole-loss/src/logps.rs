@@ -3,6 +3,7 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, backend::Backend};
+use dipole_kernels::head::HeadLogps;
 use dipole_kernels::logps::try_token_logps;
 
 use crate::objectives::length_normalised;
@@ -190,18 +191,70 @@ pub fn wpo_weights<B: Backend>(
 
 /// [`wpo_weights`] on predictions already aligned with their labels and mask (`[rows, L, ..]`).
 pub fn wpo_weights_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [rows, _, _] = logits.dims();
-    let (logits, mask) = (logits.detach(), mask.detach());
-    let logp = log_softmax(logits, 2);
-    let token = logp.clone().gather(2, labels.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
-    // log Σ_v p(v)² = logsumexp(2 log p)
-    let twice = logp.mul_scalar(2.0);
-    let max = twice.clone().max_dim(2);
-    let lse = (twice - max.clone()).exp().sum_dim(2).log() + max;
-    let adjusted = (token - lse.squeeze_dim::<2>(2)) * mask.clone();
+    let logits = logits.detach();
+    let token = log_softmax(logits.clone(), 2).gather(2, labels.unsqueeze_dim::<3>(2)).squeeze_dim::<2>(2);
+    wpo_weights_from(token, log_sum_of_squares(logits), mask)
+}
+
+/// [`wpo_weights_aligned`] from each position's `log p(label)` and `log Σ_v p(v)²` (`[rows, L]`).
+pub fn wpo_weights_from<B: Backend>(logps: Tensor<B, 2>, log_sum_sq: Tensor<B, 2>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [rows, _] = logps.dims();
+    let mask = mask.detach();
+    let adjusted = (logps.detach() - log_sum_sq.detach()) * mask.clone();
     let per_row = length_normalised(adjusted.sum_dim(1).squeeze_dim::<1>(1), mask.sum_dim(1).squeeze_dim::<1>(1));
     let b = rows / 2;
     (per_row.clone().narrow(0, 0, b) + per_row.narrow(0, b, b)).exp().clamp_max(1.0)
+}
+
+/// `log Σ_v p(v)²` per position `[rows, L]` of `logits` `[rows, L, vocab]`, as
+/// `logsumexp(2 log p)`, without gradient.
+fn log_sum_of_squares<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let twice = log_softmax(logits.detach(), 2).mul_scalar(2.0);
+    let max = twice.clone().max_dim(2);
+    ((twice - max.clone()).exp().sum_dim(2).log() + max).squeeze_dim::<2>(2)
+}
+
+/// What the objectives and TRL's metrics need at each scored position, `[rows, L]` each.
+#[derive(Clone, Debug)]
+pub struct PositionScores<B: Backend> {
+    /// `log p(label)`, carrying gradients.
+    pub logps: Tensor<B, 2>,
+    /// Predictive entropy (no gradient).
+    pub entropy: Tensor<B, 2>,
+    /// The mean logit over the vocabulary (no gradient).
+    pub logit_mean: Tensor<B, 2>,
+    /// The most likely token.
+    pub argmax: Tensor<B, 2, Int>,
+    /// `log Σ_v p(v)²` (no gradient), for WPO's weights; `None` when not asked for.
+    pub log_sum_sq: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> PositionScores<B> {
+    /// From whole logits `[rows, L, vocab]` and their labels `[rows, L]`; `log Σ p²` (two more
+    /// passes over the logits) only `with_log_sum_sq`.
+    pub fn from_logits(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, with_log_sum_sq: bool) -> Self {
+        let (logps, entropy) = token_logps_and_entropy(logits.clone(), labels);
+        let plain = logits.detach();
+        PositionScores {
+            logps,
+            entropy,
+            logit_mean: plain.clone().mean_dim(2).squeeze_dim::<2>(2),
+            argmax: plain.clone().argmax(2).squeeze_dim::<2>(2),
+            log_sum_sq: with_log_sum_sq.then(|| log_sum_of_squares(plain)),
+        }
+    }
+
+    /// From the fused LM head's results over `rows × len` positions (row-major).
+    pub fn from_head(out: HeadLogps<B>, rows: usize, len: usize) -> Self {
+        let shape = |t: Tensor<B, 1>| t.reshape([rows, len]);
+        PositionScores {
+            logps: shape(out.logps),
+            entropy: shape(out.entropy),
+            logit_mean: shape(out.logit_mean),
+            argmax: out.argmax.reshape([rows, len]),
+            log_sum_sq: Some(shape(out.log_sum_sq)),
+        }
+    }
 }
 
 #[cfg(test)]

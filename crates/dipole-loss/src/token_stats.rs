@@ -59,13 +59,19 @@ pub fn token_stats_aligned<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2
 /// [`token_stats_aligned`] with the per-position entropy `[rows, L]` already computed (by
 /// `token_logps_and_entropy`, which shares the log-probs' exponentials).
 pub fn token_stats_with_entropy<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>, entropy: Tensor<B, 2>) -> TokenStats {
-    let [rows, width, _] = logits.dims();
-    let b = rows / 2;
-    let (logits, mask) = (logits.detach(), mask.detach());
+    let logits = logits.detach();
+    let logit_mean = logits.clone().mean_dim(2).squeeze_dim::<2>(2);
+    token_stats_from_positions(logit_mean, entropy, logits.argmax(2).squeeze_dim::<2>(2), labels, mask)
+}
 
-    let vocab_mean = logits.clone().mean_dim(2).squeeze_dim::<2>(2) * mask.clone();
+/// [`token_stats_aligned`] from each position's mean logit, entropy and most likely token
+/// (`[rows, L]` each), however they were computed (whole logits, or the fused LM head's tiles).
+pub fn token_stats_from_positions<B: Backend>(logit_mean: Tensor<B, 2>, entropy: Tensor<B, 2>, predicted: Tensor<B, 2, Int>, labels: Tensor<B, 2, Int>, mask: Tensor<B, 2>) -> TokenStats {
+    let [rows, width] = mask.dims();
+    let b = rows / 2;
+    let mask = mask.detach();
+    let vocab_mean = logit_mean.detach() * mask.clone();
     let entropy = entropy.detach() * mask.clone();
-    let predicted = logits.argmax(2).squeeze_dim::<2>(2);
     let correct = predicted.equal(labels).float() * mask.clone();
 
     let host = |t: Tensor<B, 2>| -> Vec<f64> {

@@ -7,6 +7,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
+use dipole_kernels::head::{HeadLogps, HeadOptions, head_logps};
 use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
 use crate::config::ModelConfig;
@@ -173,6 +174,9 @@ pub struct CausalLm<B: Backend> {
     /// Whether [`forward_hidden_pairs`](Self::forward_hidden_pairs) runs a pair's common prefix once
     /// (default) or every row whole.
     pub prefix_sharing: bool,
+    /// Whether [`head_logps`](Self::head_logps) runs the LM head fused with the log-probs, tile by
+    /// tile (default), or declines so that callers make the whole logits.
+    pub fused_head: bool,
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -200,6 +204,25 @@ impl<B: Backend> CausalLm<B> {
             }
         };
         cast_to(logits, dtype)
+    }
+
+    /// Log-probs of `labels` `[positions]` under final hidden states `[positions, hidden]`, with the
+    /// statistics of [`HeadLogps`], through the LM head without ever holding the `[positions,
+    /// vocab]` logits (see `dipole_kernels::head`). `None` when the head is more than its weight
+    /// (a LoRA adapter on `lm_head`) or [`fused_head`](Self::fused_head) is off: callers then
+    /// use [`logits`](Self::logits).
+    pub fn head_logps(&self, hidden: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Option<HeadLogps<B>> {
+        let (weight, compute_dtype) = match (&self.lm_head, self.fused_head) {
+            (_, false) => return None,
+            (Some(head), true) => (head.plain_weight()?, head.compute_dtype),
+            (None, true) => (self.embed_tokens.val().transpose(), self.mixed_precision.compute_dtype()),
+        };
+        Some(head_logps(hidden, weight, labels, HeadOptions { compute_dtype, ..HeadOptions::default() }))
+    }
+
+    /// Whether [`head_logps`](Self::head_logps) runs (or declines).
+    pub fn fuses_head(&self) -> bool {
+        self.fused_head && self.lm_head.as_ref().is_none_or(|head| head.plain_weight().is_some())
     }
 
     /// Final normed hidden states `[batch, len, hidden]`. With a cache, `input_ids` are the new

@@ -308,6 +308,7 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.max_skipped_fraction",
     "train.gradient_checkpointing",
     "train.prefix_sharing",
+    "train.fused_lm_head",
     // the training examples themselves are compared on resume (`TrainerState::train_data`)
     "data.eval",
     "data.skip_invalid",

@@ -290,6 +290,11 @@ pub struct TrainSection {
     /// fewer positions through the model. Applies to a micro-batch
     /// only when it saves at least 5% of its padded positions.
     pub prefix_sharing: bool,
+    /// Run the LM head fused with the log-probs, a tile of positions × vocabulary at a time, forward
+    /// and backward (`dipole_kernels::head`), so the `[rows, T, vocab]` logits never exist; off,
+    /// the whole logits are made (also where a LoRA adapter sits on `lm_head`). Same results up
+    /// to float rounding.
+    pub fused_lm_head: bool,
     /// TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656): every `ref_model_sync_steps` steps the
     /// frozen reference becomes `alpha * policy + (1 - alpha) * reference` (`frozen-copy` only).
     pub sync_ref_model: bool,
@@ -311,6 +316,13 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
+    /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `fused_lm_head`.
+    pub fn apply_to<B: burn::tensor::backend::Backend>(&self, model: &mut dipole_models::CausalLm<B>) {
+        model.set_mixed_precision(self.mixed_precision);
+        model.prefix_sharing = self.prefix_sharing;
+        model.fused_head = self.fused_lm_head;
+    }
+
     /// `metric_for_best_model` as the eval line names it (`eval_` prefixed).
     pub fn best_metric(&self) -> String {
         let name = &self.metric_for_best_model;
@@ -353,6 +365,7 @@ impl Default for TrainSection {
             mixed_precision: dipole_models::MixedPrecision::No,
             batch_shards: 0,
             prefix_sharing: true,
+            fused_lm_head: true,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,

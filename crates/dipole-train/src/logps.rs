@@ -31,6 +31,16 @@ impl<B: Backend> BatchTensors<B> {
         Self::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device)
     }
 
+    /// The rows `rows` alone.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
+        let len = self.input_ids.dims()[1];
+        BatchTensors {
+            input_ids: self.input_ids.clone().slice([rows.clone(), 0..len]),
+            attention_mask: self.attention_mask.clone().slice([rows.clone(), 0..len]),
+            completion_mask: self.completion_mask.clone().slice([rows, 0..len]),
+        }
+    }
+
     /// From right-padded rows of equal length `seq_len`.
     pub fn from_rows(input_ids: &[Vec<u32>], attention_mask: &[Vec<u8>], completion_mask: &[Vec<u8>], seq_len: usize, device: &B::Device) -> Self {
         let shape = [input_ids.len(), seq_len];

@@ -98,8 +98,7 @@ pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint:
         }
     }
     model.assign_stable_param_ids();
-    model.set_mixed_precision(config.train.mixed_precision);
-    model.prefix_sharing = config.train.prefix_sharing;
+    config.train.apply_to(&mut model);
     Ok(model)
 }
 
@@ -146,6 +145,7 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
     let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device)?;
     model.set_mixed_precision(reference.mixed_precision);
     model.prefix_sharing = reference.prefix_sharing;
+    model.fused_head = reference.fused_head;
     Ok(model)
 }
 
@@ -157,8 +157,7 @@ pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -
     } else {
         CausalLm::<B>::load(&config.model.path, device)?.0
     };
-    model.set_mixed_precision(config.train.mixed_precision);
-    model.prefix_sharing = config.train.prefix_sharing;
+    config.train.apply_to(&mut model);
     Ok(model)
 }
 
@@ -182,8 +181,7 @@ impl<B: AutodiffBackend> References<B> {
             // TR-DPO's reference moves: a checkpoint holds the one it had reached.
             (ReferenceStrategy::FrozenCopy, Some(dir)) if config.train.sync_ref_model => {
                 let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device)?.0;
-                reference.set_mixed_precision(config.train.mixed_precision);
-                reference.prefix_sharing = config.train.prefix_sharing;
+                config.train.apply_to(&mut reference);
                 Some(reference)
             }
             (ReferenceStrategy::FrozenCopy, _) => Some(base_model::<B::InnerBackend>(config, device)?),

@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
-use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, sequence_logps_window, sequence_logps_window_and_entropy, token_stats_with_entropy, wpo_weights_aligned};
+use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, PositionScores, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, token_stats_from_positions, wpo_weights_from};
 use dipole_models::CausalLm;
 
 use crate::grads::accumulate;
@@ -66,15 +66,13 @@ pub struct StepOutput<B: Backend> {
 
 /// Policy outputs on a batch, over the prediction window only (see `prediction_window`).
 struct WindowOutput<B: Backend> {
-    /// `[2B, L, vocab]`
-    logits: Tensor<B, 3>,
+    /// `[2B, L]` log-probs and the statistics the metrics need.
+    scores: PositionScores<B>,
     /// `[2B]`
     sums: Tensor<B, 1>,
-    /// `[2B, L]` labels and completion mask aligned with `logits`.
+    /// `[2B, L]` labels and completion mask aligned with `scores`.
     labels: Tensor<B, 2, burn::tensor::Int>,
     mask: Tensor<B, 2>,
-    /// `[2B, L]` predictive entropy (no gradient), from the log-probs' own exponentials.
-    entropy: Tensor<B, 2>,
 }
 
 /// Final hidden states `[2B, T, hidden]` of a preference batch's rows, each pair's shared prompt
@@ -84,22 +82,25 @@ fn pair_hidden<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, device:
 }
 
 /// Summed completion log-probs from a batch's final hidden states, with LD-DPO weights when
-/// configured. The `lm_head` runs only from the first completion position on.
-fn batch_logps<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, t: &BatchTensors<B>, start: usize, ld: Option<&Tensor<B, 2>>) -> WindowOutput<B> {
+/// configured. The LM head runs only from the first completion position on, fused with the
+/// log-probs where the model allows it (`CausalLm::head_logps`: no `[rows, L, vocab]` logits);
+/// `log Σ p²` is made only `with_log_sum_sq` when the logits are whole.
+fn batch_logps<B: Backend>(model: &CausalLm<B>, hidden: Tensor<B, 3>, t: &BatchTensors<B>, start: usize, ld: Option<&Tensor<B, 2>>, with_log_sum_sq: bool) -> WindowOutput<B> {
     let [rows, len, h] = hidden.dims();
-    let logits = model.logits(hidden.slice([0..rows, start..len - 1, 0..h]));
-    let (seq, entropy) = sequence_logps_window_and_entropy(logits.clone(), t.input_ids.clone(), t.completion_mask.clone(), start);
-    let sums = match ld {
-        Some(w) => (seq.per_token * w.clone()).sum_dim(1).squeeze_dim::<1>(1),
-        None => seq.sum,
+    let width = len - 1 - start;
+    let hidden = hidden.slice([0..rows, start..len - 1, 0..h]);
+    let labels = t.input_ids.clone().slice([0..rows, start + 1..len]);
+    let mask = t.completion_mask.clone().slice([0..rows, start + 1..len]);
+    let scores = match model.head_logps(hidden.clone().reshape([rows * width, h]), labels.clone().reshape([rows * width])) {
+        Some(out) => PositionScores::from_head(out, rows, width),
+        None => PositionScores::from_logits(model.logits(hidden), labels.clone(), with_log_sum_sq),
     };
-    WindowOutput {
-        logits,
-        sums,
-        labels: t.input_ids.clone().slice([0..rows, start + 1..len]),
-        mask: seq.mask,
-        entropy,
-    }
+    let per_token = scores.logps.clone() * mask.clone();
+    let per_token = match ld {
+        Some(w) => per_token * w.clone(),
+        None => per_token,
+    };
+    WindowOutput { scores, sums: per_token.sum_dim(1).squeeze_dim::<1>(1), labels, mask }
 }
 
 fn host_pairs<B: Backend>(sums: Tensor<B, 1>, b: usize) -> Vec<(f32, f32)> {
@@ -110,10 +111,11 @@ fn host_pairs<B: Backend>(sums: Tensor<B, 1>, b: usize) -> Vec<(f32, f32)> {
 /// Summed completion log-probs `(chosen, rejected)` per pair of `model` on a batch, with LD-DPO
 /// weights when `ld_alpha` is set.
 ///
-/// Without autodiff nothing is kept for a backward pass, so the vocabulary-sized logits are made a
-/// few rows at a time (at most `LOGITS_CHUNK` elements): the pass's peak stays near one layer's
-/// activations, which matters when it runs beside, or just before, the policy's forward
-/// (`preference_step`). Rows are independent, so the values equal the unchunked pass's.
+/// Without autodiff nothing is kept for a backward pass; where the LM head is not fused (see
+/// [`batch_logps`]) the vocabulary-sized logits are made a few rows at a time (at most
+/// `LOGITS_CHUNK` elements), so the pass's peak stays near one layer's activations, which matters
+/// when it runs beside, or just before, the policy's forward (`preference_step`). Rows are
+/// independent, so the values equal the unchunked pass's.
 pub fn model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_alpha: Option<f64>, device: &B::Device) -> Vec<(f32, f32)> {
     const LOGITS_CHUNK: usize = 1 << 22;
     let t = BatchTensors::<B>::new(batch, device);
@@ -122,17 +124,13 @@ pub fn model_logps<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, ld_
     let hidden = pair_hidden(model, batch, device);
     let [rows, len, h] = hidden.dims();
     let width = len - 1 - start;
-    let per_chunk = (LOGITS_CHUNK / (width * model.config.vocab_size).max(1)).max(1);
+    let per_chunk = if model.fuses_head() { rows } else { (LOGITS_CHUNK / (width * model.config.vocab_size).max(1)).max(1) };
     let mut sums = Vec::with_capacity(rows);
     for r0 in (0..rows).step_by(per_chunk) {
         let r = r0..(r0 + per_chunk).min(rows);
-        let logits = model.logits(hidden.clone().slice([r.clone(), start..len - 1, 0..h]));
-        let seq = sequence_logps_window(logits, t.input_ids.clone().slice([r.clone(), 0..len]), t.completion_mask.clone().slice([r.clone(), 0..len]), start);
-        let chunk = match &ld {
-            Some(w) => (seq.per_token * w.clone().slice([r, 0..width])).sum_dim(1).squeeze_dim::<1>(1),
-            None => seq.sum,
-        };
-        sums.push(chunk);
+        let part = t.rows(r.clone());
+        let ld = ld.as_ref().map(|w| w.clone().slice([r.clone(), 0..width]));
+        sums.push(batch_logps(model, hidden.clone().slice([r, 0..len, 0..h]), &part, start, ld.as_ref(), false).sums);
     }
     host_pairs(Tensor::cat(sums, 0), batch.num_pairs())
 }
@@ -277,11 +275,13 @@ fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config
     let t = BatchTensors::<B>::new(batch, device);
     let start = prediction_window(&batch.completion_mask);
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
-    let out = batch_logps(policy, pair_hidden(policy, batch, device), &t, start, ld.as_ref());
-    let stats = token_stats_with_entropy(out.logits.clone(), out.labels.clone(), out.mask.clone(), out.entropy);
-    let weights = config
-        .use_weighting
-        .then(|| wpo_weights_aligned(out.logits, out.labels, out.mask));
+    let out = batch_logps(policy, pair_hidden(policy, batch, device), &t, start, ld.as_ref(), config.use_weighting);
+    let scores = &out.scores;
+    let stats = token_stats_from_positions(scores.logit_mean.clone(), scores.entropy.clone(), scores.argmax.clone(), out.labels.clone(), out.mask.clone());
+    let weights = config.use_weighting.then(|| {
+        let log_sum_sq = scores.log_sum_sq.clone().expect("log Σ p² is made when WPO weights are asked for");
+        wpo_weights_from(scores.logps.clone(), log_sum_sq, out.mask.clone())
+    });
     PolicyPass { sums: out.sums, stats, weights }
 }
 
@@ -415,10 +415,10 @@ fn sft_pass<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B:
     let t = BatchTensors::<B>::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device);
     let start = prediction_window(&batch.completion_mask);
     let hidden = policy.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
-    let out = batch_logps(policy, hidden, &t, start, None);
+    let out = batch_logps(policy, hidden, &t, start, None, false);
     let mask = out.mask;
-    let entropy = (out.entropy * mask.clone()).sum();
-    let correct = (out.logits.detach().argmax(2).squeeze_dim::<2>(2).equal(out.labels).float() * mask.clone()).sum();
+    let entropy = (out.scores.entropy * mask.clone()).sum();
+    let correct = (out.scores.argmax.equal(out.labels).float() * mask.clone()).sum();
     let host = Tensor::cat(vec![mask.sum(), entropy, correct], 0).detach();
     let v = host_f64(host);
     SftPass { sums: out.sums, counts: SftCounts { tokens: v[0], entropy: v[1], correct: v[2] } }

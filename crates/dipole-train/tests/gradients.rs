@@ -7,7 +7,6 @@ use common::fixtures;
 use std::path::PathBuf;
 
 use burn::backend::{Autodiff, Flex};
-use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use dipole_data::{LengthOptions, PreferenceBatch, Tokenizer, TruncationMode, load_pairs};
 use dipole_loss::{CpoVariant, LossType, ObjectiveConfig, ObjectiveState, PairInputs, kto_loss, preference_loss};
@@ -228,6 +227,50 @@ fn chunked_reference_pass_equals_the_policy_pass_exactly() {
     }
 }
 
+/// A step's loss, metrics and gradients by parameter name.
+struct StepResult {
+    loss: f64,
+    metrics: std::collections::BTreeMap<String, f64>,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+fn step_result(policy: &CausalLm<AD>, reference: &CausalLm<Flex>, batch: &PreferenceBatch, config: &ObjectiveConfig, shards: usize) -> StepResult {
+    let device = Default::default();
+    let mut state = ObjectiveState::default();
+    let out = preference_step(policy, Reference::Model(reference.clone()), batch, StepContext { objective: config, state: &mut state, shards }, &device);
+    let (loss, metrics) = (out.loss, out.metrics.clone());
+    let grads = out.backward(1.0);
+    let grads = policy
+        .named_params()
+        .into_iter()
+        .filter_map(|(name, id, rank)| {
+            let values = match rank {
+                1 => grads.get::<Flex, 1>(id).map(|t| t.into_data().to_vec().unwrap()),
+                _ => grads.get::<Flex, 2>(id).map(|t| t.into_data().to_vec().unwrap()),
+            };
+            values.map(|v| (name, v))
+        })
+        .collect();
+    StepResult { loss, metrics, grads }
+}
+
+/// The same step computed another way: loss and metrics within f32 rounding of their sums,
+/// gradients within 1e-4 of the largest one of each parameter.
+fn assert_same_step(got: &StepResult, want: &StepResult, what: &str) {
+    assert!((got.loss - want.loss).abs() <= 1e-6 * want.loss.abs().max(1.0), "{what}: loss {} vs {}", got.loss, want.loss);
+    assert_eq!(got.metrics.keys().collect::<Vec<_>>(), want.metrics.keys().collect::<Vec<_>>(), "{what}: metric names");
+    for (key, w) in &want.metrics {
+        let g = got.metrics[key];
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{what}: {key} {g} vs {w}");
+    }
+    assert_eq!(got.grads.iter().map(|g| &g.0).collect::<Vec<_>>(), want.grads.iter().map(|g| &g.0).collect::<Vec<_>>(), "{what}: parameters with gradients");
+    for ((name, g), (_, w)) in got.grads.iter().zip(&want.grads) {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let worst = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-4 * scale, "{what}: {name} differs by {worst} (largest gradient {scale})");
+    }
+}
+
 /// Shards change where the work runs, not the step: a LoRA policy with a coupled objective (WPO
 /// weights, LD-DPO, batch-level metrics) and KTO's batch-mean KL give the unsharded step's loss,
 /// metrics and gradients.
@@ -237,19 +280,6 @@ fn sharded_steps_equal_the_whole_batch_step() {
     let (mut policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama-perturbed"), &device).unwrap();
     policy.add_lora(&dipole_lora::LoraConfig { r: 4, ..Default::default() }, 7).unwrap();
     let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
-    let grads_of = |g: &GradientsParams| -> Vec<(String, Vec<f32>)> {
-        policy
-            .named_params()
-            .into_iter()
-            .filter_map(|(name, id, rank)| {
-                let values = match rank {
-                    1 => g.get::<Flex, 1>(id).map(|t| t.into_data().to_vec().unwrap()),
-                    _ => g.get::<Flex, 2>(id).map(|t| t.into_data().to_vec().unwrap()),
-                };
-                values.map(|v| (name, v))
-            })
-            .collect()
-    };
     let mut kto_batch = batch0();
     kto_batch.labels = Some(vec![true, false, false, true]);
     let cases = [
@@ -257,29 +287,31 @@ fn sharded_steps_equal_the_whole_batch_step() {
         (ObjectiveConfig { loss_type: vec![LossType::Kto], ..Default::default() }, kto_batch),
     ];
     for (config, batch) in cases {
-        let run = |shards: usize| {
-            let mut state = ObjectiveState::default();
-            let out = preference_step(&policy, Reference::Model(reference.clone()), &batch, StepContext { objective: &config, state: &mut state, shards }, &device);
-            let (loss, metrics) = (out.loss, out.metrics.clone());
-            (loss, metrics, grads_of(&out.backward(1.0)))
-        };
-        let (loss, metrics, grads) = run(1);
-        assert!(!grads.is_empty() && grads.iter().all(|(name, _)| name.contains("lora")), "only the adapters train");
+        let whole = step_result(&policy, &reference, &batch, &config, 1);
+        assert!(!whole.grads.is_empty() && whole.grads.iter().all(|(name, _)| name.contains("lora")), "only the adapters train");
         for shards in [2, 4] {
-            let (sharded_loss, sharded_metrics, sharded_grads) = run(shards);
-            assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs().max(1.0), "{shards} shards: loss {sharded_loss} vs {loss}");
-            assert_eq!(sharded_metrics.keys().collect::<Vec<_>>(), metrics.keys().collect::<Vec<_>>());
-            for (key, want) in &metrics {
-                let got = sharded_metrics[key];
-                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{shards} shards: {key} {got} vs {want}");
-            }
-            assert_eq!(sharded_grads.len(), grads.len());
-            for ((name, got), (_, want)) in sharded_grads.iter().zip(&grads) {
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-                let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst <= 1e-4 * scale, "{shards} shards: {name} differs by {worst} (largest gradient {scale})");
-            }
+            assert_same_step(&step_result(&policy, &reference, &batch, &config, shards), &whole, &format!("{shards} shards"));
         }
+    }
+}
+
+/// The fused LM head (tiles of logits, forward and backward) against the whole logits, in full
+/// fine-tuning so the head's weight trains too: tied (Qwen2, the embeddings) and untied (Llama),
+/// with WPO's weights and LD-DPO's, which read the head's `log Σ p²` and per-token log-probs.
+#[test]
+fn fused_head_steps_equal_whole_logits_steps() {
+    let device = Default::default();
+    let config = ObjectiveConfig { use_weighting: true, ld_alpha: Some(0.5), ..Default::default() };
+    for (policy_dir, reference_dir) in [("tiny-qwen2-perturbed", "tiny-qwen2"), ("tiny-llama-perturbed", "tiny-llama")] {
+        let (mut policy, _) = CausalLm::<AD>::load(fixtures().join(policy_dir), &device).unwrap();
+        let (mut reference, _) = CausalLm::<Flex>::load(fixtures().join(reference_dir), &device).unwrap();
+        assert!(policy.fuses_head(), "{policy_dir}: the head is fused by default");
+        let fused = step_result(&policy, &reference, &batch0(), &config, 1);
+        assert!(fused.grads.iter().any(|(name, _)| name == "model.embed_tokens.weight"), "{policy_dir}: the embeddings train");
+        policy.fused_head = false;
+        reference.fused_head = false;
+        assert!(!policy.fuses_head());
+        assert_same_step(&fused, &step_result(&policy, &reference, &batch0(), &config, 1), &format!("{policy_dir}: fused head"));
     }
 }
 
