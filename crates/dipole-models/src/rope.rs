@@ -1,24 +1,28 @@
 //! Rotary position embeddings in Hugging Face's rotate-half layout (RoFormer, Su et al. 2021,
 //! arXiv:2104.09864): the first half of each head is paired with the second half, not adjacent
-//! elements as in burn's `RotaryEncoding`. Frequencies are computed in f32 exactly as transformers does.
+//! elements as in burn's `RotaryEncoding`. Frequencies and angles are computed in f64 and each
+//! `cos`/`sin` rounded once to f32: transformers computes `position * inv_freq` in f32, whose
+//! rounding (half an ulp of the angle: 3e-5 rad at angle 1000) is a rotation error hundreds of times
+//! f32's epsilon that grows with the position; the tables are made once per forward pass, so f64
+//! costs nothing per element.
 
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 
 use crate::config::{RopeConfig, RopeScaling};
 
-/// Inverse frequencies `[head_dim / 2]` for a sequence of `seq_len` positions.
-pub fn inv_freq(rope: &RopeConfig, head_dim: usize, seq_len: usize) -> Vec<f32> {
-    let base_freqs = |theta: f64| -> Vec<f32> {
+/// Inverse frequencies `[head_dim / 2]` for a sequence of `seq_len` positions, in f64.
+pub fn inv_freq(rope: &RopeConfig, head_dim: usize, seq_len: usize) -> Vec<f64> {
+    let base_freqs = |theta: f64| -> Vec<f64> {
         (0..head_dim)
             .step_by(2)
-            .map(|i| 1.0 / (theta as f32).powf(i as f32 / head_dim as f32))
+            .map(|i| 1.0 / theta.powf(i as f64 / head_dim as f64))
             .collect()
     };
     match rope.scaling {
         RopeScaling::Default => base_freqs(rope.theta),
         RopeScaling::Linear { factor } => base_freqs(rope.theta)
             .into_iter()
-            .map(|f| f / factor as f32)
+            .map(|f| f / factor)
             .collect(),
         RopeScaling::Dynamic {
             factor,
@@ -38,14 +42,13 @@ pub fn inv_freq(rope: &RopeConfig, head_dim: usize, seq_len: usize) -> Vec<f32> 
             high_freq_factor,
             original_max_position_embeddings: original,
         } => {
-            let (factor, low, high, original) =
-                (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original as f32);
+            let (low, high, original) = (low_freq_factor, high_freq_factor, original as f64);
             let low_freq_wavelen = original / low;
             let high_freq_wavelen = original / high;
             base_freqs(rope.theta)
                 .into_iter()
                 .map(|f| {
-                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
                     let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
                     // wavelengths are finite and positive, so "not below high and not above low" is the closed band.
                     let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
@@ -88,11 +91,11 @@ pub fn tables_at<B: Backend>(
     let mut cos = Vec::with_capacity(len * head_dim);
     let mut sin = Vec::with_capacity(len * head_dim);
     for &pos in positions {
-        // The angle is an f32 product as in transformers; cos/sin of it rounded once to f32.
-        let row: Vec<f32> = freqs.iter().map(|f| pos as f32 * f).collect();
+        // the angle in f64 (see the module's documentation); cos/sin of it rounded once to f32
+        let row: Vec<f64> = freqs.iter().map(|f| pos as f64 * f).collect();
         for _ in 0..2 {
-            cos.extend(row.iter().map(|a| (*a as f64).cos() as f32));
-            sin.extend(row.iter().map(|a| (*a as f64).sin() as f32));
+            cos.extend(row.iter().map(|a| a.cos() as f32));
+            sin.extend(row.iter().map(|a| a.sin() as f32));
         }
     }
     debug_assert_eq!(cos.len(), len * 2 * half);
