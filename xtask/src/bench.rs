@@ -70,6 +70,12 @@ pub struct BenchArgs {
     /// Tokens per sequence (a quarter prompt, the rest completion); `*_t1024` configurations use 1024.
     #[arg(long, default_value_t = 256, value_parser = crate::flags::at_least_one)]
     pub max_length: usize,
+    /// Preference pairs per step (each two rows of `--max-length` tokens).
+    #[arg(long, default_value_t = 4, value_parser = crate::flags::at_least_one)]
+    pub pairs: usize,
+    /// The shape with another vocabulary size (to see what the vocabulary costs).
+    #[arg(long, value_parser = crate::flags::at_least_one)]
+    pub vocab_size: Option<usize>,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
     /// CPU threads (sets RAYON_NUM_THREADS for each measured process).
@@ -81,6 +87,13 @@ pub struct BenchArgs {
     /// Run every row whole instead of each pair's prompt once (`train.prefix_sharing = false`).
     #[arg(long)]
     pub no_prefix_sharing: bool,
+    /// Never pack sequences end to end (`train.padding_free = false`).
+    #[arg(long)]
+    pub no_padding_free: bool,
+    /// Completion lengths drawn uniformly from this fraction of the longest up to the longest
+    /// (1: every completion full length, the default), for a length-skewed batch.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::unit)]
+    pub min_completion: f64,
     /// Make the whole `[rows, T, vocab]` logits instead of the fused, tiled LM head
     /// (`train.fused_lm_head = false`).
     #[arg(long)]
@@ -116,6 +129,10 @@ pub struct BenchResult {
     /// Whether the LM head ran fused with the log-probs (`train.fused_lm_head`).
     #[serde(default)]
     pub fused_head: bool,
+    #[serde(default)]
+    pub pairs: usize,
+    #[serde(default)]
+    pub vocab_size: usize,
     pub params: usize,
     pub trainable_params: usize,
     pub seq_len: usize,
@@ -156,24 +173,37 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// `pairs` random pairs sharing a prompt of `prompt` tokens, completions of `completion` tokens.
-fn random_batch(pairs: usize, prompt: usize, completion: usize, vocab: u32, seed: u64) -> PreferenceBatch {
+/// `pairs` random pairs, each sharing a prompt of `prompt` tokens between completions of
+/// `completion` tokens, or with `min_completion < 1` of a length drawn uniformly from
+/// `min_completion · completion` up to `completion`.
+fn random_batch(pairs: usize, prompt: usize, completion: usize, min_completion: f64, vocab: u32, seed: u64) -> PreferenceBatch {
     let mut rng = SeededRng::new(seed);
-    let mut token = || 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
+    let shortest = ((min_completion * completion as f64).ceil() as usize).clamp(1, completion);
     let items: Vec<PairInputs> = (0..pairs)
         .map(|index| {
+            let mut token = || 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
             let p: Vec<u32> = std::iter::once(1).chain((1..prompt).map(|_| token())).collect();
-            let mut seq = |_: ()| {
+            let mut seq = || {
+                let len = shortest + (rng.next_u64() % (completion - shortest + 1) as u64) as usize;
                 let mut ids = p.clone();
-                ids.extend((1..completion).map(|_| token()));
+                ids.extend((1..len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32));
                 ids.push(2);
                 let mask = (0..ids.len()).map(|i| (i >= prompt) as u8).collect();
                 Sequence { input_ids: ids, completion_mask: mask }
             };
-            PairInputs { index, chosen: seq(()), rejected: seq(()) }
+            let chosen = seq();
+            PairInputs { index, chosen, rejected: seq() }
         })
         .collect();
     PreferenceBatch::new(&items, 0)
+}
+
+/// Mean real tokens per batch: `(all, completion)`.
+fn mean_tokens(batches: &[PreferenceBatch]) -> (f64, f64) {
+    let n = batches.len().max(1) as f64;
+    let all: usize = batches.iter().map(|b| b.lengths().iter().sum::<usize>()).sum();
+    let completion: usize = batches.iter().map(|b| b.completion_mask.iter().flatten().map(|&m| m as usize).sum::<usize>()).sum();
+    (all as f64 / n, completion as f64 / n)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -198,7 +228,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for c in &configs {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["bench", "--only", c, "--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string()]);
-        cmd.args(["--shape", &args.shape, "--max-length", &args.max_length.to_string()]);
+        cmd.args(["--shape", &args.shape, "--max-length", &args.max_length.to_string(), "--pairs", &args.pairs.to_string()]);
+        if let Some(v) = args.vocab_size {
+            cmd.args(["--vocab-size", &v.to_string()]);
+        }
         cmd.args(["--backend", &format!("{:?}", args.backend).to_lowercase(), "--shards", &args.shards.to_string()]);
         if args.no_prefix_sharing {
             cmd.arg("--no-prefix-sharing");
@@ -206,6 +239,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.no_fused_head {
             cmd.arg("--no-fused-head");
         }
+        if args.no_padding_free {
+            cmd.arg("--no-padding-free");
+        }
+        cmd.args(["--min-completion", &args.min_completion.to_string()]);
         if let Some(t) = args.threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
             cmd.args(["--threads", &t.to_string()]);
@@ -307,6 +344,7 @@ fn bench_policy<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name
     policy.set_mixed_precision(v.precision);
     policy.prefix_sharing = !args.no_prefix_sharing;
     policy.fused_head = !args.no_fused_head;
+    policy.padding_free = !args.no_padding_free;
     policy.assign_stable_param_ids();
     Ok(policy)
 }
@@ -319,6 +357,7 @@ fn frozen_reference<B: Backend>(device: &B::Device, args: &BenchArgs, v: &Varian
         m.set_mixed_precision(v.precision);
         m.prefix_sharing = !args.no_prefix_sharing;
         m.fused_head = !args.no_fused_head;
+        m.padding_free = !args.no_padding_free;
         m
     })
 }
@@ -413,14 +452,17 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
 
 fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
     let variant = Variant::of(name, args.max_length);
-    let config = shape_config(&args.shape)?;
+    let mut config = shape_config(&args.shape)?;
+    if let Some(vocab) = args.vocab_size {
+        config.vocab_size = vocab;
+    }
     let params = config.num_parameters();
     let policy = bench_policy::<AB>(device, args, name, &variant, &config)?;
     let trainable = policy.num_trainable_params();
     let frozen = frozen_reference::<AB::InnerBackend>(device, args, &variant, &config);
     let vocab = config.vocab_size as u32;
-    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(4, variant.prompt, variant.completion, vocab, k)).collect();
-    let shards = dipole_train::batch_shards::<AB>(args.shards, 4, device);
+    let batches: Vec<PreferenceBatch> = (0..4).map(|k| random_batch(args.pairs, variant.prompt, variant.completion, args.min_completion, vocab, k)).collect();
+    let shards = dipole_train::batch_shards::<AB>(args.shards, args.pairs, device);
     let (cached, precompute_seconds) = if variant.precompute {
         let (cached, seconds) = precompute_references(&policy, &batches, variant.lora, shards, device);
         (cached, Some(seconds))
@@ -433,7 +475,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
     let per_step = |total: f64| total / args.steps as f64;
     let phases = PhaseSeconds { forward: per_step(timed.phases.forward), backward: per_step(timed.phases.backward), optimizer: per_step(timed.phases.optimizer) };
     let seq = prompt + completion;
-    let tokens_per_step = (2 * 4 * seq) as f64;
+    let (tokens_per_step, completion_per_step) = mean_tokens(&workload.batches);
     let seconds_per_step = per_step(timed.seconds);
     let reference_tokens = if precompute { 0.0 } else { tokens_per_step };
     let flops_per_step = (4.0 * params as f64 + 2.0 * trainable as f64) * tokens_per_step + 2.0 * params as f64 * reference_tokens;
@@ -445,13 +487,15 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         shards,
         prefix_sharing: !args.no_prefix_sharing,
         fused_head: !args.no_fused_head,
+        pairs: args.pairs,
+        vocab_size: config.vocab_size,
         params,
         trainable_params: trainable,
         seq_len: seq,
         steps: args.steps,
         seconds_per_step,
         tokens_per_second: tokens_per_step / seconds_per_step,
-        completion_tokens_per_second: (2 * 4 * completion) as f64 / seconds_per_step,
+        completion_tokens_per_second: completion_per_step / seconds_per_step,
         achieved_flops: flops_per_step / seconds_per_step,
         peak_rss_mib: peak_rss_mib(),
         precompute_seconds,

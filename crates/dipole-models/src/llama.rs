@@ -12,6 +12,7 @@ use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
 use crate::config::ModelConfig;
 use crate::fused;
+use crate::packing::PackPlan;
 use crate::precision::MixedPrecision;
 use crate::rope;
 
@@ -49,7 +50,7 @@ pub struct LayerCache<B: Backend> {
 }
 
 /// One forward pass's RoPE rotations: keys', and queries' with attention's `1/sqrt(head_dim)` folded in.
-struct Rotations<B: Backend> {
+pub(crate) struct Rotations<B: Backend> {
     key: rope::Rotary<B>,
     query: rope::Rotary<B>,
 }
@@ -174,6 +175,10 @@ pub struct CausalLm<B: Backend> {
     /// Whether [`forward_hidden_pairs`](Self::forward_hidden_pairs) runs a pair's common prefix once
     /// (default) or every row whole.
     pub prefix_sharing: bool,
+    /// Whether [`forward_hidden_pairs`](Self::forward_hidden_pairs) may pack a batch's sequences
+    /// end to end into fewer rows (padding-free, see [`PackPlan`]) when that runs fewer positions
+    /// than prefix sharing or whole rows.
+    pub padding_free: bool,
     /// Whether [`head_logps`](Self::head_logps) runs the LM head fused with the log-probs, tile by
     /// tile (default), or declines so that callers make the whole logits.
     pub fused_head: bool,
@@ -271,7 +276,11 @@ impl<B: Backend> CausalLm<B> {
     pub fn forward_hidden_pairs(&self, input_ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> Tensor<B, 3> {
         let rows = input_ids.len();
         let t = input_ids.first().map_or(0, Vec::len);
-        let Some(PrefixPlan { shared, prefix_len, suffix_len }) = self.prefix_plan(input_ids, lens) else {
+        let prefix = self.prefix_plan(input_ids, lens);
+        if let Some(pack) = self.pack_plan(lens, t).filter(|pack| prefix.as_ref().is_none_or(|p| pack.positions() < p.positions(rows))) {
+            return self.forward_hidden_packed(input_ids, lens, &pack, device);
+        }
+        let Some(PrefixPlan { shared, prefix_len, suffix_len }) = prefix else {
             let mask: Vec<i64> = lens.iter().flat_map(|&l| (0..t).map(move |i| (i < l) as i64)).collect();
             let mask = Tensor::from_data(TensorData::new(mask, [rows, t]), device);
             return self.forward_hidden(ids_tensor(input_ids, device), Some(mask), None);
@@ -358,10 +367,17 @@ impl<B: Backend> CausalLm<B> {
         (self.prefix_sharing && prefix_len > 0 && saves).then_some(PrefixPlan { shared, prefix_len, suffix_len })
     }
 
+    /// How [`forward_hidden_pairs`](Self::forward_hidden_pairs) would pack rows of `lens` real
+    /// tokens padded to `t`, or `None` when packing is off or would not save 5% of the positions.
+    pub fn pack_plan(&self, lens: &[usize], t: usize) -> Option<PackPlan> {
+        let plan = PackPlan::new(lens).filter(|_| self.padding_free)?;
+        (plan.positions() * 20 <= lens.len() * t * 19).then_some(plan)
+    }
+
     /// The rotations for keys and (scaled by `1/sqrt(head_dim)`) queries from f32 `cos`/`sin`
     /// tables, scaled before they are cast to the dtype the projections come out in (so no layer
     /// casts, and keeps for backward, a copy of its own).
-    fn rotary(&self, cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> Rotations<B> {
+    pub(crate) fn rotary(&self, cos: Tensor<B, 2>, sin: Tensor<B, 2>, rows: usize) -> Rotations<B> {
         let key = rope::Rotary::per_row(cos, sin, rows);
         let query = key.scaled((self.config.head_dim as f64).powf(-0.5));
         match self.mixed_precision.compute_dtype() {
@@ -375,6 +391,12 @@ impl<B: Backend> CausalLm<B> {
     /// layers that use it (see [`position_mask`]).
     fn layer_masks(&self, query_pos: &[Vec<usize>], key_pos: &[Vec<Option<usize>>], len: usize, device: &B::Device) -> Vec<Tensor<B, 4, Bool>> {
         let heads = mask_heads::<B>(self.config.num_attention_heads, device);
+        self.layer_masks_with(len, |window| position_mask(query_pos, key_pos, window, heads, device))
+    }
+
+    /// Each layer's mask from `build(window)`, called once per distinct sliding window of the
+    /// layers (windows of `len` or more are no window, `None`); layers with the same one share it.
+    pub(crate) fn layer_masks_with(&self, len: usize, build: impl Fn(Option<usize>) -> Tensor<B, 4, Bool>) -> Vec<Tensor<B, 4, Bool>> {
         let mut built: Vec<(Option<usize>, Tensor<B, 4, Bool>)> = Vec::new();
         self.layers
             .iter()
@@ -383,7 +405,7 @@ impl<B: Backend> CausalLm<B> {
                 if let Some((_, mask)) = built.iter().find(|(w, _)| *w == window) {
                     return mask.clone();
                 }
-                let mask = position_mask(query_pos, key_pos, window, heads, device);
+                let mask = build(window);
                 built.push((window, mask.clone()));
                 mask
             })
@@ -391,7 +413,7 @@ impl<B: Backend> CausalLm<B> {
     }
 
     /// Embeddings through every layer and the final norm, layer `i` attending under `masks[i]`.
-    fn decode(
+    pub(crate) fn decode(
         &self,
         input_ids: Tensor<B, 2, Int>,
         rotary: &Rotations<B>,
@@ -477,6 +499,13 @@ pub struct PrefixPlan {
     pub suffix_len: usize,
 }
 
+impl PrefixPlan {
+    /// Positions its two passes run for `rows` rows.
+    pub fn positions(&self, rows: usize) -> usize {
+        rows / 2 * self.prefix_len + rows * self.suffix_len
+    }
+}
+
 /// Per pair of rows `p` and `P + p` (right-padded, `lens` real tokens): how many leading tokens
 /// both rows share, leaving each row at least one token of its own.
 pub fn shared_prefixes(input_ids: &[Vec<u32>], lens: &[usize]) -> Vec<usize> {
@@ -494,7 +523,7 @@ pub fn shared_prefixes(input_ids: &[Vec<u32>], lens: &[usize]) -> Vec<usize> {
 /// copies a mask broadcast over heads element by element in every call; 1 elsewhere (the flex
 /// backend's softmax kernel reads the shared mask row for every head, GPU kernels broadcast for
 /// free, and a written-out mask would cost memory: 25 MB per forward pass of 4 rows at T 1024).
-fn mask_heads<B: Backend>(heads: usize, device: &B::Device) -> usize {
+pub(crate) fn mask_heads<B: Backend>(heads: usize, device: &B::Device) -> usize {
     if B::name(device).contains("ndarray") { heads } else { 1 }
 }
 

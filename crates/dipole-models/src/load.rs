@@ -152,6 +152,7 @@ impl<B: Backend> CausalLm<B> {
             config,
             mixed_precision: MixedPrecision::No,
             prefix_sharing: true,
+            padding_free: true,
             fused_head: true,
         })
     }

@@ -309,6 +309,7 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.gradient_checkpointing",
     "train.prefix_sharing",
     "train.fused_lm_head",
+    "train.padding_free",
     // the training examples themselves are compared on resume (`TrainerState::train_data`)
     "data.eval",
     "data.skip_invalid",

@@ -290,6 +290,10 @@ pub struct TrainSection {
     /// fewer positions through the model. Applies to a micro-batch
     /// only when it saves at least 5% of its padded positions.
     pub prefix_sharing: bool,
+    /// Pack a micro-batch's sequences end to end into as few rows as hold them (padding-free: each
+    /// attends only to itself, positions restarting at 0) when that runs fewer positions than
+    /// prefix sharing or whole rows, by at least 5%. Same results up to float rounding.
+    pub padding_free: bool,
     /// Run the LM head fused with the log-probs, a tile of positions × vocabulary at a time, forward
     /// and backward (`dipole_kernels::head`), so the `[rows, T, vocab]` logits never exist; off,
     /// the whole logits are made (also where a LoRA adapter sits on `lm_head`). Same results up
@@ -316,10 +320,11 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
-    /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `fused_lm_head`.
+    /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `padding_free`, `fused_lm_head`.
     pub fn apply_to<B: burn::tensor::backend::Backend>(&self, model: &mut dipole_models::CausalLm<B>) {
         model.set_mixed_precision(self.mixed_precision);
         model.prefix_sharing = self.prefix_sharing;
+        model.padding_free = self.padding_free;
         model.fused_head = self.fused_lm_head;
     }
 
@@ -365,6 +370,7 @@ impl Default for TrainSection {
             mixed_precision: dipole_models::MixedPrecision::No,
             batch_shards: 0,
             prefix_sharing: true,
+            padding_free: true,
             fused_lm_head: true,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,

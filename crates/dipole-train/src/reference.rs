@@ -145,6 +145,7 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
     let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device)?;
     model.set_mixed_precision(reference.mixed_precision);
     model.prefix_sharing = reference.prefix_sharing;
+    model.padding_free = reference.padding_free;
     model.fused_head = reference.fused_head;
     Ok(model)
 }

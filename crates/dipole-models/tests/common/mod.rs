@@ -7,6 +7,7 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// The tiny Mistral fixture with its sliding window set to `window`, in a temporary folder.
+#[allow(dead_code)] // not every test binary uses it
 pub fn mistral_with_window(window: usize) -> tempfile::TempDir {
     let src = fixture("tiny-mistral");
     let dir = tempfile::tempdir().unwrap();
