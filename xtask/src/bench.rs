@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Run every row whole instead of each pair's prompt once (`train.prefix_sharing = false`).
     #[arg(long)]
     pub no_prefix_sharing: bool,
+    /// Keep every layer's attention probabilities for the backward pass
+    /// (`train.attention_recompute = false`).
+    #[arg(long)]
+    pub no_attention_recompute: bool,
     /// Never pack sequences end to end (`train.padding_free = false`).
     #[arg(long)]
     pub no_padding_free: bool,
@@ -126,6 +130,9 @@ pub struct BenchResult {
     /// Whether each pair's prompt ran once (`train.prefix_sharing`).
     #[serde(default)]
     pub prefix_sharing: bool,
+    /// Whether attention recomputed its probabilities in the backward pass (`train.attention_recompute`).
+    #[serde(default)]
+    pub attention_recompute: bool,
     /// Whether the LM head ran fused with the log-probs (`train.fused_lm_head`).
     #[serde(default)]
     pub fused_head: bool,
@@ -242,6 +249,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if args.no_padding_free {
             cmd.arg("--no-padding-free");
         }
+        if args.no_attention_recompute {
+            cmd.arg("--no-attention-recompute");
+        }
         cmd.args(["--min-completion", &args.min_completion.to_string()]);
         if let Some(t) = args.threads {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
@@ -345,6 +355,7 @@ fn bench_policy<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name
     policy.prefix_sharing = !args.no_prefix_sharing;
     policy.fused_head = !args.no_fused_head;
     policy.padding_free = !args.no_padding_free;
+    policy.attention_recompute = !args.no_attention_recompute;
     policy.assign_stable_param_ids();
     Ok(policy)
 }
@@ -487,6 +498,7 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         shards,
         prefix_sharing: !args.no_prefix_sharing,
         fused_head: !args.no_fused_head,
+        attention_recompute: !args.no_attention_recompute,
         pairs: args.pairs,
         vocab_size: config.vocab_size,
         params,

@@ -28,6 +28,21 @@ pub fn try_masked_softmax<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4, B
     )
 }
 
+/// [`try_masked_softmax`] as burn tensor ops, for every backend.
+pub fn masked_softmax_ops<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+    let shape = scores.shape();
+    let scores = scores.mask_fill(mask.expand(shape), f32::NEG_INFINITY);
+    // The shift by the row's max only keeps exp in range and cancels out of the softmax, so it is
+    // detached: no gradient is taken through it (it would be zero). The clamps make a fully hidden
+    // row zeros instead of 0/0.
+    let max = scores.clone().detach().max_dim(3).clamp_min(f32::MIN);
+    let numerator = (scores - max).exp();
+    let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+    // times the reciprocal rather than divided: the gradient of a product by a per-row factor is two
+    // passes over the scores where a quotient's is five
+    numerator * sum.recip()
+}
+
 /// RoPE tables `(cos, signed_sin)`, each `[rows, len * head_dim]` (rows = 1: shared by the batch),
 /// `signed_sin` with rotate-half's sign folded into its first half.
 pub type RopeTables<B> = (Tensor<B, 2>, Tensor<B, 2>);
@@ -138,7 +153,7 @@ fn merge_heads_autodiff<C: CheckpointStrategy>(x: Tensor<Autodiff<Flex, C>, 4>) 
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-fn softmax_forward(scores: FlexTensor, mask: FlexTensor) -> FlexTensor {
+pub(crate) fn softmax_forward(scores: FlexTensor, mask: FlexTensor) -> FlexTensor {
     let (scores, mask) = (contiguous(scores), contiguous(mask));
     let shape = dims(&scores);
     let [_, h, q, k] = shape[..] else { unreachable!("4-d scores") };
@@ -156,7 +171,7 @@ fn softmax_forward(scores: FlexTensor, mask: FlexTensor) -> FlexTensor {
     tensor(out, shape)
 }
 
-fn softmax_backward(probs: FlexTensor, grad: FlexTensor) -> FlexTensor {
+pub(crate) fn softmax_backward(probs: FlexTensor, grad: FlexTensor) -> FlexTensor {
     let grad = contiguous(grad);
     let shape = dims(&probs);
     let k = *shape.last().expect("4-d probabilities");

@@ -23,6 +23,7 @@ mod simd;
 pub mod attention;
 pub mod head;
 pub mod logps;
+pub mod recompute;
 pub mod swiglu;
 
 /// The environment variable that turns the fused kernels off (`0`, `off`, `false`) or on (`1`,

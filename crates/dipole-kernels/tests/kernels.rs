@@ -220,3 +220,41 @@ fn fused_head_matches_the_whole_logits_and_their_gradients() {
         assert_close("log-probs without autodiff", &host(out.logps), &want[0]);
     }
 }
+
+/// Attention that recomputes its probabilities in the backward pass against the materialised form
+/// on the tape (`masked_softmax_ops`): output and the gradients of q, k and v, with a mask shared by
+/// the heads that hides one query's every key, chunked by head (a tile of one head's scores) and whole.
+#[test]
+fn recomputed_attention_matches_the_materialised_form() {
+    use dipole_kernels::attention::masked_softmax_ops;
+    use dipole_kernels::recompute::{RecomputeOptions, try_recomputed_attention};
+    let [b, h, tq, tk, d] = [2, 3, 5, 7, 4];
+    let (q, k, v) = (values(b * h * tq * d, 0.2, 1.5), values(b * h * tk * d, 1.1, 1.5), values(b * h * tk * d, 2.3, 1.0));
+    let w = values(b * h * tq * d, 3.7, 1.0);
+    // causal with an offset of 2 keys; query 0 of row 1 sees nothing
+    let hidden: Vec<bool> = (0..b * tq * tk).map(|i| {
+        let (row, query, key) = (i / (tq * tk), i / tk % tq, i % tk);
+        key > query + 2 || (row == 1 && query == 0)
+    }).collect();
+    let mask = || Tensor::<AD, 4, Bool>::from_data(TensorData::new(hidden.clone(), [b, 1, tq, tk]), &Default::default());
+    let leaves = || (tensor::<AD, 4>(&q, [b, h, tq, d]).require_grad(), tensor::<AD, 4>(&k, [b, h, tk, d]).require_grad(), tensor::<AD, 4>(&v, [b, h, tk, d]).require_grad());
+    let gradients = |out: Tensor<AD, 4>, (q, k, v): &(Tensor<AD, 4>, Tensor<AD, 4>, Tensor<AD, 4>)| {
+        let grads = (out.clone() * tensor::<AD, 4>(&w, [b, h, tq, d])).sum().backward();
+        [host(out), host(q.grad(&grads).unwrap()), host(k.grad(&grads).unwrap()), host(v.grad(&grads).unwrap())]
+    };
+    let x = leaves();
+    let want = gradients(masked_softmax_ops(x.0.clone().matmul(x.1.clone().swap_dims(2, 3)), mask()).matmul(x.2.clone()), &x);
+    assert!(want[0][b * h * tq * d - 1] != 0.0 && want[0][tq * d..tq * d + d].iter().all(|&o| o != 0.0));
+    for tile_elements in [tq * tk, 1 << 20] {
+        let x = leaves();
+        let out = try_recomputed_attention((x.0.clone(), x.1.clone(), x.2.clone(), mask()), RecomputeOptions { tile_elements }).unwrap_or_else(|_| panic!("the op runs on Autodiff<Flex>"));
+        let got = gradients(out, &x);
+        for (name, (g, w)) in ["output", "q gradient", "k gradient", "v gradient"].iter().zip(got.iter().zip(&want)) {
+            assert_close(&format!("{name}, tiles of {tile_elements}"), g, w);
+        }
+    }
+    // without autodiff nothing would be kept: the inputs come back for the materialised form
+    let ids = Tensor::<Flex, 4>::zeros([1, 1, 2, 2], &Default::default());
+    let flex_mask = Tensor::<Flex, 4, Bool>::from_data(TensorData::new(vec![false; 4], [1, 1, 2, 2]), &Default::default());
+    assert!(try_recomputed_attention((ids.clone(), ids.clone(), ids, flex_mask), RecomputeOptions::default()).is_err());
+}

@@ -52,20 +52,7 @@ pub fn merge_heads_ops<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
     x.swap_dims(1, 2).reshape([batch, len, heads * d])
 }
 
-/// [`masked_softmax`] as burn tensor ops, for every backend.
-pub fn masked_softmax_ops<B: Backend>(scores: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
-    let shape = scores.shape();
-    let scores = scores.mask_fill(mask.expand(shape), f32::NEG_INFINITY);
-    // The shift by the row's max only keeps exp in range and cancels out of the softmax, so it is
-    // detached: no gradient is taken through it (it would be zero). The clamps make a fully hidden
-    // row zeros instead of 0/0.
-    let max = scores.clone().detach().max_dim(3).clamp_min(f32::MIN);
-    let numerator = (scores - max).exp();
-    let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
-    // times the reciprocal rather than divided: the gradient of a product by a per-row factor is two
-    // passes over the scores where a quotient's is five
-    numerator * sum.recip()
-}
+pub use dipole_kernels::attention::masked_softmax_ops;
 
 /// [`silu_mul`] as burn tensor ops, for every backend.
 pub fn silu_mul_ops<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {

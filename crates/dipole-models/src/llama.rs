@@ -8,6 +8,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::{embedding, linear};
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData, backend::Backend};
 use dipole_kernels::head::{HeadLogps, HeadOptions, head_logps};
+use dipole_kernels::recompute::{RecomputeOptions, try_recomputed_attention};
 use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
 use crate::config::ModelConfig;
@@ -89,6 +90,7 @@ impl<B: Backend> Attention<B> {
         rotary: &Rotations<B>,
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<LayerCache<B>>>,
+        recompute: bool,
     ) -> Tensor<B, 3> {
         let (h, kvh) = (self.num_heads, self.num_kv_heads);
         let q = fused::split_heads(self.q_proj.forward(x.clone()), h, Some(&rotary.query));
@@ -105,7 +107,7 @@ impl<B: Backend> Attention<B> {
             });
         }
         let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
-        let out = attention(q, k, v, mask);
+        let out = attention(q, k, v, mask, recompute);
         self.o_proj.forward(fused::merge_heads(out))
     }
 }
@@ -115,8 +117,18 @@ impl<B: Backend> Attention<B> {
 /// [`fused`]), ·V. Inference runs the same ops as training, which makes a frozen reference
 /// bit-identical to an equal policy (step 0 of DPO has rewards exactly 0, as in TRL). `mask`
 /// `[batch, heads or 1, q_len, k_len]` is true where a key is hidden. Under mixed precision the scores are
-/// masked and softmaxed in f32, as transformers' eager attention does.
-fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>) -> Tensor<B, 4> {
+/// masked and softmaxed in f32, as transformers' eager attention does. With `recompute`, under
+/// autodiff, the probabilities are not kept for the backward pass but made again there
+/// (`dipole_kernels::recompute`).
+fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 4, Bool>, recompute: bool) -> Tensor<B, 4> {
+    let (q, k, v, mask) = if recompute && B::ad_enabled(&q.device()) {
+        match try_recomputed_attention((q, k, v, mask), RecomputeOptions::default()) {
+            Ok(out) => return out,
+            Err(inputs) => inputs,
+        }
+    } else {
+        (q, k, v, mask)
+    };
     let compute = q.dtype();
     let scores = cast_to(q.matmul(k.swap_dims(2, 3)), DType::F32);
     let probs = cast_to(fused::masked_softmax(scores, mask), compute);
@@ -179,6 +191,10 @@ pub struct CausalLm<B: Backend> {
     /// end to end into fewer rows (padding-free, see [`PackPlan`]) when that runs fewer positions
     /// than prefix sharing or whole rows.
     pub padding_free: bool,
+    /// Whether training keeps no attention probabilities for the backward pass and makes them again
+    /// there instead (`dipole_kernels::recompute`): memory that grows with T² per layer traded for
+    /// one more `QKᵀ` and softmax per layer in the backward pass.
+    pub attention_recompute: bool,
     /// Whether [`head_logps`](Self::head_logps) runs the LM head fused with the log-probs, tile by
     /// tile (default), or declines so that callers make the whole logits.
     pub fused_head: bool,
@@ -428,6 +444,7 @@ impl<B: Backend> CausalLm<B> {
                 rotary,
                 masks[i].clone(),
                 slot,
+                self.attention_recompute,
             );
             // the residual stream keeps the parameters' dtype; only the branches compute in half
             let dtype = x.dtype();
@@ -589,8 +606,8 @@ mod tests {
             let one = position_mask::<Flex>(&query_pos, &key_pos, window, 1, &device);
             assert_eq!(full.dims(), [2, 3, 3, 5]);
             assert_eq!(one.clone().expand([2, 3, 3, 5]).into_data(), full.clone().into_data());
-            let a = attention(q.clone(), k.clone(), v.clone(), full);
-            let b = attention(q.clone(), k.clone(), v.clone(), one);
+            let a = attention(q.clone(), k.clone(), v.clone(), full, false);
+            let b = attention(q.clone(), k.clone(), v.clone(), one, false);
             assert_eq!(a.into_data(), b.into_data());
         }
         // key 3 of row 0 (position 3) is hidden from query position 2, visible from 3; the window

@@ -153,6 +153,7 @@ impl<B: Backend> CausalLm<B> {
             mixed_precision: MixedPrecision::No,
             prefix_sharing: true,
             padding_free: true,
+            attention_recompute: true,
             fused_head: true,
         })
     }

@@ -6,9 +6,9 @@ mod common;
 
 use common::fixture;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use dipole_models::{CausalLm, PackPlan};
 
 /// Pairs of very uneven lengths, right-padded rows `[chosen.., rejected..]` and their lengths:
@@ -23,16 +23,6 @@ fn skewed() -> (Vec<Vec<u32>>, Vec<usize>) {
         r.resize(t, 0);
         r
     }).collect(), lens)
-}
-
-/// Largest difference over real positions of two `[rows, T, hidden]` tensors.
-fn max_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>, lens: &[usize]) -> f32 {
-    let [rows, t, h] = a.dims();
-    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
-    (0..rows)
-        .flat_map(|r| (0..lens[r]).flat_map(move |i| (0..h).map(move |j| (r * t + i) * h + j)))
-        .map(|k| (a[k] - b[k]).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Packed, then whole rows (packing and prefix sharing off).
@@ -72,7 +62,7 @@ fn packed_hidden_states_equal_whole_rows_on_every_architecture() {
         let (ids, lens) = skewed();
         let (packed, whole) = packed_and_whole(&mut model, &ids, &lens, &device);
         assert_eq!(packed.dims(), whole.dims());
-        let diff = max_diff(packed, whole, &lens);
+        let diff = common::real_positions_diff(packed, whole, &lens);
         assert!(diff < 1e-5, "{name}: packed hidden states differ by {diff}");
     }
 }
@@ -85,7 +75,7 @@ fn sliding_windows_restart_with_every_packed_sequence() {
     let (mut model, _) = CausalLm::<Flex>::load(dir.path(), &device).unwrap();
     let (ids, lens) = skewed();
     let (packed, whole) = packed_and_whole(&mut model, &ids, &lens, &device);
-    let diff = max_diff(packed, whole, &lens);
+    let diff = common::real_positions_diff(packed, whole, &lens);
     assert!(diff < 1e-5, "windowed packed hidden states differ by {diff}");
 }
 
@@ -93,25 +83,9 @@ fn sliding_windows_restart_with_every_packed_sequence() {
 /// the real positions' hidden states as the loss).
 #[test]
 fn packed_gradients_equal_whole_rows() {
-    type AD = Autodiff<Flex>;
     let device = Default::default();
-    let (mut model, _) = CausalLm::<AD>::load(fixture("tiny-qwen2"), &device).unwrap();
+    let (mut model, _) = CausalLm::<common::AD>::load(fixture("tiny-qwen2"), &device).unwrap();
     let (ids, lens) = skewed();
-    let [rows, t, h] = [ids.len(), ids[0].len(), model.config.hidden_size];
-    let weights: Vec<f32> = (0..rows * t * h)
-        .map(|k| if k / h % t < lens[k / h / t] { ((k * 37 % 101) as f32 - 50.0) / 50.0 } else { 0.0 })
-        .collect();
-    let weights = Tensor::<AD, 3>::from_data(TensorData::new(weights, [rows, t, h]), &device);
     let (packed, whole) = packed_and_whole(&mut model, &ids, &lens, &device);
-    let grads = [packed, whole].map(|hidden| {
-        let g = (hidden * weights.clone()).sum().backward();
-        let layer = &model.layers[0];
-        [model.embed_tokens.val(), layer.self_attn.q_proj.weight.val(), layer.self_attn.k_proj.weight.val(), layer.mlp.down_proj.weight.val()]
-            .map(|p| p.grad(&g).expect("a gradient").into_data().to_vec::<f32>().unwrap())
-    });
-    for (name, (a, b)) in ["embed_tokens", "q_proj", "k_proj", "down_proj"].iter().zip(grads[0].iter().zip(&grads[1])) {
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(scale > 0.0 && diff < 1e-4 * scale, "{name}: gradients differ by {diff} (scale {scale})");
-    }
+    common::assert_same_gradients(&common::hidden_gradients(&model, packed, &lens), &common::hidden_gradients(&model, whole, &lens));
 }

@@ -6,9 +6,9 @@ mod common;
 
 use common::fixture;
 
-use burn::backend::{Autodiff, Flex};
+use burn::backend::Flex;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 use dipole_models::{CausalLm, PrefixPlan, shared_prefixes};
 
 
@@ -34,16 +34,6 @@ fn uneven() -> (Vec<Vec<u32>>, Vec<usize>) {
         (&[1, 7], &[40, 41, 42, 43, 44], &[40, 41, 50]),
         (&[1, 2, 3, 4, 5, 6], &[60], &[61, 62, 63, 64]),
     ])
-}
-
-/// Largest difference over real positions of two `[rows, T, hidden]` tensors.
-fn max_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>, lens: &[usize]) -> f32 {
-    let [rows, t, h] = a.dims();
-    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
-    (0..rows)
-        .flat_map(|r| (0..lens[r]).flat_map(move |i| (0..h).map(move |j| (r * t + i) * h + j)))
-        .map(|k| (a[k] - b[k]).abs())
-        .fold(0.0, f32::max)
 }
 
 fn both_ways<B: Backend>(model: &mut CausalLm<B>, ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> (Tensor<B, 3>, Tensor<B, 3>) {
@@ -95,7 +85,7 @@ fn hidden_states_equal_whole_rows_on_every_architecture() {
             assert!(model.prefix_plan(&ids, &lens).is_some(), "{name}: sharing applies");
             let (shared, whole) = both_ways(&mut model, &ids, &lens, &device);
             assert_eq!(shared.dims(), whole.dims());
-            let diff = max_diff(shared, whole, &lens);
+            let diff = common::real_positions_diff(shared, whole, &lens);
             assert!(diff < 1e-5, "{name}: shared-prefix hidden states differ by {diff}");
         }
     }
@@ -110,7 +100,7 @@ fn sliding_windows_count_positions_across_the_split() {
     assert_eq!(model.layers[0].sliding_window, Some(3));
     let (ids, lens) = uneven();
     let (shared, whole) = both_ways(&mut model, &ids, &lens, &device);
-    let diff = max_diff(shared, whole, &lens);
+    let diff = common::real_positions_diff(shared, whole, &lens);
     assert!(diff < 1e-5, "windowed hidden states differ by {diff}");
 }
 
@@ -118,33 +108,16 @@ fn sliding_windows_count_positions_across_the_split() {
 /// the whole rows' (a fixed weighting of the real positions' hidden states as the loss).
 #[test]
 fn gradients_equal_whole_rows() {
-    type AD = Autodiff<Flex>;
     let device = Default::default();
-    let (mut model, _) = CausalLm::<AD>::load(fixture("tiny-qwen2"), &device).unwrap();
+    let (mut model, _) = CausalLm::<common::AD>::load(fixture("tiny-qwen2"), &device).unwrap();
     let (ids, lens) = uneven();
-    let [rows, t, h] = [ids.len(), ids[0].len(), model.config.hidden_size];
-    let weights: Vec<f32> = (0..rows * t * h)
-        .map(|k| if k / h % t < lens[k / h / t] { ((k * 37 % 101) as f32 - 50.0) / 50.0 } else { 0.0 })
-        .collect();
-    let weights = Tensor::<AD, 3>::from_data(TensorData::new(weights, [rows, t, h]), &device);
-    let mut grads = Vec::new();
     model.padding_free = false;
-    for sharing in [true, false] {
-        model.prefix_sharing = sharing;
-        let loss = (model.forward_hidden_pairs(&ids, &lens, &device) * weights.clone()).sum();
-        let g = loss.backward();
-        let layer = &model.layers[0];
-        let params = [
-            model.embed_tokens.val(),
-            layer.self_attn.q_proj.weight.val(),
-            layer.self_attn.k_proj.weight.val(),
-            layer.mlp.down_proj.weight.val(),
-        ];
-        grads.push(params.map(|p| p.grad(&g).expect("a gradient").into_data().to_vec::<f32>().unwrap()));
-    }
-    for (name, (a, b)) in ["embed_tokens", "q_proj", "k_proj", "down_proj"].iter().zip(grads[0].iter().zip(&grads[1])) {
-        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(scale > 0.0 && diff < 1e-4 * scale, "{name}: gradients differ by {diff} (scale {scale})");
-    }
+    let grads: Vec<[Vec<f32>; 4]> = [true, false]
+        .into_iter()
+        .map(|sharing| {
+            model.prefix_sharing = sharing;
+            common::hidden_gradients(&model, model.forward_hidden_pairs(&ids, &lens, &device), &lens)
+        })
+        .collect();
+    common::assert_same_gradients(&grads[0], &grads[1]);
 }

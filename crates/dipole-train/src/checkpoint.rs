@@ -310,6 +310,7 @@ const FREE_ON_RESUME: &[&str] = &[
     "train.prefix_sharing",
     "train.fused_lm_head",
     "train.padding_free",
+    "train.attention_recompute",
     // the training examples themselves are compared on resume (`TrainerState::train_data`)
     "data.eval",
     "data.skip_invalid",

@@ -294,6 +294,10 @@ pub struct TrainSection {
     /// attends only to itself, positions restarting at 0) when that runs fewer positions than
     /// prefix sharing or whole rows, by at least 5%. Same results up to float rounding.
     pub padding_free: bool,
+    /// Keep no attention probabilities for the backward pass and make them again there (one more
+    /// `QKᵀ` and softmax per layer in the backward pass for memory that grows with T² per layer).
+    /// Same results up to float rounding.
+    pub attention_recompute: bool,
     /// Run the LM head fused with the log-probs, a tile of positions × vocabulary at a time, forward
     /// and backward (`dipole_kernels::head`), so the `[rows, T, vocab]` logits never exist; off,
     /// the whole logits are made (also where a LoRA adapter sits on `lm_head`). Same results up
@@ -320,11 +324,13 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
-    /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `padding_free`, `fused_lm_head`.
+    /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `padding_free`,
+    /// `attention_recompute`, `fused_lm_head`.
     pub fn apply_to<B: burn::tensor::backend::Backend>(&self, model: &mut dipole_models::CausalLm<B>) {
         model.set_mixed_precision(self.mixed_precision);
         model.prefix_sharing = self.prefix_sharing;
         model.padding_free = self.padding_free;
+        model.attention_recompute = self.attention_recompute;
         model.fused_head = self.fused_lm_head;
     }
 
@@ -371,6 +377,7 @@ impl Default for TrainSection {
             batch_shards: 0,
             prefix_sharing: true,
             padding_free: true,
+            attention_recompute: true,
             fused_lm_head: true,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,

@@ -146,6 +146,7 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
     model.set_mixed_precision(reference.mixed_precision);
     model.prefix_sharing = reference.prefix_sharing;
     model.padding_free = reference.padding_free;
+    model.attention_recompute = reference.attention_recompute;
     model.fused_head = reference.fused_head;
     Ok(model)
 }
