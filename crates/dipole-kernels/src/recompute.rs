@@ -100,22 +100,22 @@ fn like<I: Backend>(x: Tensor<I, 4>, dtype: DType) -> Tensor<I, 4> {
 /// The probabilities of one chunk, f32.
 fn probabilities<I: Backend>(q: Tensor<I, 4>, k: Tensor<I, 4>, mask: Tensor<I, 4, Bool>) -> Tensor<I, 4> {
     let scores = f32(q.matmul(k.swap_dims(2, 3)));
-    if fused_enabled() {
-        if let Ok((scores, mask)) = cast::<_, (Tensor<Flex, 4>, Tensor<Flex, 4, Bool>)>((scores.clone(), mask.clone())) {
-            let probs = softmax_forward(scores.into_primitive().tensor(), mask.into_primitive());
-            return crate::back(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(probs)));
-        }
+    if fused_enabled()
+        && let Ok((scores, mask)) = cast::<_, (Tensor<Flex, 4>, Tensor<Flex, 4, Bool>)>((scores.clone(), mask.clone()))
+    {
+        let probs = softmax_forward(scores.into_primitive().tensor(), mask.into_primitive());
+        return crate::back(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(probs)));
     }
     masked_softmax_ops(scores, mask)
 }
 
 /// `d scores` of a softmax from its output `probs` and `d probs`: `p ∘ (dp − Σ p ∘ dp)`.
 fn softmax_gradient<I: Backend>(probs: Tensor<I, 4>, grad: Tensor<I, 4>) -> Tensor<I, 4> {
-    if fused_enabled() {
-        if let Ok((probs, grad)) = cast::<_, (Tensor<Flex, 4>, Tensor<Flex, 4>)>((probs.clone(), grad.clone())) {
-            let d = softmax_backward(probs.into_primitive().tensor(), grad.into_primitive().tensor());
-            return crate::back(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(d)));
-        }
+    if fused_enabled()
+        && let Ok((probs, grad)) = cast::<_, (Tensor<Flex, 4>, Tensor<Flex, 4>)>((probs.clone(), grad.clone()))
+    {
+        let d = softmax_backward(probs.into_primitive().tensor(), grad.into_primitive().tensor());
+        return crate::back(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(d)));
     }
     let dot = (probs.clone() * grad.clone()).sum_dim(3);
     (grad - dot) * probs
