@@ -93,27 +93,7 @@ type Args<B> = (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 1, Int>);
 
 /// Tries the custom autodiff op on the autodiff backends this build knows.
 fn on_autodiff<B: Backend>(args: Args<B>, options: HeadOptions) -> Result<HeadLogps<B>, Args<B>> {
-    macro_rules! try_backend {
-        ($args:expr, $inner:ty, $strategy:ty) => {{
-            type A = Autodiff<$inner, $strategy>;
-            match cast::<_, Args<A>>($args) {
-                Ok((h, w, l)) => return Ok(crate::back(head_autodiff::<$inner, $strategy>(h, w, l, options))),
-                Err(args) => args,
-            }
-        }};
-    }
-    macro_rules! try_strategies {
-        ($args:expr, $inner:ty) => {{
-            use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-            let args = try_backend!($args, $inner, NoCheckpointing);
-            try_backend!(args, $inner, BalancedCheckpointing)
-        }};
-    }
-    let args = try_strategies!(args, Flex);
-    #[cfg(feature = "cuda")]
-    let args = try_strategies!(args, burn::backend::Cuda);
-    #[cfg(feature = "wgpu")]
-    let args = try_strategies!(args, burn::backend::Wgpu);
+    let args = crate::on_autodiff!(args, (I, C, A) => Args<A>, |(h, w, l)| head_autodiff::<I, C>(h, w, l, options));
     Err(args)
 }
 

@@ -129,6 +129,36 @@ macro_rules! on_cpu {
 }
 pub(crate) use on_cpu;
 
+/// Returns `Ok($run)` (cast back to the caller's type) from the enclosing function if `$args` are
+/// `$ty` with `$A = Autodiff<$I, $C>` for `$I` = `Flex` (and, with this crate's `cuda` / `wgpu`
+/// features, `Cuda` / `Wgpu`) and `$C` either checkpointing strategy; evaluates to `$args`
+/// otherwise. For the ops written over a backend's own tensor ops, which every backend can run.
+macro_rules! on_autodiff {
+    ($args:expr, ($I:ident, $C:ident, $A:ident) => $ty:ty, |$a:pat_param| $run:expr $(,)?) => {{
+        let args = $args;
+        let args = $crate::on_autodiff!(@backend args, burn::backend::Flex, ($I, $C, $A) => $ty, |$a| $run);
+        #[cfg(feature = "cuda")]
+        let args = $crate::on_autodiff!(@backend args, burn::backend::Cuda, ($I, $C, $A) => $ty, |$a| $run);
+        #[cfg(feature = "wgpu")]
+        let args = $crate::on_autodiff!(@backend args, burn::backend::Wgpu, ($I, $C, $A) => $ty, |$a| $run);
+        args
+    }};
+    (@backend $args:ident, $inner:ty, ($I:ident, $C:ident, $A:ident) => $ty:ty, |$a:pat_param| $run:expr) => {{
+        let args = $crate::on_autodiff!(@one $args, $inner, NoCheckpointing, ($I, $C, $A) => $ty, |$a| $run);
+        $crate::on_autodiff!(@one args, $inner, BalancedCheckpointing, ($I, $C, $A) => $ty, |$a| $run)
+    }};
+    (@one $args:ident, $inner:ty, $strategy:ident, ($I:ident, $C:ident, $A:ident) => $ty:ty, |$a:pat_param| $run:expr) => {{
+        type $I = $inner;
+        type $C = burn::backend::autodiff::checkpoint::strategy::$strategy;
+        type $A = burn::backend::Autodiff<$I, $C>;
+        match $crate::cast::<_, $ty>($args) {
+            Ok($a) => return Ok($crate::back($run)),
+            Err(args) => args,
+        }
+    }};
+}
+pub(crate) use on_autodiff;
+
 // Flex tensors in and out of the kernels: contiguous slices in, a new tensor out, work split over
 // the current rayon pool.
 

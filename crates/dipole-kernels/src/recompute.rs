@@ -47,27 +47,7 @@ pub fn try_recomputed_attention<B: Backend>(inputs: AttentionInputs<B>, options:
     assert!(kb == b && kh == h && kd == d && v.dims() == k.dims(), "keys {:?} and values {:?} for queries {:?}", k.dims(), v.dims(), q.dims());
     assert!(mb == b && (mh == h || mh == 1) && mq == tq && mk == tk, "attention mask [{mb}, {mh}, {mq}, {mk}] for scores [{b}, {h}, {tq}, {tk}]");
     assert!(options.tile_elements > 0, "tile_elements must be positive");
-    macro_rules! try_backend {
-        ($args:expr, $inner:ty, $strategy:ty) => {{
-            type A = Autodiff<$inner, $strategy>;
-            match cast::<_, AttentionInputs<A>>($args) {
-                Ok(args) => return Ok(crate::back(attention_autodiff::<$inner, $strategy>(args, options))),
-                Err(args) => args,
-            }
-        }};
-    }
-    macro_rules! try_strategies {
-        ($args:expr, $inner:ty) => {{
-            use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-            let args = try_backend!($args, $inner, NoCheckpointing);
-            try_backend!(args, $inner, BalancedCheckpointing)
-        }};
-    }
-    let args = try_strategies!(inputs, Flex);
-    #[cfg(feature = "cuda")]
-    let args = try_strategies!(args, burn::backend::Cuda);
-    #[cfg(feature = "wgpu")]
-    let args = try_strategies!(args, burn::backend::Wgpu);
+    let args = crate::on_autodiff!(inputs, (I, C, A) => AttentionInputs<A>, |args| attention_autodiff::<I, C>(args, options));
     Err(args)
 }
 
