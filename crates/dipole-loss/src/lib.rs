@@ -11,7 +11,7 @@ pub use objectives::{
 };
 pub use metrics::preference_metrics;
 pub use logps::{
-    SequenceLogps, ld_weights, prediction_window, sequence_logps, sequence_logps_window, sequence_logps_window_and_entropy, token_entropy, token_logps, token_logps_and_entropy_ops, token_logps_ops,
+    SequenceLogps, ld_weights, prediction_window, sequence_logps, sequence_logps_window, token_entropy, token_logps, token_logps_and_entropy_ops, token_logps_ops,
     token_logps_and_entropy, wpo_weights, wpo_weights_aligned, wpo_weights_from, PositionScores,
 };
 pub use token_stats::{TokenStats, token_stats, token_stats_aligned, token_stats_from_positions, token_stats_with_entropy};

@@ -98,42 +98,17 @@ pub fn sequence_logps_window<B: Backend>(
     completion_mask: Tensor<B, 2>,
     start: usize,
 ) -> SequenceLogps<B> {
-    windowed(logits, input_ids, completion_mask, start, |logits, labels| (token_logps(logits, labels), ())).0
-}
-
-/// [`sequence_logps_window`] plus each prediction's entropy `[rows, T-1-start]` (unmasked, without
-/// gradient), from the same exponentials (see [`token_logps_and_entropy`]).
-pub fn sequence_logps_window_and_entropy<B: Backend>(
-    logits: Tensor<B, 3>,
-    input_ids: Tensor<B, 2, Int>,
-    completion_mask: Tensor<B, 2>,
-    start: usize,
-) -> (SequenceLogps<B>, Tensor<B, 2>) {
-    windowed(logits, input_ids, completion_mask, start, token_logps_and_entropy)
-}
-
-/// Labels and mask aligned with the window's logits, per-token log-probs from `score` (which may
-/// return something more beside them), masked and summed.
-fn windowed<B: Backend, X>(
-    logits: Tensor<B, 3>,
-    input_ids: Tensor<B, 2, Int>,
-    completion_mask: Tensor<B, 2>,
-    start: usize,
-    score: impl FnOnce(Tensor<B, 3>, Tensor<B, 2, Int>) -> (Tensor<B, 2>, X),
-) -> (SequenceLogps<B>, X) {
     let [rows, len] = input_ids.dims();
     let width = len - 1 - start;
     assert_eq!(logits.dims()[..2], [rows, width], "logits must cover predictions {start}..{}", len - 1);
     let labels = input_ids.slice([0..rows, start + 1..len]);
     let mask = completion_mask.slice([0..rows, start + 1..len]);
-    let (per_token, extra) = score(logits, labels);
-    let per_token = per_token * mask.clone();
-    let seq = SequenceLogps {
+    let per_token = token_logps(logits, labels) * mask.clone();
+    SequenceLogps {
         sum: per_token.clone().sum_dim(1).squeeze_dim::<1>(1),
         per_token,
         mask,
-    };
-    (seq, extra)
+    }
 }
 
 /// `logits` `[rows, T, vocab]`, `input_ids` `[rows, T]`, `completion_mask` `[rows, T]` (1 where the
