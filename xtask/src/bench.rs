@@ -73,8 +73,9 @@ pub struct BenchArgs {
     /// Preference pairs per step (each two rows of `--max-length` tokens).
     #[arg(long, default_value_t = 4, value_parser = crate::flags::at_least_one)]
     pub pairs: usize,
-    /// The shape with another vocabulary size (to see what the vocabulary costs).
-    #[arg(long, value_parser = crate::flags::at_least_one)]
+    /// The shape with another vocabulary size (to see what the vocabulary costs); at least 4, as the
+    /// random pairs draw tokens from 3 up (0-2 are padding, BOS and EOS).
+    #[arg(long, value_parser = vocab_size)]
     pub vocab_size: Option<usize>,
     #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
     pub backend: BackendKind,
@@ -180,20 +181,28 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// `--vocab-size`: at least 4 (see [`BenchArgs::vocab_size`]).
+fn vocab_size(s: &str) -> Result<usize, String> {
+    match crate::flags::at_least_one(s)? {
+        v if v < 4 => Err(format!("must be at least 4 (token ids 0-2 are special), got {v}")),
+        v => Ok(v),
+    }
+}
+
 /// `pairs` random pairs, each sharing a prompt of `prompt` tokens between completions of
 /// `completion` tokens, or with `min_completion < 1` of a length drawn uniformly from
 /// `min_completion · completion` up to `completion`.
 fn random_batch(pairs: usize, prompt: usize, completion: usize, min_completion: f64, vocab: u32, seed: u64) -> PreferenceBatch {
     let mut rng = SeededRng::new(seed);
     let shortest = ((min_completion * completion as f64).ceil() as usize).clamp(1, completion);
+    let token = |rng: &mut SeededRng| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
     let items: Vec<PairInputs> = (0..pairs)
         .map(|index| {
-            let mut token = || 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32;
-            let p: Vec<u32> = std::iter::once(1).chain((1..prompt).map(|_| token())).collect();
+            let p: Vec<u32> = std::iter::once(1).chain((1..prompt).map(|_| token(&mut rng))).collect();
             let mut seq = || {
                 let len = shortest + (rng.next_u64() % (completion - shortest + 1) as u64) as usize;
                 let mut ids = p.clone();
-                ids.extend((1..len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as u32));
+                ids.extend((1..len).map(|_| token(&mut rng)));
                 ids.push(2);
                 let mask = (0..ids.len()).map(|i| (i >= prompt) as u8).collect();
                 Sequence { input_ids: ids, completion_mask: mask }
@@ -518,6 +527,13 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
 #[cfg(test)]
 mod shape_tests {
     use super::*;
+
+    #[test]
+    fn vocab_sizes_below_four_are_refused() {
+        assert_eq!(vocab_size("4"), Ok(4));
+        assert_eq!(vocab_size("3"), Err("must be at least 4 (token ids 0-2 are special), got 3".to_string()));
+        assert!(vocab_size("0").is_err() && vocab_size("x").is_err());
+    }
 
     /// Parameter counts of the released checkpoints these shapes copy (their model cards round them
     /// to 135M, 0.49B and 1.24B), and the criterion benches' shape for `bench-17m`.
