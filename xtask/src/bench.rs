@@ -28,13 +28,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::BackendKind;
 
-pub const CONFIGS: [&str; 11] = [
+pub const CONFIGS: [&str; 13] = [
     "full",
     "lora",
     "full_precompute",
     "lora_precompute",
     "full_t1024",
     "lora_t1024",
+    // per-layer recompute (`train.gradient_checkpointing = true`; TRL's default, `full_gc` there)
+    "full_gc",
+    "lora_gc",
     // memory comparisons: burn's activation checkpointing, and the textbook log-probs (full
     // [rows, T, vocab] log-softmax over every position, then gather) instead of dipole's
     "full_checkpointed",
@@ -327,6 +330,8 @@ struct Variant {
     prompt: usize,
     completion: usize,
     precision: MixedPrecision,
+    /// Per-layer recompute (`train.gradient_checkpointing = true`).
+    layer_recompute: bool,
 }
 
 impl Variant {
@@ -341,6 +346,7 @@ impl Variant {
             prompt,
             completion,
             precision: if name.ends_with("bf16") { MixedPrecision::Bf16 } else { MixedPrecision::No },
+            layer_recompute: name.ends_with("_gc"),
         }
     }
 
@@ -365,6 +371,7 @@ fn bench_policy<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name
     policy.fused_head = !args.no_fused_head;
     policy.padding_free = !args.no_padding_free;
     policy.attention_recompute = !args.no_attention_recompute;
+    policy.layer_recompute = v.layer_recompute;
     policy.assign_stable_param_ids();
     Ok(policy)
 }

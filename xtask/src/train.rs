@@ -87,7 +87,7 @@ pub fn run(args: TrainArgs, stage: Option<Stage>) -> Result<()> {
 
 fn run_on<B: Backend>(device: &B::Device, config: &TrainConfig, options: &RunOptions, judge: Option<&LlmJudge>) -> Result<()> {
     let started = std::time::Instant::now();
-    let summary = if config.train.gradient_checkpointing {
+    let summary = if config.train.gradient_checkpointing == dipole_train::GradientCheckpointing::Balanced {
         train::<Autodiff<B, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>>(config, options, device)
     } else {
         train::<Autodiff<B>>(config, options, device)

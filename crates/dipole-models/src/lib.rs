@@ -9,6 +9,7 @@
 //! ```
 
 pub mod adapters;
+pub mod checkpointing;
 pub mod config;
 pub mod error;
 pub mod export;
@@ -22,6 +23,7 @@ pub mod rng;
 pub mod rope;
 pub mod weights;
 
+pub use checkpointing::LayerTape;
 pub use config::{Architecture, LlamaShape, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use export::ExportDtype;

@@ -11,6 +11,7 @@ use dipole_kernels::head::{HeadLogps, HeadOptions, head_logps};
 use dipole_kernels::recompute::{RecomputeOptions, try_recomputed_attention};
 use dipole_lora::{AdapterMode, LoraLinear, cast_to};
 
+use crate::checkpointing::{LayerTape, Pass, Rows, untracked};
 use crate::config::ModelConfig;
 use crate::fused;
 use crate::packing::PackPlan;
@@ -51,6 +52,7 @@ pub struct LayerCache<B: Backend> {
 }
 
 /// One forward pass's RoPE rotations: keys', and queries' with attention's `1/sqrt(head_dim)` folded in.
+#[derive(Clone)]
 pub(crate) struct Rotations<B: Backend> {
     key: rope::Rotary<B>,
     query: rope::Rotary<B>,
@@ -195,6 +197,9 @@ pub struct CausalLm<B: Backend> {
     /// there instead (`dipole_kernels::recompute`): memory that grows with T² per layer traded for
     /// one more `QKᵀ` and softmax per layer in the backward pass.
     pub attention_recompute: bool,
+    /// Whether the `*_checkpointed` forward passes keep only each decoder layer's input for the
+    /// backward pass (see [`LayerTape`]); the plain forward passes never do.
+    pub layer_recompute: bool,
     /// Whether [`head_logps`](Self::head_logps) runs the LM head fused with the log-probs, tile by
     /// tile (default), or declines so that callers make the whole logits.
     pub fused_head: bool,
@@ -254,9 +259,22 @@ impl<B: Backend> CausalLm<B> {
         attention_mask: Option<Tensor<B, 2, Int>>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let pass = self.padded_pass(input_ids, attention_mask, past);
+        self.decode(&pass, cache, None).remove(0)
+    }
+
+    /// [`forward_hidden`](Self::forward_hidden) (no cache) keeping only each decoder layer's input
+    /// for the backward pass, with the tape that runs it (see [`LayerTape`]).
+    pub fn forward_hidden_checkpointed(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2, Int>>) -> (Tensor<B, 3>, LayerTape<B>) {
+        let (mut hidden, tape) = self.decode_checkpointed(self.padded_pass(input_ids, attention_mask, 0));
+        (hidden.remove(0), tape)
+    }
+
+    /// The pass of right-padded rows `input_ids` after `past` cached positions.
+    fn padded_pass(&self, input_ids: Tensor<B, 2, Int>, attention_mask: Option<Tensor<B, 2, Int>>, past: usize) -> Pass<B> {
         let device = input_ids.device();
         let [batch, len] = input_ids.dims();
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let total = past + len;
         let cfg = &self.config;
         let (cos, sin) = rope::tables::<B>(&cfg.rope, cfg.head_dim, past, len, &device);
@@ -277,7 +295,7 @@ impl<B: Backend> CausalLm<B> {
             .map(|r| (0..total).map(|k| valid.as_ref().is_none_or(|v| v[r * total + k] != 0).then_some(k)).collect())
             .collect();
         let masks = self.layer_masks(&query_pos, &key_pos, total, &device);
-        self.decode(input_ids, &rotary, &masks, cache)
+        Pass::whole(Rows { ids: input_ids, rotary, masks })
     }
 
     /// [`forward_hidden`](Self::forward_hidden) of right-padded rows `[2P, T]` (`lens[r]` real
@@ -290,16 +308,29 @@ impl<B: Backend> CausalLm<B> {
     /// instead when [`prefix_sharing`](Self::prefix_sharing) is off or the padded shapes would not
     /// shrink by 5% (see [`prefix_plan`](Self::prefix_plan)).
     pub fn forward_hidden_pairs(&self, input_ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> Tensor<B, 3> {
+        self.hidden_pairs(input_ids, lens, device, false).0
+    }
+
+    /// [`forward_hidden_pairs`](Self::forward_hidden_pairs) keeping only each decoder layer's
+    /// input for the backward pass, with the tape that runs it (see [`LayerTape`]).
+    pub fn forward_hidden_pairs_checkpointed(&self, input_ids: &[Vec<u32>], lens: &[usize], device: &B::Device) -> (Tensor<B, 3>, LayerTape<B>) {
+        let (hidden, tape) = self.hidden_pairs(input_ids, lens, device, true);
+        (hidden, tape.expect("a checkpointed pass records its tape"))
+    }
+
+    fn hidden_pairs(&self, input_ids: &[Vec<u32>], lens: &[usize], device: &B::Device, checkpoint: bool) -> (Tensor<B, 3>, Option<LayerTape<B>>) {
         let rows = input_ids.len();
         let t = input_ids.first().map_or(0, Vec::len);
         let prefix = self.prefix_plan(input_ids, lens);
         if let Some(pack) = self.pack_plan(lens, t).filter(|pack| prefix.as_ref().is_none_or(|p| pack.positions() < p.positions(rows))) {
-            return self.forward_hidden_packed(input_ids, lens, &pack, device);
+            return self.packed_hidden(input_ids, lens, &pack, device, checkpoint);
         }
         let Some(PrefixPlan { shared, prefix_len, suffix_len }) = prefix else {
             let mask: Vec<i64> = lens.iter().flat_map(|&l| (0..t).map(move |i| (i < l) as i64)).collect();
             let mask = Tensor::from_data(TensorData::new(mask, [rows, t]), device);
-            return self.forward_hidden(ids_tensor(input_ids, device), Some(mask), None);
+            let pass = self.padded_pass(ids_tensor(input_ids, device), Some(mask), 0);
+            let (mut hidden, tape) = self.run_pass(pass, checkpoint);
+            return (hidden.remove(0), tape);
         };
         let pairs = rows / 2;
         let cfg = &self.config;
@@ -315,9 +346,7 @@ impl<B: Backend> CausalLm<B> {
         let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &positions, t, device);
         let query_pos = vec![positions.clone(); pairs];
         let key_pos: Vec<Vec<Option<usize>>> = shared.iter().map(|&s| positions.iter().map(|&k| (k < s).then_some(k)).collect()).collect();
-        let masks = self.layer_masks(&query_pos, &key_pos, t, device);
-        let mut cache = KvCache::new(self.layers.len());
-        let prefix_hidden = self.decode(ids_tensor(&prefix_ids, device), &self.rotary(cos, sin, 1), &masks, Some(&mut cache));
+        let prefix = Rows { ids: ids_tensor(&prefix_ids, device), rotary: self.rotary(cos, sin, 1), masks: self.layer_masks(&query_pos, &key_pos, t, device) };
 
         // Every row's suffix `[2P, Lr]`, after its pair's prefix keys and values.
         let suffix_ids: Vec<Vec<u32>> = (0..rows).map(|r| padded(&input_ids[r][shared[r % pairs]..lens[r]], suffix_len)).collect();
@@ -337,15 +366,9 @@ impl<B: Backend> CausalLm<B> {
             let (cos, sin) = rope::tables_at::<B>(&cfg.rope, cfg.head_dim, &query_pos.concat(), t, device);
             self.rotary(cos, sin, rows)
         };
-        for layer in cache.layers.iter_mut() {
-            let prefix = layer.take().expect("the prefix pass fills every layer's cache");
-            *layer = Some(LayerCache {
-                key: Tensor::cat(vec![prefix.key.clone(), prefix.key], 0),
-                value: Tensor::cat(vec![prefix.value.clone(), prefix.value], 0),
-            });
-        }
-        let masks = self.layer_masks(&query_pos, &key_pos, t, device);
-        let suffix_hidden = self.decode(ids_tensor(&suffix_ids, device), &rotary, &masks, Some(&mut cache));
+        let suffix = Rows { ids: ids_tensor(&suffix_ids, device), rotary, masks: self.layer_masks(&query_pos, &key_pos, t, device) };
+        let (hidden, tape) = self.run_pass(Pass { streams: vec![prefix, suffix], prefixed: true }, checkpoint);
+        let [prefix_hidden, suffix_hidden]: [Tensor<B, 3>; 2] = hidden.try_into().unwrap_or_else(|_| unreachable!("two streams in, two out"));
 
         // Back to the rows' own layout: position `i` of row `r` from the prefix pass or its suffix;
         // padding positions repeat the row's last token (their outputs are never read).
@@ -364,7 +387,17 @@ impl<B: Backend> CausalLm<B> {
             })
             .collect();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows * t]), device);
-        both.select(0, index).reshape([rows, t, h])
+        (both.select(0, index).reshape([rows, t, h]), tape)
+    }
+
+    /// `pass` through the model, recorded on a tape when `checkpoint` (see [`LayerTape`]).
+    pub(crate) fn run_pass(&self, pass: Pass<B>, checkpoint: bool) -> (Vec<Tensor<B, 3>>, Option<LayerTape<B>>) {
+        if checkpoint {
+            let (hidden, tape) = self.decode_checkpointed(pass);
+            (hidden, Some(tape))
+        } else {
+            (self.decode(&pass, None, None), None)
+        }
     }
 
     /// How [`forward_hidden_pairs`](Self::forward_hidden_pairs) splits these rows, or `None` when
@@ -428,31 +461,49 @@ impl<B: Backend> CausalLm<B> {
             .collect()
     }
 
-    /// Embeddings through every layer and the final norm, layer `i` attending under `masks[i]`.
-    pub(crate) fn decode(
-        &self,
-        input_ids: Tensor<B, 2, Int>,
-        rotary: &Rotations<B>,
-        masks: &[Tensor<B, 4, Bool>],
-        mut cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        let mut x = embedding(self.embed_tokens.val(), input_ids);
+    /// Embeddings through every layer and the final norm: each stream's hidden states. A cache
+    /// (one stream only) holds earlier positions' keys and values and is extended; a tape
+    /// records the pass for its backward pass instead of the autodiff graph (see [`LayerTape`]).
+    pub(crate) fn decode(&self, pass: &Pass<B>, mut cache: Option<&mut KvCache<B>>, mut tape: Option<&mut LayerTape<B>>) -> Vec<Tensor<B, 3>> {
+        assert!(cache.is_none() || pass.streams.len() == 1, "a KV cache serves a pass of one stream");
+        let embed = match tape {
+            Some(_) => untracked(self.embed_tokens.val()),
+            None => self.embed_tokens.val(),
+        };
+        let mut xs: Vec<Tensor<B, 3>> = pass.streams.iter().map(|rows| embedding(embed.clone(), rows.ids.clone())).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            let attn = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                rotary,
-                masks[i].clone(),
-                slot,
-                self.attention_recompute,
-            );
-            // the residual stream keeps the parameters' dtype; only the branches compute in half
-            let dtype = x.dtype();
-            x = x + cast_to(attn, dtype);
-            let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
-            x = x + cast_to(mlp, dtype);
+            xs = match tape.as_deref_mut() {
+                Some(tape) => tape.record_layer(self, i, xs),
+                None => self.layer_forward(layer, i, xs, pass, slot, self.attention_recompute),
+            };
         }
-        self.norm.forward(x)
+        if let Some(tape) = tape {
+            xs = tape.record_outputs(xs);
+        }
+        xs.into_iter().map(|x| self.norm.forward(x)).collect()
+    }
+
+    /// Decoder layer `i` (this model's, or a copy of it) on every stream of `pass`: a prefixed
+    /// pass's suffix rows attend after their pair's prefix keys and values; with `recompute`,
+    /// attention keeps no probabilities for the backward pass.
+    pub(crate) fn layer_forward(&self, layer: &DecoderLayer<B>, i: usize, xs: Vec<Tensor<B, 3>>, pass: &Pass<B>, cache: Option<&mut Option<LayerCache<B>>>, recompute: bool) -> Vec<Tensor<B, 3>> {
+        if !pass.prefixed {
+            let (x, rows) = (xs.into_iter().next().expect("one stream"), &pass.streams[0]);
+            return vec![layer.forward(x, &rows.rotary, rows.masks[i].clone(), cache, recompute)];
+        }
+        let [prefix_x, suffix_x]: [Tensor<B, 3>; 2] = xs.try_into().unwrap_or_else(|_| panic!("a prefixed pass has two streams"));
+        let (prefix, suffix) = (&pass.streams[0], &pass.streams[1]);
+        let mut slot = None;
+        let prefix_y = layer.forward(prefix_x, &prefix.rotary, prefix.masks[i].clone(), Some(&mut slot), recompute);
+        // row p of the prefixes serves rows p and P + p (a pair's chosen and rejected suffixes)
+        let kv = slot.expect("attention fills its cache slot");
+        let mut slot = Some(LayerCache {
+            key: Tensor::cat(vec![kv.key.clone(), kv.key], 0),
+            value: Tensor::cat(vec![kv.value.clone(), kv.value], 0),
+        });
+        let suffix_y = layer.forward(suffix_x, &suffix.rotary, suffix.masks[i].clone(), Some(&mut slot), recompute);
+        vec![prefix_y, suffix_y]
     }
 
     /// Turns mixed precision on or off for every matmul (parameters keep their dtype).
@@ -478,6 +529,16 @@ impl<B: Backend> CausalLm<B> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
+    /// `x` `[batch, len, hidden]` through attention and the MLP, each a residual branch after its
+    /// norm. The residual stream keeps the parameters' dtype; only the branches compute in half.
+    fn forward(&self, x: Tensor<B, 3>, rotary: &Rotations<B>, mask: Tensor<B, 4, Bool>, cache: Option<&mut Option<LayerCache<B>>>, attention_recompute: bool) -> Tensor<B, 3> {
+        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rotary, mask, cache, attention_recompute);
+        let dtype = x.dtype();
+        let x = x + cast_to(attn, dtype);
+        let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
+        x + cast_to(mlp, dtype)
+    }
+
     /// The seven projections with their HF module names.
     pub fn named_projections(&self) -> [(&'static str, &LoraLinear<B>); 7] {
         [

@@ -154,6 +154,7 @@ impl<B: Backend> CausalLm<B> {
             prefix_sharing: true,
             padding_free: true,
             attention_recompute: true,
+            layer_recompute: false,
             fused_head: true,
         })
     }

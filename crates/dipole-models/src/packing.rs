@@ -4,6 +4,7 @@
 
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::Backend};
 
+use crate::checkpointing::{LayerTape, Pass, Rows};
 use crate::llama::{CausalLm, ids_tensor, mask_heads};
 use crate::rope;
 
@@ -57,6 +58,11 @@ impl<B: Backend> CausalLm<B> {
     /// (padding positions repeat the row's last token; their outputs are never read). Equal to
     /// whole rows up to float rounding, gradients included.
     pub fn forward_hidden_packed(&self, input_ids: &[Vec<u32>], lens: &[usize], plan: &PackPlan, device: &B::Device) -> Tensor<B, 3> {
+        self.packed_hidden(input_ids, lens, plan, device, false).0
+    }
+
+    /// [`forward_hidden_packed`](Self::forward_hidden_packed), recorded on a tape when `checkpoint`.
+    pub(crate) fn packed_hidden(&self, input_ids: &[Vec<u32>], lens: &[usize], plan: &PackPlan, device: &B::Device, checkpoint: bool) -> (Tensor<B, 3>, Option<LayerTape<B>>) {
         let (rows, t) = (input_ids.len(), input_ids.first().map_or(0, Vec::len));
         let cfg = &self.config;
         let mut placed = vec![(0, 0); rows];
@@ -87,7 +93,8 @@ impl<B: Backend> CausalLm<B> {
         let rotary = self.rotary(cos, sin, n);
         let heads = mask_heads::<B>(cfg.num_attention_heads, device);
         let masks = self.layer_masks_with(plan.len, |window| segment_mask(&packed, window, heads, device));
-        let hidden = self.decode(ids_tensor(&ids, device), &rotary, &masks, None);
+        let (mut hidden, tape) = self.run_pass(Pass::whole(Rows { ids: ids_tensor(&ids, device), rotary, masks }), checkpoint);
+        let hidden = hidden.remove(0);
 
         let h = cfg.hidden_size;
         let index: Vec<i64> = (0..rows)
@@ -97,7 +104,7 @@ impl<B: Backend> CausalLm<B> {
             })
             .collect();
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows * t]), device);
-        hidden.reshape([n * plan.len, h]).select(0, index).reshape([rows, t, h])
+        (hidden.reshape([n * plan.len, h]).select(0, index).reshape([rows, t, h]), tape)
     }
 }
 

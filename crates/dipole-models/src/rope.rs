@@ -111,6 +111,7 @@ pub fn tables_at<B: Backend>(
 /// rotation in the projections' `[batch, len, heads, head_dim]` layout left the backward pass a
 /// strided walk over the transposed gradient). `sin` carries rotate-half's sign: its first half is
 /// negated, so `rotate_half(x) * sin == cat(x2, x1) * signed_sin` with no `neg` pass.
+#[derive(Clone)]
 pub struct Rotary<B: Backend> {
     pub cos: Tensor<B, 2>,
     pub signed_sin: Tensor<B, 2>,

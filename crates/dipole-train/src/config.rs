@@ -63,6 +63,52 @@ pub enum Stage {
     Dpo,
 }
 
+/// What the backward pass recomputes instead of keeping (`train.gradient_checkpointing`): `false`,
+/// `true` (= `"layers"`) or `"balanced"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GradientCheckpointing {
+    /// Keep every activation the backward pass needs.
+    #[default]
+    Off,
+    /// Keep only each decoder layer's input and run the layer again in the backward pass
+    /// (Hugging Face's gradient checkpointing; `dipole_models::LayerTape`).
+    Layers,
+    /// burn's `BalancedCheckpointing`: element-wise ops' outputs recomputed, matmuls' kept. `cargo
+    /// xtask` then trains on `Autodiff<B, BalancedCheckpointing>`; library callers choose that
+    /// backend type themselves.
+    Balanced,
+}
+
+impl Serialize for GradientCheckpointing {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            GradientCheckpointing::Off => s.serialize_bool(false),
+            GradientCheckpointing::Layers => s.serialize_bool(true),
+            GradientCheckpointing::Balanced => s.serialize_str("balanced"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GradientCheckpointing {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Name(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::Flag(false)) => Ok(GradientCheckpointing::Off),
+            Ok(Raw::Flag(true)) => Ok(GradientCheckpointing::Layers),
+            Ok(Raw::Name(name)) if name == "layers" => Ok(GradientCheckpointing::Layers),
+            Ok(Raw::Name(name)) if name == "balanced" => Ok(GradientCheckpointing::Balanced),
+            Ok(Raw::Name(name)) if name == "off" => Ok(GradientCheckpointing::Off),
+            Ok(Raw::Name(name)) => Err(serde::de::Error::custom(format!("{name:?}: expected true, false, \"layers\" or \"balanced\""))),
+            Err(_) => Err(serde::de::Error::custom("expected true, false, \"layers\" or \"balanced\"")),
+        }
+    }
+}
+
 /// Where reference log-probs come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -271,10 +317,10 @@ pub struct TrainSection {
     pub generation_top_p: f64,
     /// Evaluate once before the first step too (the step-0 baseline in `metrics.jsonl`).
     pub eval_on_start: bool,
-    /// Activation checkpointing: memory-bound activations are recomputed in the backward pass
-    /// instead of kept (burn's `BalancedCheckpointing`). Read by `cargo xtask`, which then trains on
-    /// `Autodiff<B, BalancedCheckpointing>`; library callers choose that backend type themselves.
-    pub gradient_checkpointing: bool,
+    /// Activation checkpointing (see [`GradientCheckpointing`]): `true` keeps only each decoder
+    /// layer's input and runs the layer again in the backward pass, for one more forward pass of
+    /// the decoder per step; `"balanced"` is burn's strategy.
+    pub gradient_checkpointing: GradientCheckpointing,
     /// `no`, `bf16` or `fp16`: matmuls in half precision on f32 master weights, norms, softmax and
     /// log-probs in f32 (PyTorch autocast's split; `fp16` adds dynamic loss scaling). Pays off on
     /// GPU backends; the CPU backend converts half-precision matmuls to f32 and back, so it is slower.
@@ -325,12 +371,13 @@ pub struct TrainSection {
 
 impl TrainSection {
     /// Sets how `model` computes: `mixed_precision`, `prefix_sharing`, `padding_free`,
-    /// `attention_recompute`, `fused_lm_head`.
+    /// `attention_recompute`, `fused_lm_head`, and per-layer recompute for `gradient_checkpointing = true`.
     pub fn apply_to<B: burn::tensor::backend::Backend>(&self, model: &mut dipole_models::CausalLm<B>) {
         model.set_mixed_precision(self.mixed_precision);
         model.prefix_sharing = self.prefix_sharing;
         model.padding_free = self.padding_free;
         model.attention_recompute = self.attention_recompute;
+        model.layer_recompute = self.gradient_checkpointing == GradientCheckpointing::Layers;
         model.fused_head = self.fused_lm_head;
     }
 
@@ -372,7 +419,7 @@ impl Default for TrainSection {
             generation_temperature: 0.0,
             generation_top_p: 1.0,
             eval_on_start: false,
-            gradient_checkpointing: false,
+            gradient_checkpointing: GradientCheckpointing::Off,
             mixed_precision: dipole_models::MixedPrecision::No,
             batch_shards: 0,
             prefix_sharing: true,

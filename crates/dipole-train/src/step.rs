@@ -10,7 +10,7 @@ use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, PositionScores, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, token_stats_from_positions, wpo_weights_from};
-use dipole_models::CausalLm;
+use dipole_models::{CausalLm, LayerTape};
 
 use crate::grads::accumulate;
 use crate::logps::BatchTensors;
@@ -79,6 +79,11 @@ struct WindowOutput<B: Backend> {
 /// run once when that saves positions (see `CausalLm::forward_hidden_pairs`).
 fn pair_hidden<B: Backend>(model: &CausalLm<B>, batch: &PreferenceBatch, device: &B::Device) -> Tensor<B, 3> {
     model.forward_hidden_pairs(&batch.input_ids, &batch.lengths(), device)
+}
+
+/// Whether a training forward pass of `model` keeps only its layers' inputs (see `LayerTape`).
+fn checkpoints<B: Backend>(model: &CausalLm<B>, device: &B::Device) -> bool {
+    model.layer_recompute && B::ad_enabled(device)
 }
 
 /// Summed completion log-probs from a batch's final hidden states, with LD-DPO weights when
@@ -195,13 +200,13 @@ pub fn objective_on_batch<B: Backend>(
     let b = batch.num_pairs();
     let ranges = shard_ranges(b, if B::ad_enabled(device) { 1 } else { shards });
     let pass = if ranges.len() == 1 {
-        policy_pass(policy, batch, config, device)
+        policy_pass(policy, batch, config, false, device)
     } else {
         let subs: Vec<PreferenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
-        let passes = parallel(&subs, |sub| policy_pass(policy, sub, config, device));
+        let passes = parallel(&subs, |sub| policy_pass(policy, sub, config, false, device));
         let merged = MergedPasses::new(passes, &ranges, b);
         let sums = Tensor::from_data(TensorData::new(merged.values, [2 * b]), device);
-        PolicyPass { sums, stats: merged.stats, weights: merged.weights }
+        PolicyPass { sums, stats: merged.stats, weights: merged.weights, tape: None }
     };
     finish(pass, ref_pairs, batch, config, state, training, device)
 }
@@ -234,8 +239,8 @@ struct MergedPasses<B: Backend> {
     stats: TokenStats,
     /// WPO weights per pair, in batch order.
     weights: Option<Tensor<B, 1>>,
-    /// Each shard's own summed log-probs (carrying its graph under autodiff) and their rows in `values`.
-    shards: Vec<(Tensor<B, 1>, Vec<usize>)>,
+    /// Each shard's own pass and its rows in `values`.
+    shards: Vec<(ShardSums<B>, Vec<usize>)>,
 }
 
 impl<B: Backend> MergedPasses<B> {
@@ -252,7 +257,7 @@ impl<B: Backend> MergedPasses<B> {
             }
             stats.push(pass.stats);
             weights.extend(pass.weights);
-            shards.push((pass.sums, rows));
+            shards.push((ShardSums { sums: pass.sums, tape: pass.tape }, rows));
         }
         MergedPasses {
             values,
@@ -263,26 +268,43 @@ impl<B: Backend> MergedPasses<B> {
     }
 }
 
+/// A shard's summed log-probs (carrying its graph under autodiff) and its tape under per-layer
+/// recompute.
+struct ShardSums<B: Backend> {
+    sums: Tensor<B, 1>,
+    tape: Option<LayerTape<B>>,
+}
+
 /// What the objective needs from the policy's forward pass.
 struct PolicyPass<B: Backend> {
     /// `[2B]` summed completion log-probs (carrying gradients under autodiff).
     sums: Tensor<B, 1>,
     stats: TokenStats,
     weights: Option<Tensor<B, 1>>,
+    /// The layers' part of the backward pass, under per-layer recompute.
+    tape: Option<LayerTape<B>>,
 }
 
-fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config: &ObjectiveConfig, device: &B::Device) -> PolicyPass<B> {
+/// The policy's pass on a batch; with `checkpoint`, under per-layer recompute (`LayerTape`), whose
+/// tape the caller must run for the layers' gradients.
+fn policy_pass<B: Backend>(policy: &CausalLm<B>, batch: &PreferenceBatch, config: &ObjectiveConfig, checkpoint: bool, device: &B::Device) -> PolicyPass<B> {
     let t = BatchTensors::<B>::new(batch, device);
     let start = prediction_window(&batch.completion_mask);
     let ld = config.ld_alpha.map(|a| ld_tensor::<B>(batch, a, start, device));
-    let out = batch_logps(policy, pair_hidden(policy, batch, device), &t, start, ld.as_ref(), config.use_weighting);
+    let (hidden, tape) = if checkpoint {
+        let (hidden, tape) = policy.forward_hidden_pairs_checkpointed(&batch.input_ids, &batch.lengths(), device);
+        (hidden, Some(tape))
+    } else {
+        (pair_hidden(policy, batch, device), None)
+    };
+    let out = batch_logps(policy, hidden, &t, start, ld.as_ref(), config.use_weighting);
     let scores = &out.scores;
     let stats = token_stats_from_positions(scores.logit_mean.clone(), scores.entropy.clone(), scores.argmax.clone(), out.labels.clone(), out.mask.clone());
     let weights = config.use_weighting.then(|| {
         let log_sum_sq = scores.log_sum_sq.clone().expect("log Σ p² is made when WPO weights are asked for");
         wpo_weights_from(scores.logps.clone(), log_sum_sq, out.mask.clone())
     });
-    PolicyPass { sums: out.sums, stats, weights }
+    PolicyPass { sums: out.sums, stats, weights, tape }
 }
 
 /// The objective and metrics from the policy's pass and the reference log-probs.
@@ -296,7 +318,8 @@ fn finish<B: Backend>(
     device: &B::Device,
 ) -> StepOutput<B> {
     let b = batch.num_pairs();
-    let PolicyPass { sums, stats, weights } = pass;
+    let PolicyPass { sums, stats, weights, tape } = pass;
+    debug_assert!(tape.is_none(), "the caller keeps the tape for the backward pass");
     let sums_detached = sums.clone().detach();
     if let Some(labels) = &batch.labels {
         return kto_on_logps(sums, ref_pairs, labels, config);
@@ -372,18 +395,18 @@ fn host_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 pub fn sft_on_batch<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, shards: usize, device: &B::Device) -> StepOutput<B> {
     let ranges = shard_ranges(batch.len(), if B::ad_enabled(device) { 1 } else { shards });
     if ranges.len() == 1 {
-        let pass = sft_pass(policy, batch, device);
+        let pass = sft_pass(policy, batch, false, device);
         return sft_output(pass.sums, pass.counts);
     }
     let subs: Vec<SequenceBatch> = ranges.into_iter().map(|r| batch.shard(r)).collect();
-    let (values, counts, _) = merge_sft(parallel(&subs, |sub| sft_pass(policy, sub, device)));
+    let (values, counts, _) = merge_sft(parallel(&subs, |sub| sft_pass(policy, sub, false, device)));
     let n = values.len();
     sft_output(Tensor::from_data(TensorData::new(values, [n]), device), counts)
 }
 
 /// Shards' SFT passes in row order: the summed log-probs' values, the summed counts, and each
-/// shard's own summed log-probs.
-fn merge_sft<B: Backend>(passes: Vec<SftPass<B>>) -> (Vec<f32>, SftCounts, Vec<Tensor<B, 1>>) {
+/// shard's own summed log-probs and tape.
+fn merge_sft<B: Backend>(passes: Vec<SftPass<B>>) -> (Vec<f32>, SftCounts, Vec<ShardSums<B>>) {
     let mut values = Vec::new();
     let mut counts = SftCounts::default();
     let mut sums = Vec::with_capacity(passes.len());
@@ -392,7 +415,7 @@ fn merge_sft<B: Backend>(passes: Vec<SftPass<B>>) -> (Vec<f32>, SftCounts, Vec<T
         counts.tokens += pass.counts.tokens;
         counts.entropy += pass.counts.entropy;
         counts.correct += pass.counts.correct;
-        sums.push(pass.sums);
+        sums.push(ShardSums { sums: pass.sums, tape: pass.tape });
     }
     (values, counts, sums)
 }
@@ -409,19 +432,25 @@ struct SftPass<B: Backend> {
     /// `[rows]` summed completion log-probs (carrying gradients under autodiff).
     sums: Tensor<B, 1>,
     counts: SftCounts,
+    tape: Option<LayerTape<B>>,
 }
 
-fn sft_pass<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, device: &B::Device) -> SftPass<B> {
+fn sft_pass<B: Backend>(policy: &CausalLm<B>, batch: &SequenceBatch, checkpoint: bool, device: &B::Device) -> SftPass<B> {
     let t = BatchTensors::<B>::from_rows(&batch.input_ids, &batch.attention_mask, &batch.completion_mask, batch.seq_len, device);
     let start = prediction_window(&batch.completion_mask);
-    let hidden = policy.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None);
+    let (hidden, tape) = if checkpoint {
+        let (hidden, tape) = policy.forward_hidden_checkpointed(t.input_ids.clone(), Some(t.attention_mask.clone()));
+        (hidden, Some(tape))
+    } else {
+        (policy.forward_hidden(t.input_ids.clone(), Some(t.attention_mask.clone()), None), None)
+    };
     let out = batch_logps(policy, hidden, &t, start, None, false);
     let mask = out.mask;
     let entropy = (out.scores.entropy * mask.clone()).sum();
     let correct = (out.scores.argmax.equal(out.labels).float() * mask.clone()).sum();
     let host = Tensor::cat(vec![mask.sum(), entropy, correct], 0).detach();
     let v = host_f64(host);
-    SftPass { sums: out.sums, counts: SftCounts { tokens: v[0], entropy: v[1], correct: v[2] } }
+    SftPass { sums: out.sums, counts: SftCounts { tokens: v[0], entropy: v[1], correct: v[2] }, tape }
 }
 
 fn sft_output<B: Backend>(sums: Tensor<B, 1>, counts: SftCounts) -> StepOutput<B> {
@@ -453,8 +482,9 @@ pub struct TrainStep<B: AutodiffBackend> {
 }
 
 enum StepGraph<B: AutodiffBackend> {
-    /// One graph from the policy's parameters to the loss.
-    Whole { policy: Box<CausalLm<B>>, loss: Tensor<B, 1> },
+    /// One graph from the policy's parameters to the loss (from the last layer's output, with
+    /// the tape for the layers, under per-layer recompute).
+    Whole { policy: Box<CausalLm<B>>, loss: Tensor<B, 1>, tape: Option<LayerTape<B>> },
     /// Each shard's graph ends at its rows' summed log-probs; the loss's graph starts from a
     /// detached copy of all of them (`merged`, a leaf).
     Sharded { loss: Tensor<B, 1>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>> },
@@ -468,6 +498,7 @@ struct ShardGraph<B: AutodiffBackend> {
     sums: Tensor<B, 1>,
     /// Where those rows sit in the whole batch's `[2B]`.
     rows: Vec<usize>,
+    tape: Option<LayerTape<B>>,
 }
 
 impl<B: AutodiffBackend> TrainStep<B> {
@@ -481,8 +512,8 @@ impl<B: AutodiffBackend> TrainStep<B> {
         }
     }
 
-    fn whole(policy: &CausalLm<B>, out: StepOutput<B>) -> Self {
-        Self::new(out, |loss| StepGraph::Whole { policy: Box::new(policy.clone()), loss })
+    fn whole(policy: &CausalLm<B>, out: StepOutput<B>, tape: Option<LayerTape<B>>) -> Self {
+        Self::new(out, |loss| StepGraph::Whole { policy: Box::new(policy.clone()), loss, tape })
     }
 
     fn sharded(out: StepOutput<B>, merged: Tensor<B, 1>, shards: Vec<ShardGraph<B>>) -> Self {
@@ -494,7 +525,7 @@ impl<B: AutodiffBackend> TrainStep<B> {
     /// through the summed log-probs, the same gradients as one backward pass over the whole batch.
     pub fn backward(self, factor: f64) -> GradientsParams {
         match self.graph {
-            StepGraph::Whole { policy, loss } => GradientsParams::from_grads(loss.mul_scalar(factor).backward(), policy.as_ref()),
+            StepGraph::Whole { policy, loss, tape } => parameter_gradients(policy.as_ref(), loss.mul_scalar(factor).backward(), tape),
             StepGraph::Sharded { loss, merged, shards } => {
                 let grads = loss.mul_scalar(factor).backward();
                 let upstream = merged.grad(&grads);
@@ -513,13 +544,22 @@ impl<B: AutodiffBackend> TrainStep<B> {
                     let n = rows.len();
                     let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
                     let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
-                    let grads = GradientsParams::from_grads((shard.sums * upstream).sum().backward(), &shard.policy);
+                    let grads = parameter_gradients(&shard.policy, (shard.sums * upstream).sum().backward(), shard.tape);
                     let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                     total.add(k, grads, |acc, grads| accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads));
                 });
                 total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).finish().expect("a sharded step has shards")
             }
         }
+    }
+}
+
+/// The gradients of `policy`'s trainable parameters from a backward pass, carried down the layers
+/// by the tape under per-layer recompute.
+fn parameter_gradients<B: AutodiffBackend>(policy: &CausalLm<B>, grads: B::Gradients, tape: Option<LayerTape<B>>) -> GradientsParams {
+    match tape {
+        Some(tape) => tape.backward(policy, grads),
+        None => GradientsParams::from_grads(grads, policy),
     }
 }
 
@@ -637,18 +677,21 @@ pub fn preference_step<B: AutodiffBackend>(
     let b = batch.num_pairs();
     let resolved = resolve(policy, reference, b);
     let n = shards.clamp(1, b.max(1));
+    let checkpoint = checkpoints(policy, device);
     if n == 1 {
-        let out = match resolved {
-            Resolved::Values(values) => objective_on_batch(policy, values, batch, StepContext { objective: config, state, shards: 1 }, device),
+        let (mut pass, ref_pairs) = match resolved {
+            Resolved::Values(values) => (policy_pass(policy, batch, config, checkpoint, device), values),
             Resolved::Model(model) => std::thread::scope(|scope| {
                 let ld_alpha = config.ld_alpha;
                 // each pass on its own half of the CPU threads (see `with_threads`)
                 let pending = scope.spawn(move || with_threads(shard_threads(2, 0), || model_logps(&model, batch, ld_alpha, device)));
-                let pass = with_threads(shard_threads(2, 1), || policy_pass(policy, batch, config, device));
-                finish(pass, Some(join(pending)), batch, config, state, training, device)
+                let pass = with_threads(shard_threads(2, 1), || policy_pass(policy, batch, config, checkpoint, device));
+                (pass, Some(join(pending)))
             }),
         };
-        return TrainStep::whole(policy, out);
+        let tape = pass.tape.take();
+        let out = finish(pass, ref_pairs, batch, config, state, training, device);
+        return TrainStep::whole(policy, out, tape);
     }
 
     let ranges = shard_ranges(b, n);
@@ -662,7 +705,7 @@ pub fn preference_step<B: AutodiffBackend>(
             Resolved::Model(model) => model_logps(model, sub, config.ld_alpha, device),
             Resolved::Values(_) => Vec::new(),
         };
-        (refs, policy_pass(*policy, sub, config, device))
+        (refs, policy_pass(*policy, sub, config, checkpoint, device))
     })
     .into_iter()
     .unzip();
@@ -672,8 +715,8 @@ pub fn preference_step<B: AutodiffBackend>(
     };
     let merged = MergedPasses::new(passes, &ranges, b);
     let leaf = Tensor::<B, 1>::from_data(TensorData::new(merged.values, [2 * b]), device).require_grad();
-    let shards = own.into_iter().zip(merged.shards).map(|(policy, (sums, rows))| ShardGraph { policy, sums, rows }).collect();
-    let pass = PolicyPass { sums: leaf.clone(), stats: merged.stats, weights: merged.weights };
+    let shards = own.into_iter().zip(merged.shards).map(|(policy, (ShardSums { sums, tape }, rows))| ShardGraph { policy, sums, rows, tape }).collect();
+    let pass = PolicyPass { sums: leaf.clone(), stats: merged.stats, weights: merged.weights, tape: None };
     let out = finish(pass, ref_pairs, batch, config, state, training, device);
     TrainStep::sharded(out, leaf, shards)
 }
@@ -683,14 +726,16 @@ pub fn preference_step<B: AutodiffBackend>(
 pub fn sft_step<B: AutodiffBackend>(policy: &CausalLm<B>, batch: &SequenceBatch, shards: usize, device: &B::Device) -> TrainStep<B> {
     let rows = batch.len();
     let ranges = shard_ranges(rows, shards);
+    let checkpoint = checkpoints(policy, device);
     if ranges.len() == 1 {
-        return TrainStep::whole(policy, sft_on_batch(policy, batch, 1, device));
+        let pass = sft_pass(policy, batch, checkpoint, device);
+        return TrainStep::whole(policy, sft_output(pass.sums, pass.counts), pass.tape);
     }
     let subs: Vec<SequenceBatch> = ranges.iter().map(|r| batch.shard(r.clone())).collect();
     let own: Vec<CausalLm<B>> = subs.iter().map(|_| policy.clone().map(&mut FreshLeaves)).collect();
     let jobs: Vec<(&CausalLm<B>, &SequenceBatch)> = own.iter().zip(&subs).collect();
-    let (merged, counts, sums) = merge_sft(parallel(&jobs, |(policy, sub)| sft_pass(*policy, sub, device)));
-    let shards = own.into_iter().zip(sums).zip(ranges).map(|((policy, sums), range)| ShardGraph { policy, sums, rows: range.collect() }).collect();
+    let (merged, counts, sums) = merge_sft(parallel(&jobs, |(policy, sub)| sft_pass(*policy, sub, checkpoint, device)));
+    let shards = own.into_iter().zip(sums).zip(ranges).map(|((policy, ShardSums { sums, tape }), range)| ShardGraph { policy, sums, rows: range.collect(), tape }).collect();
     let merged = Tensor::<B, 1>::from_data(TensorData::new(merged, [rows]), device).require_grad();
     let out = sft_output(merged.clone(), counts);
     TrainStep::sharded(out, merged, shards)

@@ -54,6 +54,8 @@ const BAD: &[(&str, &str)] = &[
     ("lora.init=xavier", "--set \"lora.init=xavier\": unknown variant `xavier`, expected one of `kaiming`, `kaiming_uniform`, `gaussian`"),
     ("train.backend=tpu", "--set \"train.backend=tpu\": unknown variant `tpu`, expected one of `cpu`, `ndarray`, `wgpu`, `vulkan`, `metal`, `cuda`"),
     ("optim.learning_rat=1e-5", "--set \"optim.learning_rat=1e-5\": unknown field `learning_rat`, expected one of `learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `weight_decay`, `max_grad_norm`, `lr_scheduler_type`, `warmup_ratio`, `warmup_steps`"),
+    ("train.gradient_checkpointing=\"full\"", "--set \"train.gradient_checkpointing=\\\"full\\\"\": \"full\": expected true, false, \"layers\" or \"balanced\""),
+    ("train.gradient_checkpointing=1", "--set \"train.gradient_checkpointing=1\": expected true, false, \"layers\" or \"balanced\""),
     ("train.generation_temperature=-1.0", "--set: train.generation_temperature must be >= 0 and train.generation_top_p in (0, 1], got -1 and 1"),
 ];
 
@@ -81,4 +83,17 @@ fn lora_rank_zero_is_refused_only_when_lora_is_on() {
 fn wpo_weights_are_refused_for_kto_pair() {
     let err = TrainConfig::default().with_overrides(&["objective.loss_type=[\"kto_pair\"]".into(), "objective.use_weighting=true".into()]).unwrap_err();
     assert_eq!(err.to_string(), "--set: objective: use_weighting (WPO) weights pairs; kto_pair's loss is per completion and cannot take it");
+}
+
+#[test]
+fn gradient_checkpointing_takes_a_flag_or_a_strategy() {
+    use dipole_train::GradientCheckpointing::*;
+    for (value, want) in [("true", Layers), ("false", Off), ("\"layers\"", Layers), ("\"balanced\"", Balanced), ("\"off\"", Off)] {
+        let config = TrainConfig::default().with_overrides(&[format!("train.gradient_checkpointing={value}")]).unwrap();
+        assert_eq!(config.train.gradient_checkpointing, want, "{value}");
+        // written back as the file would say it, and read again
+        let text = toml::to_string(&config).unwrap();
+        let again: TrainConfig = toml::from_str(&text).unwrap();
+        assert_eq!(again.train.gradient_checkpointing, want, "{value} round trip");
+    }
 }

@@ -315,8 +315,37 @@ fn fused_head_steps_equal_whole_logits_steps() {
     }
 }
 
-/// SFT rows split over threads: the same loss over the whole batch's tokens, the same metrics and
-/// gradients as one pass.
+/// Per-layer recompute (`layer_recompute`, `train.gradient_checkpointing = true`): the step's loss,
+/// metrics and gradients equal the whole graph's, in full fine-tuning (tied and untied heads, whole
+/// and sharded steps, prefix sharing on and off) and with LoRA.
+#[test]
+fn layer_recompute_steps_equal_whole_graph_steps() {
+    let device = Default::default();
+    let config = ObjectiveConfig { use_weighting: true, ld_alpha: Some(0.5), ..Default::default() };
+    for (policy_dir, reference_dir) in [("tiny-qwen2-perturbed", "tiny-qwen2"), ("tiny-llama-perturbed", "tiny-llama")] {
+        let (mut policy, _) = CausalLm::<AD>::load(fixtures().join(policy_dir), &device).unwrap();
+        let (reference, _) = CausalLm::<Flex>::load(fixtures().join(reference_dir), &device).unwrap();
+        for (shards, prefix_sharing) in [(1, true), (2, true), (1, false)] {
+            policy.prefix_sharing = prefix_sharing;
+            policy.layer_recompute = false;
+            let want = step_result(&policy, &reference, &batch0(), &config, shards);
+            policy.layer_recompute = true;
+            let got = step_result(&policy, &reference, &batch0(), &config, shards);
+            assert_eq!(got.grads.len(), policy.named_params().len(), "{policy_dir}: every parameter has a gradient");
+            assert_same_step(&got, &want, &format!("{policy_dir}, {shards} shards, prefix sharing {prefix_sharing}: layer recompute"));
+        }
+    }
+    let (mut policy, _) = CausalLm::<AD>::load(fixtures().join("tiny-llama-perturbed"), &device).unwrap();
+    policy.add_lora(&dipole_lora::LoraConfig { r: 4, ..Default::default() }, 7).unwrap();
+    policy.freeze_base();
+    let (reference, _) = CausalLm::<Flex>::load(fixtures().join("tiny-llama"), &device).unwrap();
+    let want = step_result(&policy, &reference, &batch0(), &config, 1);
+    policy.layer_recompute = true;
+    assert_same_step(&step_result(&policy, &reference, &batch0(), &config, 1), &want, "LoRA: layer recompute");
+}
+
+/// SFT rows split over threads, or run under per-layer recompute: the same loss over the whole
+/// batch's tokens, the same metrics and gradients as one pass.
 #[test]
 fn sharded_sft_step_equals_the_whole_batch_step() {
     let device = Default::default();
@@ -336,8 +365,8 @@ fn sharded_sft_step_equals_the_whole_batch_step() {
         })
         .collect();
     let batch = dipole_data::SequenceBatch::new(&examples.iter().collect::<Vec<_>>(), 0);
-    let run = |shards: usize| {
-        let out = dipole_train::sft_step(&policy, &batch, shards, &device);
+    let run = |policy: &CausalLm<AD>, shards: usize| {
+        let out = dipole_train::sft_step(policy, &batch, shards, &device);
         let (loss, metrics) = (out.loss, out.metrics.clone());
         let grads = out.backward(1.0);
         let norms: Vec<f64> = policy
@@ -350,15 +379,19 @@ fn sharded_sft_step_equals_the_whole_batch_step() {
             .collect();
         (loss, metrics, norms)
     };
-    let (loss, metrics, norms) = run(1);
+    let (loss, metrics, norms) = run(&policy, 1);
     assert!(norms.iter().all(|&n| n > 0.0), "every parameter has a gradient");
-    let (sharded_loss, sharded_metrics, sharded_norms) = run(3);
-    assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs(), "loss {sharded_loss} vs {loss}");
-    for (key, want) in &metrics {
-        assert!((sharded_metrics[key] - want).abs() <= 1e-6 * want.abs().max(1.0), "{key}: {} vs {want}", sharded_metrics[key]);
-    }
-    for (got, want) in sharded_norms.iter().zip(&norms) {
-        assert!((got - want).abs() <= 1e-4 * want, "gradient norm² {got} vs {want}");
+    let mut checkpointed = policy.clone();
+    checkpointed.layer_recompute = true;
+    for (what, model, shards) in [("3 shards", &policy, 3), ("layer recompute", &checkpointed, 1), ("layer recompute, 3 shards", &checkpointed, 3)] {
+        let (sharded_loss, sharded_metrics, sharded_norms) = run(model, shards);
+        assert!((sharded_loss - loss).abs() <= 1e-6 * loss.abs(), "{what}: loss {sharded_loss} vs {loss}");
+        for (key, want) in &metrics {
+            assert!((sharded_metrics[key] - want).abs() <= 1e-6 * want.abs().max(1.0), "{what}: {key}: {} vs {want}", sharded_metrics[key]);
+        }
+        for (got, want) in sharded_norms.iter().zip(&norms) {
+            assert!((got - want).abs() <= 1e-4 * want, "{what}: gradient norm² {got} vs {want}");
+        }
     }
 }
 

@@ -322,9 +322,33 @@ fn gradient_checkpointing_matches_trl_too() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = golden_config(dir.path());
     config.train.batch_shards = 2;
+    config.train.gradient_checkpointing = dipole_train::GradientCheckpointing::Balanced;
     let summary = train::<Checkpointed>(&config, &RunOptions::default(), &Default::default()).unwrap();
     assert_steps_match(&summary, &golden("train_full_clip1.json"));
     assert_tensors_close(&summary.final_dir.join("model/model.safetensors"), &goldens().join("full_after3/model.safetensors"));
+}
+
+/// `train.gradient_checkpointing = true` (per-layer recompute): TRL's three steps and final weights,
+/// sharded and whole, full fine-tuning and LoRA.
+#[test]
+fn layer_recompute_matches_trl() {
+    for shards in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = golden_config(dir.path());
+        config.train.batch_shards = shards;
+        config.train.gradient_checkpointing = dipole_train::GradientCheckpointing::Layers;
+        let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+        assert_steps_match(&summary, &golden("train_full_clip1.json"));
+        assert_tensors_close(&summary.final_dir.join("model/model.safetensors"), &goldens().join("full_after3/model.safetensors"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = golden_config(dir.path());
+    config.lora.enabled = true;
+    config.lora.init_adapter = Some(goldens().join("lora_init"));
+    config.train.gradient_checkpointing = dipole_train::GradientCheckpointing::Layers;
+    let summary = train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap();
+    assert_steps_match(&summary, &golden("train_lora.json"));
+    assert_tensors_close(&summary.final_dir.join("adapter/adapter_model.safetensors"), &goldens().join("lora_after3/adapter_model.safetensors"));
 }
 
 /// `train.mixed_precision`: bf16 / fp16 matmuls on f32 master weights follow TRL's fp32 run to

@@ -1,0 +1,226 @@
+//! Per-decoder-layer activation recompute (HF's gradient checkpointing): the forward pass keeps
+//! only each decoder layer's input, outside the autodiff graph; the backward pass runs each layer
+//! again on its kept input, last layer first, and back-propagates through that one layer before
+//! the next. A step's activations are then one `[rows, T, hidden]` tensor per layer plus one
+//! layer's full set, for one more forward pass of the decoder.
+//!
+//! burn's backward pass cannot run another backward pass inside one of its steps (its graph lock
+//! is held), so the recompute is not an op on the loss's graph: the loss's graph starts at the
+//! last layer's output (a leaf), and [`LayerTape::backward`] carries its gradient down the layers.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::module::embedding;
+use burn::tensor::{Bool, Distribution, Int, Tensor};
+
+use crate::llama::{CausalLm, Rotations};
+
+/// Rows that go through the layers together: their token ids, RoPE rotations and each layer's
+/// attention mask.
+#[derive(Clone)]
+pub(crate) struct Rows<B: Backend> {
+    pub ids: Tensor<B, 2, Int>,
+    pub rotary: Rotations<B>,
+    pub masks: Vec<Tensor<B, 4, Bool>>,
+}
+
+/// One forward pass through the decoder: one set of rows, or (`prefixed`) prefix sharing's
+/// prefixes `[P, Ls]` and then every row's suffix `[2P, Lr]`, which attends after its pair's
+/// prefix keys and values in every layer.
+#[derive(Clone)]
+pub(crate) struct Pass<B: Backend> {
+    pub streams: Vec<Rows<B>>,
+    pub prefixed: bool,
+}
+
+impl<B: Backend> Pass<B> {
+    pub fn whole(rows: Rows<B>) -> Self {
+        Pass { streams: vec![rows], prefixed: false }
+    }
+
+    /// Bytes of one layer's f32 attention probabilities over every stream, at `heads` heads.
+    fn probability_bytes(&self, heads: usize) -> usize {
+        self.streams.iter().map(|rows| rows.masks.first().map_or(0, |m| {
+            let [b, _, q, k] = m.dims();
+            b * heads * q * k * 4
+        })).sum()
+    }
+}
+
+/// Under per-layer recompute only one layer's graph exists at a time, so its attention keeps its
+/// probabilities for the backward pass (faster than making them again) up to this size, even with
+/// `attention_recompute` on.
+const KEPT_PROBABILITIES: usize = 1 << 30;
+
+/// `t` outside every autodiff graph and not tracked: ops on it record nothing.
+pub(crate) fn untracked<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.detach().set_require_grad(false)
+}
+
+/// What a checkpointed forward pass keeps for its backward pass: each layer's inputs (one per
+/// stream), the pass's rows, and the last layer's outputs, which are the leaves the loss's graph
+/// starts from. Made by the `*_checkpointed` forward passes of [`CausalLm`]; consumed by
+/// [`backward`](Self::backward) with the model that made it.
+pub struct LayerTape<B: Backend> {
+    pass: Pass<B>,
+    inputs: Vec<Vec<Tensor<B, 3>>>,
+    outputs: Vec<Tensor<B, 3>>,
+    /// One seed per layer, set before the layer runs and again before it reruns, so that LoRA
+    /// dropout draws the same masks both times; `None` without dropout.
+    seeds: Option<Vec<u64>>,
+    /// Whether attention recomputes its probabilities in the rerun layers' backward passes (see
+    /// [`KEPT_PROBABILITIES`]); the first run takes the same form, so both give the same values.
+    recompute_attention: bool,
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// `pass` through the model with only the layers' inputs kept (see [`LayerTape`]).
+    pub(crate) fn decode_checkpointed(&self, pass: Pass<B>) -> (Vec<Tensor<B, 3>>, LayerTape<B>) {
+        let seeds = self.has_dropout().then(|| {
+            let device = pass.streams[0].ids.device();
+            let drawn = Tensor::<B, 1, Int>::random([self.layers.len()], Distribution::Uniform(0.0, i32::MAX as f64), &device);
+            drawn.into_data().convert::<i64>().to_vec::<i64>().expect("i64 seeds").into_iter().map(|s| s as u64).collect()
+        });
+        let recompute_attention = self.attention_recompute && pass.probability_bytes(self.config.num_attention_heads) > KEPT_PROBABILITIES;
+        let mut tape = LayerTape { pass: pass.clone(), inputs: Vec::with_capacity(self.layers.len()), outputs: Vec::new(), seeds, recompute_attention };
+        let hidden = self.decode(&pass, None, Some(&mut tape));
+        (hidden, tape)
+    }
+
+    fn has_dropout(&self) -> bool {
+        self.linears().iter().any(|(_, linear)| linear.adapter.as_ref().is_some_and(|a| a.dropout > 0.0))
+    }
+}
+
+impl<B: Backend> LayerTape<B> {
+    /// Keeps layer `i`'s inputs and runs the layer on them untracked.
+    pub(crate) fn record_layer(&mut self, model: &CausalLm<B>, i: usize, xs: Vec<Tensor<B, 3>>) -> Vec<Tensor<B, 3>> {
+        let xs: Vec<Tensor<B, 3>> = xs.into_iter().map(untracked).collect();
+        self.inputs.push(xs.clone());
+        self.reseed(i, &xs[0].device());
+        let frozen = model.layers[i].clone().no_grad();
+        model.layer_forward(&frozen, i, xs, &self.pass, None, self.recompute_attention)
+    }
+
+    /// The last layer's outputs as leaves for the loss's graph.
+    pub(crate) fn record_outputs(&mut self, xs: Vec<Tensor<B, 3>>) -> Vec<Tensor<B, 3>> {
+        self.outputs = xs.into_iter().map(|x| x.require_grad()).collect();
+        self.outputs.clone()
+    }
+
+    fn reseed(&self, layer: usize, device: &B::Device) {
+        if let Some(seeds) = &self.seeds {
+            B::seed(device, seeds[layer]);
+        }
+    }
+}
+
+impl<B: AutodiffBackend> LayerTape<B> {
+    /// The gradients of `model`'s trainable parameters for the loss whose backward pass gave
+    /// `grads`: those the loss's graph reached (final norm, LM head), then each layer's, last to
+    /// first, from the layer run again on its kept inputs, then the embeddings'. `model` is the
+    /// one that made the tape.
+    pub fn backward(mut self, model: &CausalLm<B>, mut grads: B::Gradients) -> GradientsParams {
+        let mut upstream: Vec<Option<Tensor<B::InnerBackend, 3>>> = self.outputs.iter().map(|y| y.grad(&grads)).collect();
+        let mut params = GradientsParams::new();
+        model.visit(&mut Collect::<B> { grads: &mut grads, into: &mut params });
+
+        let embeddings_train = model.embed_tokens.val().is_require_grad();
+        // below the lowest trainable layer (embeddings frozen) nothing needs a gradient
+        let lowest = if embeddings_train { 0 } else { model.layers.iter().position(trains).unwrap_or(model.layers.len()) };
+        for i in (lowest..model.layers.len()).rev() {
+            let inputs = self.inputs.pop().expect("one input per layer");
+            let wants_input = i > lowest || embeddings_train;
+            let xs: Vec<Tensor<B, 3>> = inputs.into_iter().map(|x| if wants_input { x.require_grad() } else { x }).collect();
+            self.reseed(i, &xs[0].device());
+            let ys = model.layer_forward(&model.layers[i], i, xs.clone(), &self.pass, None, self.recompute_attention);
+            let Some(loss) = surrogate(ys, &upstream) else { return params };
+            let mut layer_grads = loss.backward();
+            model.layers[i].visit(&mut Collect::<B> { grads: &mut layer_grads, into: &mut params });
+            upstream = xs.iter().map(|x| if wants_input { x.grad(&layer_grads) } else { None }).collect();
+        }
+        if embeddings_train {
+            let embedded = self.pass.streams.iter().map(|rows| embedding(model.embed_tokens.val(), rows.ids.clone())).collect();
+            if let Some(loss) = surrogate(embedded, &upstream) {
+                let mut embed_grads = loss.backward();
+                model.embed_tokens.visit(&mut Collect::<B> { grads: &mut embed_grads, into: &mut params });
+            }
+        }
+        params
+    }
+}
+
+/// `Σ_s sum(y_s ∘ g_s)` over the streams whose upstream gradient `g_s` exists: its gradient
+/// with respect to anything `y` depends on is the upstream gradient carried back.
+fn surrogate<B: AutodiffBackend>(ys: Vec<Tensor<B, 3>>, upstream: &[Option<Tensor<B::InnerBackend, 3>>]) -> Option<Tensor<B, 1>> {
+    ys.into_iter()
+        .zip(upstream)
+        .filter_map(|(y, g)| g.as_ref().map(|g| (y * Tensor::from_inner(g.clone())).sum()))
+        .reduce(|a, b| a + b)
+}
+
+/// Whether any parameter of `layer` is trained.
+fn trains<B: Backend, M: Module<B>>(layer: &M) -> bool {
+    struct Any(bool);
+    impl<B: Backend> ModuleVisitor<B> for Any {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 |= param.val().is_require_grad();
+        }
+    }
+    let mut any = Any(false);
+    layer.visit(&mut any);
+    any.0
+}
+
+/// Moves a module's parameters' gradients from an autodiff pass into `into`, adding to what is
+/// there (a tied embedding gets the LM head's and the embedding's).
+struct Collect<'a, B: AutodiffBackend> {
+    grads: &'a mut B::Gradients,
+    into: &'a mut GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(grad) = param.val().grad_remove(self.grads) {
+            let grad = match self.into.remove::<B::InnerBackend, D>(param.id) {
+                Some(earlier) => earlier + grad,
+                None => grad,
+            };
+            self.into.register::<B::InnerBackend, D>(param.id, grad);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    type AD = Autodiff<Flex>;
+
+    /// The rerun layers give the same gradients whether their attention keeps its probabilities
+    /// (the tiny fixture's size) or makes them again (what large ones do).
+    #[test]
+    fn rerun_attention_in_either_form_gives_the_same_gradients() {
+        let device = Default::default();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-llama");
+        let (model, _) = CausalLm::<AD>::load(dir, &device).unwrap();
+        let ids: Vec<Vec<u32>> = vec![vec![1, 5, 9, 12, 20, 21], vec![1, 5, 9, 30, 0, 0]];
+        let lens = [6, 4];
+        let gradient = |recompute: bool| {
+            let (hidden, mut tape) = model.forward_hidden_pairs_checkpointed(&ids, &lens, &device);
+            assert!(!tape.recompute_attention, "a tiny pass keeps its probabilities");
+            tape.recompute_attention = recompute;
+            AD::seed(&device, 3);
+            let weights = Tensor::<AD, 3>::random(hidden.dims(), Distribution::Normal(0.0, 1.0), &device);
+            let grads = tape.backward(&model, (hidden * weights).sum().backward());
+            let q = &model.layers[0].self_attn.q_proj.weight;
+            grads.get::<Flex, 2>(q.id).expect("q_proj has a gradient").into_data().to_vec::<f32>().unwrap()
+        };
+        let (kept, remade) = (gradient(false), gradient(true));
+        let scale = kept.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = kept.iter().zip(&remade).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(scale > 0.0 && diff <= 1e-5 * scale, "gradients differ by {diff} (scale {scale})");
+    }
+}
