@@ -49,11 +49,12 @@ pub const CONFIGS: [&str; 13] = [
 ];
 
 /// The shapes `--shape` names: each a Hugging Face `config.json` of that architecture's real sizes.
-pub const SHAPES: [(&str, &str); 4] = [
+pub const SHAPES: [(&str, &str); 5] = [
     ("bench-17m", include_str!("../shapes/bench-17m.json")),
     ("smollm2-135m", include_str!("../shapes/smollm2-135m.json")),
     ("qwen2.5-0.5b", include_str!("../shapes/qwen2.5-0.5b.json")),
     ("llama-3.2-1b", include_str!("../shapes/llama-3.2-1b.json")),
+    ("mistral-7b", include_str!("../shapes/mistral-7b.json")),
 ];
 
 /// The model config of shape `name`.

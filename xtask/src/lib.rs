@@ -9,6 +9,7 @@ mod demo;
 mod eval;
 mod export;
 mod flags;
+mod init_model;
 mod logps;
 mod pairs;
 mod report;
@@ -42,6 +43,8 @@ enum Command {
     Data(data::DataCommand),
     /// DPO step throughput and memory on the benchmark shape (see benches/ and the README).
     Bench(bench::BenchArgs),
+    /// Write a random-initialised Hugging Face model folder of a named real shape (no download).
+    InitModel(init_model::InitModelArgs),
     /// Held-out preference metrics of a model or adapter, and generations vs the reference.
     Eval(eval::EvalArgs),
     /// Human preference annotation: serve a page where annotators judge pairs; export majority pairs.
@@ -73,6 +76,7 @@ pub fn run_cli(program: &'static str) -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Data(command) => data::run(command),
         Command::Bench(args) => bench::run(args),
+        Command::InitModel(args) => init_model::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Annotate(command) => annotate::run(command),
         Command::Completions { shell } => {

@@ -3,6 +3,7 @@
 //! tensors on whatever backend it runs.
 
 pub mod batch;
+pub mod byte_tokenizer;
 pub mod chat;
 pub mod completion;
 pub mod dataset;
@@ -17,6 +18,7 @@ pub mod tokenize;
 pub mod tokenizer;
 
 pub use batch::PreferenceBatch;
+pub use byte_tokenizer::write_byte_tokenizer;
 pub use chat::ChatTemplate;
 pub use completion::{CompletionInputs, PairsAs, PreparedCompletions, SequenceBatch, kto_pairs, load_completions_with};
 pub use dataset::{LengthOptions, PreparedPairs, load_pairs, load_pairs_with, prepare_records};

@@ -63,6 +63,9 @@ pub enum ModelError {
         dtype: String,
         device: String,
     },
+    /// A model folder written out of its plan (tensors out of order, missing or of the wrong size).
+    #[error("{dir}: {message}")]
+    Write { dir: PathBuf, message: String },
     #[error("unexpected tensors in {dir} (not part of a {architecture} model): {names:?}")]
     Unexpected {
         dir: PathBuf,

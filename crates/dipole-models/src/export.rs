@@ -1,13 +1,12 @@
 //! Writing a model back as a Hugging Face folder that transformers loads unchanged: `config.json`,
 //! safetensors shards with `model.safetensors.index.json`, and the tokenizer files of the source.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::tensor::{Tensor, backend::Backend};
-use safetensors::tensor::{Dtype, TensorView};
 
 use crate::error::{ModelError, Result};
+use crate::hf_writer::{HfWriter, TensorSpec};
 use crate::llama::CausalLm;
 use crate::load::transpose;
 
@@ -21,7 +20,8 @@ pub enum ExportDtype {
 }
 
 impl ExportDtype {
-    fn hf_name(self) -> &'static str {
+    /// transformers' name of the dtype (`config.json`'s `torch_dtype`).
+    pub fn hf_name(self) -> &'static str {
         match self {
             ExportDtype::F32 => "float32",
             ExportDtype::BF16 => "bfloat16",
@@ -38,19 +38,28 @@ impl ExportDtype {
         }
     }
 
-    fn encode(self, values: &[f32]) -> Vec<u8> {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            ExportDtype::F32 => 4,
+            ExportDtype::BF16 | ExportDtype::F16 => 2,
+        }
+    }
+
+    /// The safetensors header's name of the dtype.
+    pub(crate) fn safetensors_name(self) -> &'static str {
+        match self {
+            ExportDtype::F32 => "F32",
+            ExportDtype::BF16 => "BF16",
+            ExportDtype::F16 => "F16",
+        }
+    }
+
+    pub(crate) fn encode(self, values: &[f32]) -> Vec<u8> {
         match self {
             ExportDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             ExportDtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
             ExportDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        }
-    }
-
-    fn safetensors(self) -> Dtype {
-        match self {
-            ExportDtype::F32 => Dtype::F32,
-            ExportDtype::BF16 => Dtype::BF16,
-            ExportDtype::F16 => Dtype::F16,
         }
     }
 }
@@ -70,8 +79,6 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 }
 
 
-/// One tensor ready for a safetensors file: name, shape, encoded bytes.
-type EncodedTensor = (String, Vec<usize>, Vec<u8>);
 
 impl<B: Backend> CausalLm<B> {
     /// Every weight under its HF name and shape (`[out, in]` for projections), adapters merged in.
@@ -107,49 +114,14 @@ impl<B: Backend> CausalLm<B> {
             let path = path.to_path_buf();
             move |source| ModelError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let tensors = self.hf_tensors();
-        let mut shards: Vec<Vec<EncodedTensor>> = vec![Vec::new()];
-        let mut size = 0;
-        for (name, shape, vals) in tensors {
-            let bytes = dtype.encode(&vals);
-            if size > 0 && size + bytes.len() > max_shard_bytes {
-                shards.push(Vec::new());
-                size = 0;
-            }
-            size += bytes.len();
-            shards.last_mut().expect("one shard").push((name, shape, bytes));
+        let specs = tensors.iter().map(|(name, shape, _)| TensorSpec { name: name.clone(), shape: shape.clone() }).collect();
+        let mut writer = HfWriter::create(dir, specs, dtype, max_shard_bytes)?;
+        for (name, _, values) in &tensors {
+            writer.write(name, values)?;
         }
-        let n = shards.len();
-        let mut weight_map = BTreeMap::new();
-        let mut total = 0usize;
-        for (k, shard) in shards.iter().enumerate() {
-            let file = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
-            let views: Vec<(String, TensorView)> = shard
-                .iter()
-                .map(|(name, shape, b)| (name.clone(), TensorView::new(dtype.safetensors(), shape.clone(), b).expect("sizes match")))
-                .collect();
-            let metadata = Some([("format".to_string(), "pt".to_string())].into_iter().collect());
-            let path = dir.join(&file);
-            let data = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
-            std::fs::write(&path, data).map_err(io(&path))?;
-            for (name, _, b) in shard {
-                total += b.len();
-                weight_map.insert(name.clone(), file.clone());
-            }
-        }
-        if n > 1 {
-            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            let path = dir.join("model.safetensors.index.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).map_err(io(&path))?;
-        }
-        let mut config = self.config.raw.clone();
-        if let Some(obj) = config.as_object_mut() {
-            obj.insert("torch_dtype".into(), dtype.hf_name().into());
-            obj.insert("dtype".into(), dtype.hf_name().into());
-        }
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json")).map_err(io(&path))?;
+        writer.finish()?;
+        write_config(&self.config, dtype, dir)?;
         if let Some(src) = source_dir {
             for name in SIDE_FILES {
                 let from = src.join(name);
@@ -160,4 +132,15 @@ impl<B: Backend> CausalLm<B> {
         }
         Ok(())
     }
+}
+
+/// `config.json` of `config` as read, its dtype keys set to `dtype`.
+pub(crate) fn write_config(config: &crate::ModelConfig, dtype: ExportDtype, dir: &Path) -> Result<()> {
+    let mut raw = config.raw.clone();
+    if let Some(obj) = raw.as_object_mut() {
+        obj.insert("torch_dtype".into(), dtype.hf_name().into());
+        obj.insert("dtype".into(), dtype.hf_name().into());
+    }
+    let path = dir.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&raw).expect("json")).map_err(|source| ModelError::Io { path, source })
 }

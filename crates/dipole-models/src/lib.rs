@@ -15,6 +15,7 @@ pub mod error;
 pub mod export;
 pub mod fused;
 pub mod generate;
+pub mod hf_writer;
 pub mod llama;
 pub mod load;
 pub mod packing;
@@ -28,6 +29,7 @@ pub use config::{Architecture, LlamaShape, ModelConfig, RopeConfig, RopeScaling}
 pub use error::{ModelError, Result};
 pub use export::ExportDtype;
 pub use generate::GenerateOptions;
+pub use hf_writer::{HfWriter, TensorSpec, write_random_init};
 pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes};
 pub use precision::MixedPrecision;
 pub use packing::PackPlan;
