@@ -181,10 +181,11 @@ fn in_dtype<I: Backend, const D: usize>(x: Tensor<I, D>, dtype: Option<DType>) -
     }
 }
 
-/// `weight[:, chunk]` in the matmuls' dtype.
+/// `weight[:, chunk]` in the matmuls' dtype (the hidden states' without mixed precision: a frozen
+/// weight stored in bf16 is cast tile by tile).
 fn weight_chunk<I: Backend>(inputs: &Inputs<I>, chunk: std::ops::Range<usize>, options: HeadOptions) -> Tensor<I, 2> {
     let width = inputs.weight.dims()[0];
-    in_dtype(inputs.weight.clone().slice([0..width, chunk]), options.compute_dtype)
+    in_dtype(inputs.weight.clone().slice([0..width, chunk]), Some(options.compute_dtype.unwrap_or(inputs.hidden.dtype())))
 }
 
 /// One tile's f32 logits `[block, chunk]`.

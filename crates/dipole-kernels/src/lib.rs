@@ -21,6 +21,7 @@ use burn::tensor::TensorData;
 #[macro_use]
 mod simd;
 pub mod attention;
+pub mod frozen;
 pub mod head;
 pub mod logps;
 pub mod recompute;

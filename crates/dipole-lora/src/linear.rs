@@ -184,9 +184,18 @@ impl<B: Backend> LoraLinear<B> {
             None => x,
         };
         let dtype = x.dtype();
-        let weight = cast_to(self.weight.val(), dtype);
+        let weight = self.weight.val();
         let bias = self.bias.as_ref().map(|b| cast_to(b.val(), dtype));
-        let base = burn::tensor::module::linear(x.clone(), weight, bias);
+        let base = if !weight.is_require_grad() && weight.dtype() != dtype {
+            // a frozen weight stored in another dtype: cast inside the op, never kept in `dtype`
+            let y = dipole_kernels::frozen::frozen_matmul(x.clone(), weight);
+            match bias {
+                Some(b) => y + b.unsqueeze::<2>(),
+                None => y,
+            }
+        } else {
+            burn::tensor::module::linear(x.clone(), cast_to(weight, dtype), bias)
+        };
         match self.active_adapter() {
             Some(adapter) => base + adapter.forward(x),
             None => base,
@@ -208,8 +217,12 @@ impl<B: Backend> LoraLinear<B> {
         (self.bias.is_none() && self.active_adapter().is_none()).then(|| self.weight.val())
     }
 
-    /// Freezes (or unfreezes) the base weight and bias.
+    /// Freezes (or unfreezes) the base weight and bias. A weight made trainable is held in f32 (its
+    /// master copy) whatever dtype it was stored in.
     pub fn set_base_trainable(&mut self, trainable: bool) {
+        if trainable && self.weight.val().dtype() != DType::F32 {
+            self.weight = Param::initialized(self.weight.id, self.weight.val().detach().cast(DType::F32));
+        }
         self.weight = self.weight.clone().set_require_grad(trainable);
         self.bias = self.bias.take().map(|b| b.set_require_grad(trainable));
     }
@@ -220,9 +233,9 @@ impl<B: Backend> LoraLinear<B> {
             return;
         }
         if let Some(adapter) = &self.adapter {
-            let w = self.weight.val().detach() + adapter.delta().detach();
+            let w = self.shifted(adapter.delta().detach());
             let trainable = self.weight.val().is_require_grad();
-            self.weight = Param::from_tensor(w).set_require_grad(trainable);
+            self.weight = Param::initialized(self.weight.id, w.set_require_grad(trainable));
             self.merged = true;
         }
     }
@@ -233,11 +246,18 @@ impl<B: Backend> LoraLinear<B> {
             return;
         }
         if let Some(adapter) = &self.adapter {
-            let w = self.weight.val().detach() - adapter.delta().detach();
+            let w = self.shifted(adapter.delta().detach().neg());
             let trainable = self.weight.val().is_require_grad();
-            self.weight = Param::from_tensor(w).set_require_grad(trainable);
+            self.weight = Param::initialized(self.weight.id, w.set_require_grad(trainable));
         }
         self.merged = false;
+    }
+
+    /// `weight + delta`, added in the delta's dtype and stored in the weight's.
+    fn shifted(&self, delta: Tensor<B, 2>) -> Tensor<B, 2> {
+        let w = self.weight.val().detach();
+        let dtype = w.dtype();
+        cast_to(cast_to(w, delta.dtype()) + delta, dtype)
     }
 }
 

@@ -11,10 +11,9 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::module::embedding;
 use burn::tensor::{Bool, Distribution, Int, Tensor};
 
-use crate::llama::{CausalLm, Rotations};
+use crate::llama::{CausalLm, Rotations, embed_rows};
 
 /// Rows that go through the layers together: their token ids, RoPE rotations and each layer's
 /// attention mask.
@@ -141,7 +140,7 @@ impl<B: AutodiffBackend> LayerTape<B> {
             upstream = xs.iter().map(|x| if wants_input { x.grad(&layer_grads) } else { None }).collect();
         }
         if embeddings_train {
-            let embedded = self.pass.streams.iter().map(|rows| embedding(model.embed_tokens.val(), rows.ids.clone())).collect();
+            let embedded = self.pass.streams.iter().map(|rows| embed_rows(model.embed_tokens.val(), rows.ids.clone())).collect();
             if let Some(loss) = surrogate(embedded, &upstream) {
                 let mut embed_grads = loss.backward();
                 model.embed_tokens.visit(&mut Collect::<B> { grads: &mut embed_grads, into: &mut params });

@@ -33,5 +33,5 @@ pub use hf_writer::{HfWriter, TensorSpec, write_random_init};
 pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes};
 pub use precision::MixedPrecision;
 pub use packing::PackPlan;
-pub use load::{LoadReport, ParamKind, RandomInit, WeightSource};
+pub use load::{LoadReport, MatrixDtype, ParamKind, RandomInit, WeightSource};
 pub use weights::Checkpoint;

@@ -137,6 +137,11 @@ fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask
     probs.matmul(v)
 }
 
+/// The embeddings of `ids` as the f32 residual stream (the table may be stored in bf16 or f16).
+pub(crate) fn embed_rows<B: Backend>(table: Tensor<B, 2>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    cast_to(embedding(table, ids), DType::F32)
+}
+
 /// `[b, kv_heads, t, d]` -> `[b, kv_heads * n_rep, t, d]`, each kv head repeated for its query group.
 fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
     if n_rep == 1 {
@@ -470,7 +475,7 @@ impl<B: Backend> CausalLm<B> {
             Some(_) => untracked(self.embed_tokens.val()),
             None => self.embed_tokens.val(),
         };
-        let mut xs: Vec<Tensor<B, 3>> = pass.streams.iter().map(|rows| embedding(embed.clone(), rows.ids.clone())).collect();
+        let mut xs: Vec<Tensor<B, 3>> = pass.streams.iter().map(|rows| embed_rows(embed.clone(), rows.ids.clone())).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             xs = match tape.as_deref_mut() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorCreationOptions, TensorData, backend::Backend};
 pub use dipole_lora::transpose;
 use dipole_lora::LoraLinear;
 
@@ -26,11 +26,49 @@ pub enum ParamKind {
 /// Where parameter values come from. Shapes are HF's (`[out, in]` for projections).
 pub trait WeightSource {
     fn tensor(&mut self, name: &str, shape: &[usize], kind: ParamKind) -> Result<Vec<f32>>;
+
+    /// The dtype `name` is stored in, where the source has one (a checkpoint); `None` reads as f32.
+    fn stored_dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
 }
 
 impl WeightSource for Checkpoint {
     fn tensor(&mut self, name: &str, shape: &[usize], _kind: ParamKind) -> Result<Vec<f32>> {
         self.take(name, shape)
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.dtype(name)
+    }
+}
+
+/// The dtype a model holds its weight matrices in (embeddings, projections, LM head); norms and
+/// biases are always f32. Parameters that train need f32 (their master copy); frozen ones (a LoRA
+/// base, a frozen reference) can stay as stored and take half the memory in bf16. Every product
+/// computes in the activations' dtype (f32, or the mixed-precision dtype): a weight in another
+/// dtype is cast inside the op, so the values are the stored ones either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatrixDtype {
+    /// f32 whatever is stored.
+    #[default]
+    F32,
+    /// As stored: BF16 and F16 stay so, F32 and F64 give f32.
+    Stored,
+    /// Converted to this dtype.
+    Cast(DType),
+}
+
+impl MatrixDtype {
+    fn resolve(self, source: &dyn WeightSource, name: &str) -> DType {
+        match self {
+            MatrixDtype::F32 => DType::F32,
+            MatrixDtype::Stored => match source.stored_dtype(name) {
+                Some(d @ (DType::BF16 | DType::F16)) => d,
+                _ => DType::F32,
+            },
+            MatrixDtype::Cast(d) => d,
+        }
     }
 }
 
@@ -69,12 +107,18 @@ pub struct LoadReport {
 }
 
 impl<B: Backend> CausalLm<B> {
-    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder.
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder, in f32.
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<(Self, LoadReport)> {
+        Self::load_with(dir, MatrixDtype::F32, device)
+    }
+
+    /// [`load`](Self::load) with the weight matrices in `matrices` (see [`MatrixDtype`]), read
+    /// tensor by tensor (each one's file pages released once it is decoded).
+    pub fn load_with(dir: impl AsRef<Path>, matrices: MatrixDtype, device: &B::Device) -> Result<(Self, LoadReport)> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let mut checkpoint = Checkpoint::open(dir)?;
-        let model = Self::from_source(config, &mut checkpoint, device)?;
+        let model = Self::from_source_with(config, &mut checkpoint, matrices, device)?;
         let (ignored, unexpected): (Vec<String>, Vec<String>) = checkpoint
             .untaken()
             .into_iter()
@@ -96,20 +140,26 @@ impl<B: Backend> CausalLm<B> {
             .expect("random initialisation cannot fail")
     }
 
-    /// Builds the model, asking `source` for each tensor by its HF name.
+    /// Builds the model in f32, asking `source` for each tensor by its HF name.
     pub fn from_source(config: ModelConfig, source: &mut dyn WeightSource, device: &B::Device) -> Result<Self> {
+        Self::from_source_with(config, source, MatrixDtype::F32, device)
+    }
+
+    /// [`from_source`](Self::from_source) with the weight matrices in `matrices`.
+    pub fn from_source_with(config: ModelConfig, source: &mut dyn WeightSource, matrices: MatrixDtype, device: &B::Device) -> Result<Self> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let q_dim = c.num_attention_heads * c.head_dim;
         let kv_dim = c.num_key_value_heads * c.head_dim;
 
+        let embed_dtype = matrices.resolve(source, "model.embed_tokens.weight");
         let embed = source.tensor("model.embed_tokens.weight", &[v, h], ParamKind::Matrix)?;
-        let embed_tokens = Param::from_tensor(tensor2::<B>(embed, [v, h], device));
+        let embed_tokens = Param::from_tensor(tensor2::<B>(embed, [v, h], embed_dtype, device));
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut proj = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<LoraLinear<B>> {
-                load_linear(source, &format!("{p}.{name}"), in_dim, out_dim, bias, device)
+                load_linear(source, &format!("{p}.{name}"), [in_dim, out_dim], bias, matrices, device)
             };
             let self_attn = Attention {
                 q_proj: proj("self_attn.q_proj", h, q_dim, c.qkv_bias)?,
@@ -142,7 +192,7 @@ impl<B: Backend> CausalLm<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(load_linear(source, "lm_head", h, v, false, device)?)
+            Some(load_linear(source, "lm_head", [h, v], false, matrices, device)?)
         };
         Ok(CausalLm {
             embed_tokens,
@@ -160,21 +210,26 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(values, shape), device)
+/// A `[rows, cols]` tensor of `values` held in `dtype`.
+fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], dtype: DType, device: &B::Device) -> Tensor<B, 2> {
+    let data = TensorData::new(values, shape);
+    let data = if dtype == DType::F32 { data } else { data.convert_dtype(dtype) };
+    Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype))
 }
 
 /// Loads `<name>.weight` (HF `[out, in]`, stored transposed as `[in, out]`) and `<name>.bias`.
 fn load_linear<B: Backend>(
     source: &mut dyn WeightSource,
     name: &str,
-    in_dim: usize,
-    out_dim: usize,
+    [in_dim, out_dim]: [usize; 2],
     bias: bool,
+    matrices: MatrixDtype,
     device: &B::Device,
 ) -> Result<LoraLinear<B>> {
-    let w = source.tensor(&format!("{name}.weight"), &[out_dim, in_dim], ParamKind::Matrix)?;
-    let weight = tensor2::<B>(transpose(&w, out_dim, in_dim), [in_dim, out_dim], device);
+    let weight_name = format!("{name}.weight");
+    let dtype = matrices.resolve(source, &weight_name);
+    let w = source.tensor(&weight_name, &[out_dim, in_dim], ParamKind::Matrix)?;
+    let weight = tensor2::<B>(transpose(&w, out_dim, in_dim), [in_dim, out_dim], dtype, device);
     let bias = if bias {
         let b = source.tensor(&format!("{name}.bias"), &[out_dim], ParamKind::Bias)?;
         Some(Tensor::from_data(TensorData::new(b, [out_dim]), device))

@@ -98,7 +98,21 @@ impl Checkpoint {
         shard.metadata.tensors().get(name).map(|info| info.shape.clone())
     }
 
-    /// Reads `name` as f32 values in row-major order, checking it has shape `expected`.
+    /// The dtype `name` is stored in, if present and one dipole reads.
+    pub fn dtype(&self, name: &str) -> Option<burn::tensor::DType> {
+        let shard = &self.shards[*self.names.get(name)?];
+        match shard.metadata.tensors().get(name)?.dtype {
+            Dtype::F32 => Some(burn::tensor::DType::F32),
+            Dtype::BF16 => Some(burn::tensor::DType::BF16),
+            Dtype::F16 => Some(burn::tensor::DType::F16),
+            Dtype::F64 => Some(burn::tensor::DType::F64),
+            _ => None,
+        }
+    }
+
+    /// Reads `name` as f32 values in row-major order, checking it has shape `expected`. The
+    /// tensor's pages of the memory-mapped file are released once decoded, so reading a whole
+    /// checkpoint never holds the file's pages beside the decoded values.
     pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let Some(&id) = self.names.get(name) else {
             return Err(ModelError::MissingTensor {
@@ -135,6 +149,7 @@ impl Checkpoint {
                 value,
             });
         }
+        release(&shard.map, shard.data_start + begin, end - begin);
         self.taken.insert(name.to_string());
         Ok(values)
     }
@@ -147,6 +162,25 @@ impl Checkpoint {
             .cloned()
             .collect()
     }
+}
+
+/// Drops `len` bytes from `offset` of a read-only file mapping from this process's memory (the
+/// whole pages inside the range; the kernel reads them again from the file if they are touched).
+fn release(map: &Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        const PAGE: usize = 4096;
+        let start = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset + len) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the mapping is read-only and file-backed, so dropping its pages loses nothing
+            // (they are read again from the file on access), and no borrow into the range is alive:
+            // the tensor's bytes were decoded into an owned vector before this call.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
 }
 
 /// Little-endian safetensors data of `dtype` (F32, BF16, F16 or F64) as f32 values, with the

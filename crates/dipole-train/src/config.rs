@@ -140,6 +140,35 @@ pub struct ModelSection {
     /// Train from random weights (seeded by `train.seed`, N(0, `initializer_range`)): the folder
     /// needs only `config.json` and the tokenizer files.
     pub from_scratch: bool,
+    /// The dtype frozen weight matrices are held in (see [`WeightDtype`]): a LoRA run's base and a
+    /// full fine-tuning run's frozen reference copy. Trained parameters are always f32.
+    pub dtype: WeightDtype,
+}
+
+/// `model.dtype`: how frozen weight matrices (embeddings, projections, LM head) are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDtype {
+    /// As stored (a bf16 checkpoint's base stays bf16, an f32 one f32).
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDtype {
+    /// The loader's setting for frozen matrices.
+    pub fn matrices(self) -> dipole_models::MatrixDtype {
+        use burn::tensor::DType;
+        use dipole_models::MatrixDtype;
+        match self {
+            WeightDtype::Auto => MatrixDtype::Stored,
+            WeightDtype::F32 => MatrixDtype::F32,
+            WeightDtype::Bf16 => MatrixDtype::Cast(DType::BF16),
+            WeightDtype::F16 => MatrixDtype::Cast(DType::F16),
+        }
+    }
 }
 
 impl Default for ModelSection {
@@ -149,6 +178,7 @@ impl Default for ModelSection {
             freeze_layers: Vec::new(),
             freeze_embeddings: false,
             from_scratch: false,
+            dtype: WeightDtype::Auto,
         }
     }
 }

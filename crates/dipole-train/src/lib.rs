@@ -21,7 +21,7 @@ pub mod step;
 pub mod trainer;
 
 pub use error::{TrainError, TrainResult};
-pub use config::{GradientCheckpointing, ReferenceStrategy, Stage, TrainConfig};
+pub use config::{GradientCheckpointing, ReferenceStrategy, Stage, TrainConfig, WeightDtype};
 pub use evaluate::{EvalReference, EvalSettings, evaluate_pairs};
 pub use logps::{BatchTensors, PairLogps, pair_logps};
 pub use step::{Reference, StepContext, StepOutput, TrainStep, batch_shards, objective_on_batch, preference_step, reference_logps, sft_on_batch, sft_step, sharded_model_logps};

@@ -12,7 +12,7 @@ use dipole_data::PairInputs;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{TrainResult, at};
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, WeightDtype};
 
 /// A file by its content: name, size and BLAKE3 digest (hex).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,10 @@ pub struct CacheInputs {
     pub ld_alpha: Option<f64>,
     /// The reference computes in the run's precision: bf16 log-probs are not f32's.
     pub mixed_precision: String,
+    /// `model.dtype` when it rounds the stored weights (`bf16`, `f16`); `stored` for `auto` and
+    /// `f32`, which hold the stored values exactly.
+    #[serde(default)]
+    pub model_dtype: String,
 }
 
 impl CacheInputs {
@@ -66,6 +70,11 @@ impl CacheInputs {
             eval_pairs: eval.len(),
             ld_alpha: config.objective.ld_alpha,
             mixed_precision: config.train.mixed_precision.name().to_string(),
+            model_dtype: match config.model.dtype {
+                WeightDtype::Auto | WeightDtype::F32 => "stored".into(),
+                WeightDtype::Bf16 => "bf16".into(),
+                WeightDtype::F16 => "f16".into(),
+            },
         })
     }
 
@@ -102,6 +111,7 @@ impl CacheInputs {
             ("eval pair count", self.eval_pairs != other.eval_pairs),
             ("objective.ld_alpha", self.ld_alpha != other.ld_alpha),
             ("train.mixed_precision", self.mixed_precision != other.mixed_precision),
+            ("model.dtype", self.model_dtype != other.model_dtype),
             ("model.from_scratch / train.seed", self.from_scratch_seed != other.from_scratch_seed),
         ];
         fields.iter().find(|(_, differs)| *differs).map_or("nothing (same inputs)".into(), |(name, _)| format!("{name} differs"))

@@ -10,7 +10,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use dipole_data::{PairInputs, PreferenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{LossType, ObjectiveConfig};
-use dipole_models::{CausalLm, ModelConfig};
+use dipole_models::{CausalLm, MatrixDtype, ModelConfig};
 
 use crate::error::{TrainError, TrainResult};
 use crate::config::{ReferenceStrategy, Stage, TrainConfig};
@@ -64,9 +64,11 @@ pub(crate) fn build_policy<B: AutodiffBackend>(config: &TrainConfig, checkpoint:
         Some(dir) if !config.lora.enabled => dir.join("model"),
         _ => base.clone(),
     };
+    // a LoRA run's base is frozen: it can stay in its stored dtype; trained weights are f32
+    let matrices = if config.lora.enabled { config.model.dtype.matrices() } else { MatrixDtype::F32 };
     let mut model = match checkpoint {
-        None => base_model::<B>(config, device)?,
-        Some(_) => CausalLm::<B>::load(&full_weights, device)?.0,
+        None => base_model::<B>(config, matrices, device)?,
+        Some(_) => CausalLm::<B>::load_with(&full_weights, matrices, device)?.0,
     };
     if config.lora.enabled {
         let lora = config.lora.lora_config(base)?;
@@ -151,13 +153,14 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
     Ok(model)
 }
 
-/// The starting weights: the model folder's, or seeded random ones (`model.from_scratch`).
-pub(crate) fn base_model<B: Backend>(config: &TrainConfig, device: &B::Device) -> TrainResult<CausalLm<B>> {
+/// The starting weights: the model folder's with its matrices in `matrices`, or seeded random
+/// ones in f32 (`model.from_scratch`).
+pub(crate) fn base_model<B: Backend>(config: &TrainConfig, matrices: MatrixDtype, device: &B::Device) -> TrainResult<CausalLm<B>> {
     let mut model = if config.model.from_scratch {
         let model_config = ModelConfig::from_dir(&config.model.path)?;
         CausalLm::init(model_config, config.train.seed, device)
     } else {
-        CausalLm::<B>::load(&config.model.path, device)?.0
+        CausalLm::<B>::load_with(&config.model.path, matrices, device)?.0
     };
     config.train.apply_to(&mut model);
     Ok(model)
@@ -186,7 +189,7 @@ impl<B: AutodiffBackend> References<B> {
                 config.train.apply_to(&mut reference);
                 Some(reference)
             }
-            (ReferenceStrategy::FrozenCopy, _) => Some(base_model::<B::InnerBackend>(config, device)?),
+            (ReferenceStrategy::FrozenCopy, _) => Some(base_model::<B::InnerBackend>(config, config.model.dtype.matrices(), device)?),
             _ => None,
         };
         let precomputed = match (strategy, sets) {
