@@ -68,7 +68,7 @@ pub fn shape_config(name: &str) -> Result<ModelConfig> {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Model shape (see `xtask/shapes/`): bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b.
+    /// Model shape (see `xtask/shapes/`): bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, mistral-7b.
     #[arg(long, default_value = "bench-17m")]
     pub shape: String,
     /// Tokens per sequence (a quarter prompt, the rest completion); `*_t1024` configurations use 1024.
@@ -544,15 +544,15 @@ mod shape_tests {
     }
 
     /// Parameter counts of the released checkpoints these shapes copy (their model cards round them
-    /// to 135M, 0.49B and 1.24B), and the criterion benches' shape for `bench-17m`.
+    /// to 135M, 0.49B, 1.24B and 7.24B), and the criterion benches' shape for `bench-17m`.
     #[test]
     fn shapes_have_the_released_models_sizes() {
         let bench = ModelConfig::llama(dipole_models::LlamaShape::BENCHMARK).unwrap();
         assert_eq!(shape_config("bench-17m").unwrap().num_parameters(), bench.num_parameters());
-        for (name, params) in [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)] {
+        for (name, params) in [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400), ("mistral-7b", 7_241_732_096)] {
             assert_eq!(shape_config(name).unwrap().num_parameters(), params, "{name}");
         }
         let err = shape_config("gpt2").unwrap_err().to_string();
-        assert_eq!(err, "--shape: unknown \"gpt2\"; expected bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b");
+        assert_eq!(err, "--shape: unknown \"gpt2\"; expected bench-17m, smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, mistral-7b");
     }
 }

@@ -11,7 +11,9 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+
+use crate::cast_to;
 
 /// `x @ weight` for `x` `[rows, in]` and a frozen `weight` `[in, out]` of any float dtype, computed
 /// in `x`'s dtype; gradients for `x` only. Elsewhere than under autodiff (nothing is kept then) and
@@ -22,13 +24,9 @@ pub fn frozen_matmul<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tenso
         Ok(y) => y,
         Err((x, weight)) => {
             let dtype = x.dtype();
-            x.matmul(in_dtype(weight, dtype))
+            x.matmul(cast_to(weight, dtype))
         }
     }
-}
-
-fn in_dtype<I: Backend>(t: Tensor<I, 2>, dtype: DType) -> Tensor<I, 2> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 fn try_autodiff<B: Backend>(args: (Tensor<B, 2>, Tensor<B, 2>)) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 2>)> {
@@ -48,7 +46,7 @@ impl<I: Backend> Backward<I, 1> for FrozenBackward {
         let [parent] = ops.parents;
         if let Some(node) = parent {
             let dtype = grad.dtype();
-            let dx = grad.matmul(in_dtype(ops.state, dtype).transpose());
+            let dx = grad.matmul(cast_to(ops.state, dtype).transpose());
             grads.register::<I>(node.id, dx.into_primitive().tensor());
         }
     }
@@ -59,7 +57,7 @@ fn autodiff<I: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<I, C>, 2>, wei
     let weight = weight.inner();
     let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
     let dtype = x_inner.dtype();
-    let y = x_inner.matmul(in_dtype(weight.clone(), dtype)).into_primitive().tensor();
+    let y = x_inner.matmul(cast_to(weight.clone(), dtype)).into_primitive().tensor();
     let y = match FrozenBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => prep.finish(weight, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
@@ -71,7 +69,7 @@ fn autodiff<I: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<I, C>, 2>, wei
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use burn::tensor::{Distribution, TensorCreationOptions};
+    use burn::tensor::{DType, Distribution, TensorCreationOptions};
 
     type AD = Autodiff<Flex>;
 

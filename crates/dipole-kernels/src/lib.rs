@@ -79,6 +79,11 @@ pub fn fused_enabled() -> bool {
     }
 }
 
+/// `t` in `dtype`; no cast (and no autodiff node) when it already is.
+pub fn cast_to<B: burn::tensor::backend::Backend, const D: usize>(t: burn::tensor::Tensor<B, D>, dtype: burn::tensor::DType) -> burn::tensor::Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
+}
+
 /// `value` as a `U` if it is one (the kernels' backends are concrete types, callers' generic).
 fn cast<T: 'static, U: 'static>(value: T) -> Result<U, T> {
     let boxed: Box<dyn Any> = Box::new(value);

@@ -140,10 +140,7 @@ pub struct LoraLinear<B: Backend> {
     pub compute_dtype: Option<DType>,
 }
 
-/// `t` in `dtype`; no cast (and no autodiff node) when it already is.
-pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
-}
+pub use dipole_kernels::cast_to;
 
 impl<B: Backend> LoraLinear<B> {
     /// A plain linear layer from a `[in, out]` weight and optional `[out]` bias.

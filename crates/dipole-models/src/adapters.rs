@@ -137,7 +137,8 @@ impl<B: Backend> CausalLm<B> {
         self.linears_mut().into_iter().for_each(|(_, l)| l.merge());
     }
 
-    /// Undoes [`merge_adapters`](Self::merge_adapters).
+    /// Undoes [`merge_adapters`](Self::merge_adapters), up to the rounding of the weights' dtype
+    /// (exactly only in f32: a bf16 base merged and unmerged keeps bf16's rounding of the sum).
     pub fn unmerge_adapters(&mut self) {
         self.linears_mut().into_iter().for_each(|(_, l)| l.unmerge());
     }
@@ -164,7 +165,13 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// Freezes (or unfreezes) the token embeddings; trainable ones are held in f32 (their master
+    /// copy) whatever dtype they were stored in.
     pub fn set_embeddings_trainable(&mut self, trainable: bool) {
+        let table = self.embed_tokens.val();
+        if trainable && table.dtype() != burn::tensor::DType::F32 {
+            self.embed_tokens = Param::initialized(self.embed_tokens.id, table.detach().cast(burn::tensor::DType::F32));
+        }
         self.embed_tokens = self.embed_tokens.clone().set_require_grad(trainable);
     }
 

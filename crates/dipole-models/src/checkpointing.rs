@@ -97,9 +97,8 @@ impl<B: Backend> LayerTape<B> {
     pub(crate) fn record_layer(&mut self, model: &CausalLm<B>, i: usize, xs: Vec<Tensor<B, 3>>) -> Vec<Tensor<B, 3>> {
         let xs: Vec<Tensor<B, 3>> = xs.into_iter().map(untracked).collect();
         self.inputs.push(xs.clone());
-        self.reseed(i, &xs[0].device());
         let frozen = model.layers[i].clone().no_grad();
-        model.layer_forward(&frozen, i, xs, &self.pass, None, self.recompute_attention)
+        self.seeded(i, &xs[0].device(), || model.layer_forward(&frozen, i, xs, &self.pass, None, self.recompute_attention))
     }
 
     /// The last layer's outputs as leaves for the loss's graph.
@@ -108,12 +107,19 @@ impl<B: Backend> LayerTape<B> {
         self.outputs.clone()
     }
 
-    fn reseed(&self, layer: usize, device: &B::Device) {
-        if let Some(seeds) = &self.seeds {
-            B::seed(device, seeds[layer]);
-        }
+    /// Runs layer `layer`'s forward pass `run` from its seed, when the model has dropout. The
+    /// backend's generator is one per process and parallel shards each run layers: the seed and
+    /// the draws that follow it are made under one lock, so no other shard's draws come between.
+    fn seeded<R>(&self, layer: usize, device: &B::Device, run: impl FnOnce() -> R) -> R {
+        let Some(seeds) = &self.seeds else { return run() };
+        let _stream = SEEDED_DRAWS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        B::seed(device, seeds[layer]);
+        run()
     }
 }
+
+/// Held while a layer of a tape with dropout draws its masks (see [`LayerTape::seeded`]).
+static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl<B: AutodiffBackend> LayerTape<B> {
     /// The gradients of `model`'s trainable parameters for the loss whose backward pass gave
@@ -121,9 +127,10 @@ impl<B: AutodiffBackend> LayerTape<B> {
     /// first, from the layer run again on its kept inputs, then the embeddings'. `model` is the
     /// one that made the tape.
     pub fn backward(mut self, model: &CausalLm<B>, mut grads: B::Gradients) -> GradientsParams {
-        let mut upstream: Vec<Option<Tensor<B::InnerBackend, 3>>> = self.outputs.iter().map(|y| y.grad(&grads)).collect();
+        let mut upstream: Vec<Option<Tensor<B::InnerBackend, 3>>> = self.outputs.iter().map(|y| y.grad_remove(&mut grads)).collect();
         let mut params = GradientsParams::new();
         model.visit(&mut Collect::<B> { grads: &mut grads, into: &mut params });
+        drop(grads);
 
         let embeddings_train = model.embed_tokens.val().is_require_grad();
         // below the lowest trainable layer (embeddings frozen) nothing needs a gradient
@@ -132,8 +139,7 @@ impl<B: AutodiffBackend> LayerTape<B> {
             let inputs = self.inputs.pop().expect("one input per layer");
             let wants_input = i > lowest || embeddings_train;
             let xs: Vec<Tensor<B, 3>> = inputs.into_iter().map(|x| if wants_input { x.require_grad() } else { x }).collect();
-            self.reseed(i, &xs[0].device());
-            let ys = model.layer_forward(&model.layers[i], i, xs.clone(), &self.pass, None, self.recompute_attention);
+            let ys = self.seeded(i, &xs[0].device(), || model.layer_forward(&model.layers[i], i, xs.clone(), &self.pass, None, self.recompute_attention));
             let Some(loss) = surrogate(ys, &upstream) else { return params };
             let mut layer_grads = loss.backward();
             model.layers[i].visit(&mut Collect::<B> { grads: &mut layer_grads, into: &mut params });
@@ -211,8 +217,10 @@ mod tests {
             let (hidden, mut tape) = model.forward_hidden_pairs_checkpointed(&ids, &lens, &device);
             assert!(!tape.recompute_attention, "a tiny pass keeps its probabilities");
             tape.recompute_attention = recompute;
-            AD::seed(&device, 3);
-            let weights = Tensor::<AD, 3>::random(hidden.dims(), Distribution::Normal(0.0, 1.0), &device);
+            // made on the host: other tests of this binary draw from the backend's generator
+            let n = hidden.dims().iter().product::<usize>();
+            let values: Vec<f32> = (0..n).map(|k| ((k * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let weights = Tensor::<AD, 3>::from_data(burn::tensor::TensorData::new(values, hidden.dims()), &device);
             let grads = tape.backward(&model, (hidden * weights).sum().backward());
             let q = &model.layers[0].self_attn.q_proj.weight;
             grads.get::<Flex, 2>(q.id).expect("q_proj has a gradient").into_data().to_vec::<f32>().unwrap()

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
+use dipole_lora::cast_to;
 
 use crate::error::{ModelError, Result};
 use crate::hf_writer::{HfWriter, TensorSpec};
@@ -87,9 +88,10 @@ impl<B: Backend> CausalLm<B> {
         let [v, h] = self.embed_tokens.dims();
         out.push(("model.embed_tokens.weight".into(), vec![v, h], values(self.embed_tokens.val())));
         for (name, linear) in self.linears() {
-            let mut w = linear.weight.val();
+            // in f32: a frozen base may be held in bf16 (`MatrixDtype::Stored`), the adapter in f32
+            let mut w = cast_to(linear.weight.val(), DType::F32);
             if let (Some(adapter), false) = (&linear.adapter, linear.merged) {
-                w = w + adapter.delta();
+                w = w + cast_to(adapter.delta(), DType::F32);
             }
             let [i, o] = w.dims();
             out.push((format!("{name}.weight"), vec![o, i], transpose(&values(w), i, o)));

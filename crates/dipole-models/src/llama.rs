@@ -202,8 +202,9 @@ pub struct CausalLm<B: Backend> {
     /// there instead (`dipole_kernels::recompute`): memory that grows with T² per layer traded for
     /// one more `QKᵀ` and softmax per layer in the backward pass.
     pub attention_recompute: bool,
-    /// Whether the `*_checkpointed` forward passes keep only each decoder layer's input for the
-    /// backward pass (see [`LayerTape`]); the plain forward passes never do.
+    /// Whether training steps (`dipole_train`'s `preference_step`, `sft_step`) run the policy's
+    /// `*_checkpointed` forward passes, which keep only each decoder layer's input for the backward
+    /// pass (see [`LayerTape`]).
     pub layer_recompute: bool,
     /// Whether [`head_logps`](Self::head_logps) runs the LM head fused with the log-probs, tile by
     /// tile (default), or declines so that callers make the whole logits.
@@ -231,7 +232,17 @@ impl<B: Backend> CausalLm<B> {
             Some(head) => head.forward(hidden),
             None => {
                 let compute = self.mixed_precision.compute_dtype().unwrap_or(dtype);
-                linear(cast_to(hidden, compute), cast_to(self.embed_tokens.val(), compute).transpose(), None)
+                let table = self.embed_tokens.val();
+                if !table.is_require_grad() && table.dtype() != compute {
+                    // a frozen table held in another dtype: cast inside the product, not kept
+                    let mut dims = hidden.dims();
+                    let rows = dims[..D - 1].iter().product();
+                    dims[D - 1] = self.config.vocab_size;
+                    let x = cast_to(hidden, compute).reshape([rows, self.config.hidden_size]);
+                    dipole_kernels::frozen::frozen_matmul(x, table.transpose()).reshape(dims)
+                } else {
+                    linear(cast_to(hidden, compute), cast_to(table, compute).transpose(), None)
+                }
             }
         };
         cast_to(logits, dtype)

@@ -154,7 +154,7 @@ impl<B: Backend> CausalLm<B> {
 
         let embed_dtype = matrices.resolve(source, "model.embed_tokens.weight");
         let embed = source.tensor("model.embed_tokens.weight", &[v, h], ParamKind::Matrix)?;
-        let embed_tokens = Param::from_tensor(tensor2::<B>(embed, [v, h], embed_dtype, device));
+        let embed_tokens = Param::from_tensor(tensor2::<B>("model.embed_tokens.weight", embed, [v, h], embed_dtype, device)?);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -210,11 +210,20 @@ impl<B: Backend> CausalLm<B> {
     }
 }
 
-/// A `[rows, cols]` tensor of `values` held in `dtype`.
-fn tensor2<B: Backend>(values: Vec<f32>, shape: [usize; 2], dtype: DType, device: &B::Device) -> Tensor<B, 2> {
+/// Tensor `name` `[rows, cols]` of `values` held in `dtype`; an error where a value is beyond f16's
+/// range (it would become infinite).
+fn tensor2<B: Backend>(name: &str, values: Vec<f32>, shape: [usize; 2], dtype: DType, device: &B::Device) -> Result<Tensor<B, 2>> {
+    if dtype == DType::F16
+        && let Some(index) = values.iter().position(|v| v.abs() > f32::from(half::f16::MAX))
+    {
+        return Err(ModelError::Config {
+            path: PathBuf::from(name),
+            message: format!("element {index} ({}) is beyond f16's range; hold the weights in bf16 or f32 (model.dtype)", values[index]),
+        });
+    }
     let data = TensorData::new(values, shape);
     let data = if dtype == DType::F32 { data } else { data.convert_dtype(dtype) };
-    Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype))
+    Ok(Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype)))
 }
 
 /// Loads `<name>.weight` (HF `[out, in]`, stored transposed as `[in, out]`) and `<name>.bias`.
@@ -229,7 +238,7 @@ fn load_linear<B: Backend>(
     let weight_name = format!("{name}.weight");
     let dtype = matrices.resolve(source, &weight_name);
     let w = source.tensor(&weight_name, &[out_dim, in_dim], ParamKind::Matrix)?;
-    let weight = tensor2::<B>(transpose(&w, out_dim, in_dim), [in_dim, out_dim], dtype, device);
+    let weight = tensor2::<B>(&weight_name, transpose(&w, out_dim, in_dim), [in_dim, out_dim], dtype, device)?;
     let bias = if bias {
         let b = source.tensor(&format!("{name}.bias"), &[out_dim], ParamKind::Bias)?;
         Some(Tensor::from_data(TensorData::new(b, [out_dim]), device))

@@ -169,7 +169,8 @@ impl Checkpoint {
 fn release(map: &Mmap, offset: usize, len: usize) {
     #[cfg(unix)]
     {
-        const PAGE: usize = 4096;
+        // a multiple of every page size Linux uses (4, 16 and 64 KiB), so the range is aligned
+        const PAGE: usize = 1 << 16;
         let start = offset.div_ceil(PAGE) * PAGE;
         let end = (offset + len) / PAGE * PAGE;
         if end > start {

@@ -70,7 +70,9 @@ impl CacheInputs {
             eval_pairs: eval.len(),
             ld_alpha: config.objective.ld_alpha,
             mixed_precision: config.train.mixed_precision.name().to_string(),
+            // a precomputed reference is the initial policy: held in model.dtype only with LoRA
             model_dtype: match config.model.dtype {
+                _ if !config.lora.enabled => "stored".into(),
                 WeightDtype::Auto | WeightDtype::F32 => "stored".into(),
                 WeightDtype::Bf16 => "bf16".into(),
                 WeightDtype::F16 => "f16".into(),

@@ -126,8 +126,9 @@ fn check_lora_fits<B: Backend>(lora: &dipole_lora::LoraConfig, model: &mut Causa
     Ok(())
 }
 
-/// TR-DPO's soft update: `alpha * policy + (1 - alpha) * reference`, weight by weight.
-fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: f64) -> TrainResult<CausalLm<B>> {
+/// TR-DPO's soft update: `alpha * policy + (1 - alpha) * reference`, weight by weight, the
+/// reference's matrices held in `matrices` as before.
+fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: f64, matrices: MatrixDtype) -> TrainResult<CausalLm<B>> {
     struct Mix(BTreeMap<String, Vec<f32>>);
     impl dipole_models::WeightSource for Mix {
         fn tensor(&mut self, name: &str, shape: &[usize], _kind: dipole_models::ParamKind) -> dipole_models::Result<Vec<f32>> {
@@ -144,7 +145,7 @@ fn mix_models<B: Backend>(policy: &CausalLm<B>, reference: &CausalLm<B>, alpha: 
         mixed.insert(name, p.iter().zip(r).map(|(p, r)| a * p + b * r).collect());
     }
     let device = reference.embed_tokens.device();
-    let mut model = CausalLm::from_source(reference.config.clone(), &mut Mix(mixed), &device)?;
+    let mut model = CausalLm::from_source_with(reference.config.clone(), &mut Mix(mixed), matrices, &device)?;
     model.set_mixed_precision(reference.mixed_precision);
     model.prefix_sharing = reference.prefix_sharing;
     model.padding_free = reference.padding_free;
@@ -174,6 +175,8 @@ pub(crate) struct References<B: AutodiffBackend> {
     /// `precompute`: training pairs' values, then eval pairs'.
     precomputed: Option<ReferenceCache>,
     train_len: usize,
+    /// How the frozen copy holds its matrices (`model.dtype`).
+    frozen_matrices: MatrixDtype,
 }
 
 impl<B: AutodiffBackend> References<B> {
@@ -185,7 +188,7 @@ impl<B: AutodiffBackend> References<B> {
         let frozen = match (strategy, checkpoint) {
             // TR-DPO's reference moves: a checkpoint holds the one it had reached.
             (ReferenceStrategy::FrozenCopy, Some(dir)) if config.train.sync_ref_model => {
-                let mut reference = CausalLm::<B::InnerBackend>::load(dir.join("reference"), device)?.0;
+                let mut reference = CausalLm::<B::InnerBackend>::load_with(dir.join("reference"), config.model.dtype.matrices(), device)?.0;
                 config.train.apply_to(&mut reference);
                 Some(reference)
             }
@@ -196,7 +199,7 @@ impl<B: AutodiffBackend> References<B> {
             (ReferenceStrategy::Precompute, (Examples::Pairs(train, _), Examples::Pairs(eval, _))) => Some(precompute::<B>(config, train, eval, pad, device)?),
             _ => None,
         };
-        Ok(Self { strategy, frozen, precomputed, train_len: sets.0.len() })
+        Ok(Self { strategy, frozen, precomputed, train_len: sets.0.len(), frozen_matrices: config.model.dtype.matrices() })
     }
 
     /// The reference for the examples at `indices` of the training set, or of the eval set.
@@ -218,7 +221,7 @@ impl<B: AutodiffBackend> References<B> {
     /// TR-DPO's sync: the frozen reference becomes `alpha * policy + (1 - alpha) * reference`.
     pub(crate) fn sync(&mut self, policy: &CausalLm<B>, alpha: f64) -> TrainResult<()> {
         let frozen = self.frozen.as_ref().expect("TR-DPO runs on frozen-copy (checked in new)");
-        self.frozen = Some(mix_models(&policy.valid(), frozen, alpha)?);
+        self.frozen = Some(mix_models(&policy.valid(), frozen, alpha, self.frozen_matrices)?);
         Ok(())
     }
 

@@ -54,6 +54,7 @@ const BAD: &[(&str, &str)] = &[
     ("lora.init=xavier", "--set \"lora.init=xavier\": unknown variant `xavier`, expected one of `kaiming`, `kaiming_uniform`, `gaussian`"),
     ("train.backend=tpu", "--set \"train.backend=tpu\": unknown variant `tpu`, expected one of `cpu`, `ndarray`, `wgpu`, `vulkan`, `metal`, `cuda`"),
     ("optim.learning_rat=1e-5", "--set \"optim.learning_rat=1e-5\": unknown field `learning_rat`, expected one of `learning_rate`, `adam_beta1`, `adam_beta2`, `adam_epsilon`, `weight_decay`, `max_grad_norm`, `lr_scheduler_type`, `warmup_ratio`, `warmup_steps`"),
+    ("model.dtype=\"int8\"", "--set \"model.dtype=\\\"int8\\\"\": unknown variant `int8`, expected one of `auto`, `f32`, `bf16`, `f16`"),
     ("train.gradient_checkpointing=\"full\"", "--set \"train.gradient_checkpointing=\\\"full\\\"\": \"full\": expected true, false, \"layers\" or \"balanced\""),
     ("train.gradient_checkpointing=1", "--set \"train.gradient_checkpointing=1\": expected true, false, \"layers\" or \"balanced\""),
     ("train.generation_temperature=-1.0", "--set: train.generation_temperature must be >= 0 and train.generation_top_p in (0, 1], got -1 and 1"),

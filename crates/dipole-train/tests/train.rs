@@ -351,6 +351,33 @@ fn layer_recompute_matches_trl() {
     assert_tensors_close(&summary.final_dir.join("adapter/adapter_model.safetensors"), &goldens().join("lora_after3/adapter_model.safetensors"));
 }
 
+/// `model.dtype = "auto"` on a bf16 checkpoint: the LoRA base stays bf16 and the run is the one
+/// with the base held in f32 (`model.dtype = "f32"`), step for step, with and without per-layer
+/// recompute; a full fine-tuning run's frozen reference copy is held in bf16 the same way.
+#[test]
+fn a_bf16_base_trains_as_its_f32_copy_does() {
+    let bf16 = tempfile::tempdir().unwrap();
+    let (fixture, _) = dipole_models::CausalLm::<Flex>::load(common::fixtures().join("tiny-llama"), &Default::default()).unwrap();
+    fixture.save_hf(bf16.path(), dipole_models::ExportDtype::BF16, usize::MAX, Some(&common::fixtures().join("tiny-llama"))).unwrap();
+    let run = |lora: bool, dtype: dipole_train::WeightDtype, checkpointing: dipole_train::GradientCheckpointing| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = golden_config(dir.path());
+        config.model.path = bf16.path().to_path_buf();
+        config.model.dtype = dtype;
+        config.lora.enabled = lora;
+        config.train.gradient_checkpointing = checkpointing;
+        train::<AD>(&config, &RunOptions::default(), &Default::default()).unwrap().step_losses
+    };
+    use dipole_train::{GradientCheckpointing as Gc, WeightDtype};
+    for (lora, checkpointing) in [(true, Gc::Off), (true, Gc::Layers), (false, Gc::Off)] {
+        let (want, got) = (run(lora, WeightDtype::F32, checkpointing), run(lora, WeightDtype::Auto, checkpointing));
+        assert_eq!(want.len(), 3);
+        for (w, g) in want.iter().zip(&got) {
+            assert!((w - g).abs() <= 1e-6 * w.abs().max(1.0), "LoRA {lora}, {checkpointing:?}: losses {got:?} vs {want:?}");
+        }
+    }
+}
+
 /// `train.mixed_precision`: bf16 / fp16 matmuls on f32 master weights follow TRL's fp32 run to
 /// half-precision accuracy, the saved weights stay f32, and fp16's loss scale is checkpointed.
 #[test]
