@@ -20,6 +20,7 @@ use burn::tensor::TensorData;
 
 #[macro_use]
 mod simd;
+pub mod adamw;
 pub mod attention;
 pub mod frozen;
 pub mod head;

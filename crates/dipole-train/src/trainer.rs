@@ -7,7 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
+use crate::optim::FusedAdamW;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use dipole_data::{CompletionInputs, PairInputs, PreferenceBatch, SequenceBatch, Tokenizer};
@@ -147,7 +148,7 @@ pub(crate) struct Trainer<'a, B: AutodiffBackend> {
     /// `None` only inside `step`, while the optimizer holds it (it takes the model by value, so
     /// the update can reuse the weights' memory).
     policy: Option<CausalLm<B>>,
-    optimizer: OptimizerAdaptor<AdamW, CausalLm<B>, B>,
+    optimizer: OptimizerAdaptor<FusedAdamW, CausalLm<B>, B>,
     recorder: NamedMpkFileRecorder<FullPrecisionSettings>,
     pub(crate) references: References<B>,
     pub(crate) state: TrainerState,
@@ -550,13 +551,14 @@ fn adamw<B: AutodiffBackend>(
     checkpoint: Option<&Path>,
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
     device: &B::Device,
-) -> TrainResult<OptimizerAdaptor<AdamW, CausalLm<B>, B>> {
-    let optimizer = AdamWConfig::new()
-        .with_beta_1(config.optim.adam_beta1 as f32)
-        .with_beta_2(config.optim.adam_beta2 as f32)
-        .with_epsilon(config.optim.adam_epsilon as f32)
-        .with_weight_decay(config.optim.weight_decay as f32)
-        .init::<B, CausalLm<B>>();
+) -> TrainResult<OptimizerAdaptor<FusedAdamW, CausalLm<B>, B>> {
+    let optimizer = FusedAdamW {
+        beta_1: config.optim.adam_beta1 as f32,
+        beta_2: config.optim.adam_beta2 as f32,
+        epsilon: config.optim.adam_epsilon as f32,
+        weight_decay: config.optim.weight_decay as f32,
+    }
+    .init::<B, CausalLm<B>>();
     let Some(dir) = checkpoint else { return Ok(optimizer) };
     let record = recorder.load(dir.join("optimizer"), device).map_err(at(&dir.join("optimizer.mpk")))?;
     Ok(optimizer.load_record(record))
