@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
-use burn::backend::Flex;
 use clap::Args;
-use dipole_models::{CausalLm, ExportDtype};
+use dipole_models::{ExportDtype, merge_checkpoint};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -18,8 +17,8 @@ pub struct ExportArgs {
     /// Output folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Storage dtype of the written weights: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
+    /// Storage dtype of the written weights: auto (the base's), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
     /// Largest shard in bytes before the weights are split with an index (HF default: 5 GB).
     #[arg(long, default_value_t = 5_000_000_000, value_parser = crate::flags::at_least_one)]
@@ -27,18 +26,15 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    let dtype = ExportDtype::parse(&args.dtype)
-        .ok_or_else(|| anyhow!("--dtype {:?}: expected f32, bf16 or f16", args.dtype))?;
-    let device = Default::default();
-    let (mut model, _) = CausalLm::<Flex>::load(&args.model, &device)?;
+    let dtype = match args.dtype.as_str() {
+        "auto" => None,
+        name => Some(ExportDtype::parse(name).ok_or_else(|| anyhow!("--dtype {name:?}: expected auto, f32, bf16 or f16"))?),
+    };
     if let Some(adapter) = &args.adapter {
-        let config = model
-            .load_adapter(adapter)
-            .with_context(|| format!("loading adapter {}", adapter.display()))?;
-        eprintln!("merging adapter r={} alpha={} into {}", config.r, config.lora_alpha, args.model.display());
+        eprintln!("merging {} into {}", adapter.display(), args.model.display());
     }
-    let model = model.into_merged();
-    model.save_hf(&args.out, dtype, args.max_shard_size, Some(&args.model))?;
-    eprintln!("wrote {} ({:?})", args.out.display(), dtype);
+    let written = merge_checkpoint(&args.model, args.adapter.as_deref(), &args.out, dtype, args.max_shard_size)
+        .with_context(|| format!("exporting {}", args.model.display()))?;
+    eprintln!("wrote {} ({written:?})", args.out.display());
     Ok(())
 }

@@ -215,7 +215,7 @@ impl<B: Backend> CausalLm<B> {
 /// rejected (an adapter saved after a diverged run would otherwise train or score as NaN). The
 /// values are decoded in dipole-lora, so this is a second pass, but over adapters only, a small
 /// fraction of a model.
-fn load_finite(dir: &Path) -> Result<PeftAdapter, LoraError> {
+pub(crate) fn load_finite(dir: &Path) -> Result<PeftAdapter, LoraError> {
     let peft = PeftAdapter::load(dir)?;
     for (module, m) in &peft.modules {
         for (which, values) in [("lora_A", &m.a), ("lora_B", &m.b)] {

@@ -63,6 +63,9 @@ pub enum ModelError {
         dtype: String,
         device: String,
     },
+    /// An adapter that cannot be read or does not fit the model.
+    #[error(transparent)]
+    Adapter(#[from] dipole_lora::LoraError),
     /// A model folder written out of its plan (tensors out of order, missing or of the wrong size).
     #[error("{dir}: {message}")]
     Write { dir: PathBuf, message: String },

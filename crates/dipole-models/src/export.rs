@@ -6,10 +6,14 @@ use std::path::Path;
 use burn::tensor::{DType, Tensor, backend::Backend};
 use dipole_lora::cast_to;
 
+use dipole_lora::{LoraError, PeftMatrices};
+
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::hf_writer::{HfWriter, TensorSpec};
 use crate::llama::CausalLm;
-use crate::load::transpose;
+use crate::load::{ParamKind, leftovers, transpose};
+use crate::weights::Checkpoint;
 
 /// Storage type of exported weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -145,4 +149,67 @@ pub(crate) fn write_config(config: &crate::ModelConfig, dtype: ExportDtype, dir:
     }
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&raw).expect("json")).map_err(|source| ModelError::Io { path, source })
+}
+
+/// Merges the PEFT adapter in `adapter` (if any) into the checkpoint in `base` and writes the merged
+/// Hugging Face folder to `out`, one tensor at a time: each is read (its file pages released), the
+/// adapter's `scale * B A` added in f32, and written to the shard being filled, so memory stays at
+/// one tensor whatever the model's size. `dtype` `None` writes the base's stored dtype. Tokenizer
+/// files are copied. Returns the dtype written.
+pub fn merge_checkpoint(base: &Path, adapter: Option<&Path>, out: &Path, dtype: Option<ExportDtype>, max_shard_bytes: usize) -> Result<ExportDtype> {
+    let config = ModelConfig::from_dir(base)?;
+    let mut checkpoint = Checkpoint::open(base)?;
+    let tensors = config.hf_tensors();
+    let peft = adapter.map(crate::adapters::load_finite).transpose()?;
+    if let Some(peft) = &peft {
+        for (module, m) in &peft.modules {
+            let name = format!("{module}.weight");
+            match tensors.iter().find(|(spec, kind)| spec.name == name && *kind == ParamKind::Matrix) {
+                Some((spec, _)) if spec.shape == [m.out_features, m.in_features] => {}
+                Some((spec, _)) => {
+                    return Err(LoraError::Mismatch(format!("{module}: adapter is {}x{} (out x in), the layer is {}x{}", m.out_features, m.in_features, spec.shape[0], spec.shape[1])).into());
+                }
+                None => return Err(LoraError::Mismatch(format!("the adapter has {module:?}, which this model does not")).into()),
+            }
+        }
+    }
+    let dtype = dtype.unwrap_or(match checkpoint.dtype("model.embed_tokens.weight") {
+        Some(DType::BF16) => ExportDtype::BF16,
+        Some(DType::F16) => ExportDtype::F16,
+        _ => ExportDtype::F32,
+    });
+    let mut writer = HfWriter::create(out, tensors.iter().map(|(spec, _)| spec.clone()).collect(), dtype, max_shard_bytes)?;
+    for (spec, _) in &tensors {
+        let mut values = checkpoint.take(&spec.name, &spec.shape)?;
+        let module = spec.name.strip_suffix(".weight");
+        if let (Some(peft), Some(module)) = (&peft, module)
+            && let Some(m) = peft.modules.get(module)
+        {
+            add_delta(&mut values, m, peft.config.scale() as f32);
+        }
+        writer.write(&spec.name, &values)?;
+    }
+    leftovers(&checkpoint, &config, base)?;
+    writer.finish()?;
+    write_config(&config, dtype, out)?;
+    for name in SIDE_FILES {
+        let from = base.join(name);
+        if from.exists() {
+            std::fs::copy(&from, out.join(name)).map_err(|source| ModelError::Io { path: from.clone(), source })?;
+        }
+    }
+    Ok(dtype)
+}
+
+/// `w += scale * B A` for PEFT's `A` `[r, in]` and `B` `[out, r]`, `w` `[out, in]` row-major.
+fn add_delta(w: &mut [f32], m: &PeftMatrices, scale: f32) {
+    let (r, n) = (m.r, m.in_features);
+    for (o, row) in w.chunks_mut(n).enumerate() {
+        for k in 0..r {
+            let b = scale * m.b[o * r + k];
+            if b != 0.0 {
+                row.iter_mut().zip(&m.a[k * n..(k + 1) * n]).for_each(|(x, a)| *x += b * a);
+            }
+        }
+    }
 }

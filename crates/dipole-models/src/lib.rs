@@ -27,7 +27,7 @@ pub mod weights;
 pub use checkpointing::LayerTape;
 pub use config::{Architecture, LlamaShape, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
-pub use export::ExportDtype;
+pub use export::{ExportDtype, merge_checkpoint};
 pub use generate::GenerateOptions;
 pub use hf_writer::{HfWriter, TensorSpec, write_random_init};
 pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes};

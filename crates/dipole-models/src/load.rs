@@ -119,17 +119,7 @@ impl<B: Backend> CausalLm<B> {
         let config = ModelConfig::from_dir(dir)?;
         let mut checkpoint = Checkpoint::open(dir)?;
         let model = Self::from_source_with(config, &mut checkpoint, matrices, device)?;
-        let (ignored, unexpected): (Vec<String>, Vec<String>) = checkpoint
-            .untaken()
-            .into_iter()
-            .partition(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"));
-        if !unexpected.is_empty() {
-            return Err(ModelError::Unexpected {
-                dir: PathBuf::from(dir),
-                architecture: model.config.architecture.model_type().to_string(),
-                names: unexpected,
-            });
-        }
+        let ignored = leftovers(&checkpoint, &model.config, dir)?;
         Ok((model, LoadReport { ignored }))
     }
 
@@ -208,6 +198,19 @@ impl<B: Backend> CausalLm<B> {
             fused_head: true,
         })
     }
+}
+
+/// The tensors of `checkpoint` a model of `config` did not take: the known-harmless ones (a tied
+/// `lm_head.weight`, rotary `inv_freq` buffers), or an error naming the others.
+pub(crate) fn leftovers(checkpoint: &Checkpoint, config: &ModelConfig, dir: &Path) -> Result<Vec<String>> {
+    let (ignored, unexpected): (Vec<String>, Vec<String>) = checkpoint
+        .untaken()
+        .into_iter()
+        .partition(|name| name == "lm_head.weight" || name.ends_with("rotary_emb.inv_freq"));
+    if !unexpected.is_empty() {
+        return Err(ModelError::Unexpected { dir: PathBuf::from(dir), architecture: config.architecture.model_type().to_string(), names: unexpected });
+    }
+    Ok(ignored)
 }
 
 /// Tensor `name` `[rows, cols]` of `values` held in `dtype`; an error where a value is beyond f16's

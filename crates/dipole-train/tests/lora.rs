@@ -105,6 +105,47 @@ fn merge_unmerge_and_merged_export() {
     assert_close(&logps(&exported), &adapted, 1e-4, "exported");
 }
 
+/// `merge_checkpoint` (what `cargo xtask export` runs) merges tensor by tensor from the files: the
+/// weights of the in-memory merge within f32 rounding, the log-probs of the adapted model, the
+/// base's stored dtype by default (bf16 stays bf16), and an adapter that does not fit is an error
+/// naming its module.
+#[test]
+fn streaming_export_equals_the_in_memory_merge() {
+    let adapter = goldens().join("lora_random");
+    let mut model = base();
+    model.load_adapter(&adapter).unwrap();
+    let adapted = logps(&model);
+    let want = model.into_merged().hf_tensors();
+    let dir = tempfile::tempdir().unwrap();
+    let written = dipole_models::merge_checkpoint(&fixtures().join("tiny-llama"), Some(&adapter), dir.path(), None, 200_000).unwrap();
+    assert_eq!(written, ExportDtype::F32, "the fixture is stored in f32");
+    assert!(dir.path().join("model.safetensors.index.json").exists() && dir.path().join("tokenizer.json").exists());
+    let (exported, _) = CausalLm::<Flex>::load(dir.path(), &Default::default()).unwrap();
+    for ((name, _, got), (_, _, w)) in exported.hf_tensors().iter().zip(&want) {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = got.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-6 * scale, "{name}: differs by {worst}");
+    }
+    assert_close(&logps(&exported), &adapted, 1e-4, "streamed export");
+
+    // a bf16 base is written in bf16
+    let bf16 = tempfile::tempdir().unwrap();
+    base().save_hf(bf16.path(), ExportDtype::BF16, usize::MAX, Some(&fixtures().join("tiny-llama"))).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(dipole_models::merge_checkpoint(bf16.path(), Some(&adapter), out.path(), None, usize::MAX).unwrap(), ExportDtype::BF16);
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+
+    // an adapter naming a layer the model does not have
+    let mut peft = dipole_lora::PeftAdapter::load(&adapter).unwrap();
+    let (module, m) = peft.modules.pop_first().unwrap();
+    peft.modules.insert(module.replace("layers.0.", "layers.7."), m);
+    let bad = tempfile::tempdir().unwrap();
+    peft.save(bad.path()).unwrap();
+    let err = dipole_models::merge_checkpoint(&fixtures().join("tiny-llama"), Some(bad.path()), tempfile::tempdir().unwrap().path(), None, usize::MAX).unwrap_err().to_string();
+    assert!(err.contains("model.layers.7.") && err.contains("which this model does not"), "{err}");
+}
+
 #[test]
 fn sft_adapter_as_reference() {
     // policy = base + trainable adapter (starts at PEFT's init: B = 0), reference = base + SFT adapter
