@@ -453,8 +453,8 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
     /// batches; only the steps after the warmup are timed.
     fn train_timed(&self, mut policy: CausalLm<AB>, device: &AB::Device) -> Timed {
         let objective = ObjectiveConfig::default();
-        // the trainer's AdamW (TRL's defaults: betas 0.9 / 0.999, eps 1e-8, no weight decay)
-        let mut optimizer = dipole_train::FusedAdamW { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-8, weight_decay: 0.0 }.init::<AB, CausalLm<AB>>();
+        // the trainer's AdamW with the config's defaults (TRL's: betas 0.9 / 0.999, eps 1e-8, no weight decay)
+        let mut optimizer = dipole_train::FusedAdamW::of(&dipole_train::config::OptimSection::default()).init::<AB, CausalLm<AB>>();
         let mut state = ObjectiveState::default();
         let mut timed = Timed { seconds: 0.0, phases: PhaseSeconds::default() };
         for step in 0..self.args.warmup + self.args.steps {

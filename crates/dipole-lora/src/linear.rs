@@ -229,10 +229,8 @@ impl<B: Backend> LoraLinear<B> {
         if self.merged {
             return;
         }
-        if let Some(adapter) = &self.adapter {
-            let w = self.shifted(adapter.delta().detach());
-            let trainable = self.weight.val().is_require_grad();
-            self.weight = Param::initialized(self.weight.id, w.set_require_grad(trainable));
+        if let Some(delta) = self.adapter.as_ref().map(|a| a.delta().detach()) {
+            self.shift_weight(delta);
             self.merged = true;
         }
     }
@@ -242,19 +240,19 @@ impl<B: Backend> LoraLinear<B> {
         if !self.merged {
             return;
         }
-        if let Some(adapter) = &self.adapter {
-            let w = self.shifted(adapter.delta().detach().neg());
-            let trainable = self.weight.val().is_require_grad();
-            self.weight = Param::initialized(self.weight.id, w.set_require_grad(trainable));
+        if let Some(delta) = self.adapter.as_ref().map(|a| a.delta().detach()) {
+            self.shift_weight(delta.neg());
         }
         self.merged = false;
     }
 
-    /// `weight + delta`, added in the delta's dtype and stored in the weight's.
-    fn shifted(&self, delta: Tensor<B, 2>) -> Tensor<B, 2> {
+    /// `weight += delta`, added in the delta's dtype and stored in the weight's; the parameter
+    /// keeps its id and whether it trains.
+    fn shift_weight(&mut self, delta: Tensor<B, 2>) {
         let w = self.weight.val().detach();
-        let dtype = w.dtype();
-        cast_to(cast_to(w, delta.dtype()) + delta, dtype)
+        let (dtype, trainable) = (w.dtype(), self.weight.val().is_require_grad());
+        let shifted = cast_to(cast_to(w, delta.dtype()) + delta, dtype);
+        self.weight = Param::initialized(self.weight.id, shifted.set_require_grad(trainable));
     }
 }
 

@@ -196,19 +196,24 @@ impl<B: Backend> CausalLm<B> {
 
     /// Number of parameters that receive gradients (meaningful on an autodiff backend).
     pub fn num_trainable_params(&self) -> usize {
-        struct Count(usize);
-        impl<B: Backend> ModuleVisitor<B> for Count {
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-                let t = param.val();
-                if t.is_require_grad() {
-                    self.0 += t.shape().num_elements();
-                }
+        trainable_values(self)
+    }
+}
+
+/// Number of values of `module`'s parameters that receive gradients.
+pub(crate) fn trainable_values<B: Backend, M: Module<B>>(module: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let t = param.val();
+            if t.is_require_grad() {
+                self.0 += t.shape().num_elements();
             }
         }
-        let mut count = Count(0);
-        self.visit(&mut count);
-        count.0
     }
+    let mut count = Count(0);
+    module.visit(&mut count);
+    count.0
 }
 
 /// [`PeftAdapter::load`], rejecting NaN or infinite matrices the way a base checkpoint's are

@@ -13,6 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Distribution, Int, Tensor};
 
+use crate::adapters::trainable_values;
 use crate::llama::{CausalLm, Rotations, embed_rows};
 
 /// Rows that go through the layers together: their token ids, RoPE rotations and each layer's
@@ -98,7 +99,7 @@ impl<B: Backend> LayerTape<B> {
         let xs: Vec<Tensor<B, 3>> = xs.into_iter().map(untracked).collect();
         self.inputs.push(xs.clone());
         let frozen = model.layers[i].clone().no_grad();
-        self.seeded(i, &xs[0].device(), || model.layer_forward(&frozen, i, xs, &self.pass, None, self.recompute_attention))
+        self.seeded(i, &xs[0].device(), || frozen.forward_pass(i, xs, &self.pass, None, self.recompute_attention))
     }
 
     /// The last layer's outputs as leaves for the loss's graph.
@@ -134,12 +135,12 @@ impl<B: AutodiffBackend> LayerTape<B> {
 
         let embeddings_train = model.embed_tokens.val().is_require_grad();
         // below the lowest trainable layer (embeddings frozen) nothing needs a gradient
-        let lowest = if embeddings_train { 0 } else { model.layers.iter().position(trains).unwrap_or(model.layers.len()) };
+        let lowest = if embeddings_train { 0 } else { model.layers.iter().position(|layer| trainable_values(layer) > 0).unwrap_or(model.layers.len()) };
         for i in (lowest..model.layers.len()).rev() {
             let inputs = self.inputs.pop().expect("one input per layer");
             let wants_input = i > lowest || embeddings_train;
             let xs: Vec<Tensor<B, 3>> = inputs.into_iter().map(|x| if wants_input { x.require_grad() } else { x }).collect();
-            let ys = self.seeded(i, &xs[0].device(), || model.layer_forward(&model.layers[i], i, xs.clone(), &self.pass, None, self.recompute_attention));
+            let ys = self.seeded(i, &xs[0].device(), || model.layers[i].forward_pass(i, xs.clone(), &self.pass, None, self.recompute_attention));
             let Some(loss) = surrogate(ys, &upstream) else { return params };
             let mut layer_grads = loss.backward();
             model.layers[i].visit(&mut Collect::<B> { grads: &mut layer_grads, into: &mut params });
@@ -163,19 +164,6 @@ fn surrogate<B: AutodiffBackend>(ys: Vec<Tensor<B, 3>>, upstream: &[Option<Tenso
         .zip(upstream)
         .filter_map(|(y, g)| g.as_ref().map(|g| (y * Tensor::from_inner(g.clone())).sum()))
         .reduce(|a, b| a + b)
-}
-
-/// Whether any parameter of `layer` is trained.
-fn trains<B: Backend, M: Module<B>>(layer: &M) -> bool {
-    struct Any(bool);
-    impl<B: Backend> ModuleVisitor<B> for Any {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 |= param.val().is_require_grad();
-        }
-    }
-    let mut any = Any(false);
-    layer.visit(&mut any);
-    any.0
 }
 
 /// Moves a module's parameters' gradients from an autodiff pass into `into`, adding to what is

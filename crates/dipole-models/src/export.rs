@@ -4,13 +4,11 @@
 use std::path::Path;
 
 use burn::tensor::{DType, Tensor, backend::Backend};
-use dipole_lora::cast_to;
-
-use dipole_lora::{LoraError, PeftMatrices};
+use dipole_lora::{LoraError, PeftMatrices, cast_to};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::hf_writer::{HfWriter, TensorSpec};
+use crate::hf_writer::{HfWriter, TensorSpec, io};
 use crate::llama::CausalLm;
 use crate::load::{ParamKind, leftovers, transpose};
 use crate::weights::Checkpoint;
@@ -83,8 +81,6 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().expect("f32 values")
 }
 
-
-
 impl<B: Backend> CausalLm<B> {
     /// Every weight under its HF name and shape (`[out, in]` for projections), adapters merged in.
     pub fn hf_tensors(&self) -> Vec<(String, Vec<usize>, Vec<f32>)> {
@@ -116,10 +112,6 @@ impl<B: Backend> CausalLm<B> {
     /// Writes an HF model folder to `dir`: adapters merged, `dtype` storage, shards of at most
     /// `max_shard_bytes`, tokenizer files copied from `source_dir` when given.
     pub fn save_hf(&self, dir: &Path, dtype: ExportDtype, max_shard_bytes: usize, source_dir: Option<&Path>) -> Result<()> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ModelError::Io { path, source }
-        };
         let tensors = self.hf_tensors();
         let specs = tensors.iter().map(|(name, shape, _)| TensorSpec { name: name.clone(), shape: shape.clone() }).collect();
         let mut writer = HfWriter::create(dir, specs, dtype, max_shard_bytes)?;
@@ -128,20 +120,26 @@ impl<B: Backend> CausalLm<B> {
         }
         writer.finish()?;
         write_config(&self.config, dtype, dir)?;
-        if let Some(src) = source_dir {
-            for name in SIDE_FILES {
-                let from = src.join(name);
-                if from.exists() {
-                    std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
-                }
-            }
+        match source_dir {
+            Some(src) => copy_side_files(src, dir),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
+/// The tokenizer and generation files of `src` ([`SIDE_FILES`]) that exist, copied into `dir`.
+fn copy_side_files(src: &Path, dir: &Path) -> Result<()> {
+    for name in SIDE_FILES {
+        let from = src.join(name);
+        if from.exists() {
+            std::fs::copy(&from, dir.join(name)).map_err(io(&from))?;
+        }
+    }
+    Ok(())
+}
+
 /// `config.json` of `config` as read, its dtype keys set to `dtype`.
-pub(crate) fn write_config(config: &crate::ModelConfig, dtype: ExportDtype, dir: &Path) -> Result<()> {
+pub(crate) fn write_config(config: &ModelConfig, dtype: ExportDtype, dir: &Path) -> Result<()> {
     let mut raw = config.raw.clone();
     if let Some(obj) = raw.as_object_mut() {
         obj.insert("torch_dtype".into(), dtype.hf_name().into());
@@ -192,12 +190,7 @@ pub fn merge_checkpoint(base: &Path, adapter: Option<&Path>, out: &Path, dtype: 
     leftovers(&checkpoint, &config, base)?;
     writer.finish()?;
     write_config(&config, dtype, out)?;
-    for name in SIDE_FILES {
-        let from = base.join(name);
-        if from.exists() {
-            std::fs::copy(&from, out.join(name)).map_err(|source| ModelError::Io { path: from.clone(), source })?;
-        }
-    }
+    copy_side_files(base, out)?;
     Ok(dtype)
 }
 

@@ -36,7 +36,8 @@ pub struct HfWriter {
     open: Option<(usize, BufWriter<File>)>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + use<> {
+/// An I/O error of `path`, for `map_err`.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + use<> {
     let path = path.to_path_buf();
     move |source| ModelError::Io { path, source }
 }
@@ -90,15 +91,14 @@ impl HfWriter {
                 message: format!("expected tensor {} of shape {:?} next, got {name} with {} values", spec.name, spec.shape, values.len()),
             });
         }
+        let path = self.dir.join(&self.shards[k].0);
         if self.open.as_ref().is_none_or(|(open, _)| *open != k) {
             self.close_shard()?;
-            let path = self.dir.join(&self.shards[k].0);
             let mut file = BufWriter::with_capacity(1 << 22, File::create(&path).map_err(io(&path))?);
             file.write_all(&self.header(k)).map_err(io(&path))?;
             self.open = Some((k, file));
         }
         let (_, file) = self.open.as_mut().expect("a shard is open");
-        let path = self.dir.join(&self.shards[k].0);
         file.write_all(&self.dtype.encode(values)).map_err(io(&path))?;
         self.next += 1;
         Ok(())

@@ -491,35 +491,13 @@ impl<B: Backend> CausalLm<B> {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             xs = match tape.as_deref_mut() {
                 Some(tape) => tape.record_layer(self, i, xs),
-                None => self.layer_forward(layer, i, xs, pass, slot, self.attention_recompute),
+                None => layer.forward_pass(i, xs, pass, slot, self.attention_recompute),
             };
         }
         if let Some(tape) = tape {
             xs = tape.record_outputs(xs);
         }
         xs.into_iter().map(|x| self.norm.forward(x)).collect()
-    }
-
-    /// Decoder layer `i` (this model's, or a copy of it) on every stream of `pass`: a prefixed
-    /// pass's suffix rows attend after their pair's prefix keys and values; with `recompute`,
-    /// attention keeps no probabilities for the backward pass.
-    pub(crate) fn layer_forward(&self, layer: &DecoderLayer<B>, i: usize, xs: Vec<Tensor<B, 3>>, pass: &Pass<B>, cache: Option<&mut Option<LayerCache<B>>>, recompute: bool) -> Vec<Tensor<B, 3>> {
-        if !pass.prefixed {
-            let (x, rows) = (xs.into_iter().next().expect("one stream"), &pass.streams[0]);
-            return vec![layer.forward(x, &rows.rotary, rows.masks[i].clone(), cache, recompute)];
-        }
-        let [prefix_x, suffix_x]: [Tensor<B, 3>; 2] = xs.try_into().unwrap_or_else(|_| panic!("a prefixed pass has two streams"));
-        let (prefix, suffix) = (&pass.streams[0], &pass.streams[1]);
-        let mut slot = None;
-        let prefix_y = layer.forward(prefix_x, &prefix.rotary, prefix.masks[i].clone(), Some(&mut slot), recompute);
-        // row p of the prefixes serves rows p and P + p (a pair's chosen and rejected suffixes)
-        let kv = slot.expect("attention fills its cache slot");
-        let mut slot = Some(LayerCache {
-            key: Tensor::cat(vec![kv.key.clone(), kv.key], 0),
-            value: Tensor::cat(vec![kv.value.clone(), kv.value], 0),
-        });
-        let suffix_y = layer.forward(suffix_x, &suffix.rotary, suffix.masks[i].clone(), Some(&mut slot), recompute);
-        vec![prefix_y, suffix_y]
     }
 
     /// Turns mixed precision on or off for every matmul (parameters keep their dtype).
@@ -553,6 +531,28 @@ impl<B: Backend> DecoderLayer<B> {
         let x = x + cast_to(attn, dtype);
         let mlp = self.mlp.forward(self.post_attention_layernorm.forward(x.clone()));
         x + cast_to(mlp, dtype)
+    }
+
+    /// This layer, the model's `i`th, on every stream of `pass`: a prefixed pass's suffix rows
+    /// attend after their pair's prefix keys and values; with `recompute`, attention keeps no
+    /// probabilities for the backward pass.
+    pub(crate) fn forward_pass(&self, i: usize, xs: Vec<Tensor<B, 3>>, pass: &Pass<B>, cache: Option<&mut Option<LayerCache<B>>>, recompute: bool) -> Vec<Tensor<B, 3>> {
+        if !pass.prefixed {
+            let (x, rows) = (xs.into_iter().next().expect("one stream"), &pass.streams[0]);
+            return vec![self.forward(x, &rows.rotary, rows.masks[i].clone(), cache, recompute)];
+        }
+        let [prefix_x, suffix_x]: [Tensor<B, 3>; 2] = xs.try_into().unwrap_or_else(|_| panic!("a prefixed pass has two streams"));
+        let (prefix, suffix) = (&pass.streams[0], &pass.streams[1]);
+        let mut slot = None;
+        let prefix_y = self.forward(prefix_x, &prefix.rotary, prefix.masks[i].clone(), Some(&mut slot), recompute);
+        // row p of the prefixes serves rows p and P + p (a pair's chosen and rejected suffixes)
+        let kv = slot.expect("attention fills its cache slot");
+        let mut slot = Some(LayerCache {
+            key: Tensor::cat(vec![kv.key.clone(), kv.key], 0),
+            value: Tensor::cat(vec![kv.value.clone(), kv.value], 0),
+        });
+        let suffix_y = self.forward(suffix_x, &suffix.rotary, suffix.masks[i].clone(), Some(&mut slot), recompute);
+        vec![prefix_y, suffix_y]
     }
 
     /// The seven projections with their HF module names.

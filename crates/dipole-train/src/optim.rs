@@ -9,6 +9,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Device, Tensor};
 use dipole_kernels::adamw::{AdamWStep, adamw_step};
 
+use crate::config::OptimSection;
+
 /// AdamW's hyper-parameters (no AMSGrad).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FusedAdamW {
@@ -19,6 +21,11 @@ pub struct FusedAdamW {
 }
 
 impl FusedAdamW {
+    /// The hyper-parameters of a config's `[optim]` section.
+    pub fn of(optim: &OptimSection) -> Self {
+        FusedAdamW { beta_1: optim.adam_beta1 as f32, beta_2: optim.adam_beta2 as f32, epsilon: optim.adam_epsilon as f32, weight_decay: optim.weight_decay as f32 }
+    }
+
     /// The optimizer over a module's parameters (burn's adaptor: one state per parameter id).
     pub fn init<B: AutodiffBackend, M: AutodiffModule<B>>(self) -> OptimizerAdaptor<FusedAdamW, M, B> {
         OptimizerAdaptor::from(self)

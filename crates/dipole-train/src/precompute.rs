@@ -72,10 +72,9 @@ impl CacheInputs {
             mixed_precision: config.train.mixed_precision.name().to_string(),
             // a precomputed reference is the initial policy: held in model.dtype only with LoRA
             model_dtype: match config.model.dtype {
-                _ if !config.lora.enabled => "stored".into(),
-                WeightDtype::Auto | WeightDtype::F32 => "stored".into(),
-                WeightDtype::Bf16 => "bf16".into(),
-                WeightDtype::F16 => "f16".into(),
+                WeightDtype::Bf16 if config.lora.enabled => "bf16".into(),
+                WeightDtype::F16 if config.lora.enabled => "f16".into(),
+                _ => "stored".into(),
             },
         })
     }

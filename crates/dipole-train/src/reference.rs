@@ -185,21 +185,22 @@ impl<B: AutodiffBackend> References<B> {
         if config.train.sync_ref_model && strategy != ReferenceStrategy::FrozenCopy {
             return Err(TrainError::invalid(format!("train.sync_ref_model (TR-DPO) needs train.reference = \"frozen-copy\", not {strategy:?}")));
         }
+        let frozen_matrices = config.model.dtype.matrices();
         let frozen = match (strategy, checkpoint) {
             // TR-DPO's reference moves: a checkpoint holds the one it had reached.
             (ReferenceStrategy::FrozenCopy, Some(dir)) if config.train.sync_ref_model => {
-                let mut reference = CausalLm::<B::InnerBackend>::load_with(dir.join("reference"), config.model.dtype.matrices(), device)?.0;
+                let mut reference = CausalLm::<B::InnerBackend>::load_with(dir.join("reference"), frozen_matrices, device)?.0;
                 config.train.apply_to(&mut reference);
                 Some(reference)
             }
-            (ReferenceStrategy::FrozenCopy, _) => Some(base_model::<B::InnerBackend>(config, config.model.dtype.matrices(), device)?),
+            (ReferenceStrategy::FrozenCopy, _) => Some(base_model::<B::InnerBackend>(config, frozen_matrices, device)?),
             _ => None,
         };
         let precomputed = match (strategy, sets) {
             (ReferenceStrategy::Precompute, (Examples::Pairs(train, _), Examples::Pairs(eval, _))) => Some(precompute::<B>(config, train, eval, pad, device)?),
             _ => None,
         };
-        Ok(Self { strategy, frozen, precomputed, train_len: sets.0.len(), frozen_matrices: config.model.dtype.matrices() })
+        Ok(Self { strategy, frozen, precomputed, train_len: sets.0.len(), frozen_matrices })
     }
 
     /// The reference for the examples at `indices` of the training set, or of the eval set.

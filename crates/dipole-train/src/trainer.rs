@@ -552,13 +552,7 @@ fn adamw<B: AutodiffBackend>(
     recorder: &NamedMpkFileRecorder<FullPrecisionSettings>,
     device: &B::Device,
 ) -> TrainResult<OptimizerAdaptor<FusedAdamW, CausalLm<B>, B>> {
-    let optimizer = FusedAdamW {
-        beta_1: config.optim.adam_beta1 as f32,
-        beta_2: config.optim.adam_beta2 as f32,
-        epsilon: config.optim.adam_epsilon as f32,
-        weight_decay: config.optim.weight_decay as f32,
-    }
-    .init::<B, CausalLm<B>>();
+    let optimizer = FusedAdamW::of(&config.optim).init::<B, CausalLm<B>>();
     let Some(dir) = checkpoint else { return Ok(optimizer) };
     let record = recorder.load(dir.join("optimizer"), device).map_err(at(&dir.join("optimizer.mpk")))?;
     Ok(optimizer.load_record(record))
