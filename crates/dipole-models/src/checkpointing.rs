@@ -8,7 +8,7 @@
 //! is held), so the recompute is not an op on the loss's graph: the loss's graph starts at the
 //! last layer's output (a leaf), and [`LayerTape::backward`] carries its gradient down the layers.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Bool, Distribution, Int, Tensor};
@@ -124,13 +124,21 @@ static SEEDED_DRAWS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl<B: AutodiffBackend> LayerTape<B> {
     /// The gradients of `model`'s trainable parameters for the loss whose backward pass gave
-    /// `grads`: those the loss's graph reached (final norm, LM head), then each layer's, last to
-    /// first, from the layer run again on its kept inputs, then the embeddings'. `model` is the
-    /// one that made the tape.
-    pub fn backward(mut self, model: &CausalLm<B>, mut grads: B::Gradients) -> GradientsParams {
-        let mut upstream: Vec<Option<Tensor<B::InnerBackend, 3>>> = self.outputs.iter().map(|y| y.grad_remove(&mut grads)).collect();
+    /// `grads` (see [`backward_into`](Self::backward_into)).
+    pub fn backward(self, model: &CausalLm<B>, grads: B::Gradients) -> GradientsParams {
         let mut params = GradientsParams::new();
-        model.visit(&mut Collect::<B> { grads: &mut grads, into: &mut params });
+        self.backward_into(model, grads, &mut params);
+        params
+    }
+
+    /// Gives `sink` the gradients of `model`'s trainable parameters for the loss whose backward
+    /// pass gave `grads`: each layer's as soon as it is made, last layer first, from the layer run
+    /// again on its kept inputs; then those the loss's graph reached (final norm, LM head) with the
+    /// embeddings' (a tied embedding's two parts added first). `model` is the one that made the tape.
+    pub fn backward_into(mut self, model: &CausalLm<B>, mut grads: B::Gradients, sink: &mut impl GradientSink<B>) {
+        let mut upstream: Vec<Option<Tensor<B::InnerBackend, 3>>> = self.outputs.iter().map(|y| y.grad_remove(&mut grads)).collect();
+        let mut top = GradientsParams::new();
+        give_gradients(model, &mut grads, &mut top);
         drop(grads);
 
         let embeddings_train = model.embed_tokens.val().is_require_grad();
@@ -141,19 +149,22 @@ impl<B: AutodiffBackend> LayerTape<B> {
             let wants_input = i > lowest || embeddings_train;
             let xs: Vec<Tensor<B, 3>> = inputs.into_iter().map(|x| if wants_input { x.require_grad() } else { x }).collect();
             let ys = self.seeded(i, &xs[0].device(), || model.layers[i].forward_pass(i, xs.clone(), &self.pass, None, self.recompute_attention));
-            let Some(loss) = surrogate(ys, &upstream) else { return params };
+            let Some(loss) = surrogate(ys, &upstream) else {
+                upstream.clear();
+                break;
+            };
             let mut layer_grads = loss.backward();
-            model.layers[i].visit(&mut Collect::<B> { grads: &mut layer_grads, into: &mut params });
+            give_gradients(&model.layers[i], &mut layer_grads, sink);
             upstream = xs.iter().map(|x| if wants_input { x.grad(&layer_grads) } else { None }).collect();
         }
         if embeddings_train {
             let embedded = self.pass.streams.iter().map(|rows| embed_rows(model.embed_tokens.val(), rows.ids.clone())).collect();
             if let Some(loss) = surrogate(embedded, &upstream) {
                 let mut embed_grads = loss.backward();
-                model.embed_tokens.visit(&mut Collect::<B> { grads: &mut embed_grads, into: &mut params });
+                give_gradients(&model.embed_tokens, &mut embed_grads, &mut top);
             }
         }
-        params
+        move_gradients(model, &mut top, sink);
     }
 }
 
@@ -166,25 +177,54 @@ fn surrogate<B: AutodiffBackend>(ys: Vec<Tensor<B, 3>>, upstream: &[Option<Tenso
         .reduce(|a, b| a + b)
 }
 
-/// Moves a module's parameters' gradients from an autodiff pass into `into`, adding to what is
-/// there (a tied embedding gets the LM head's and the embedding's).
-struct Collect<'a, B: AutodiffBackend> {
-    grads: &'a mut B::Gradients,
-    into: &'a mut GradientsParams,
+/// Where a backward pass puts its parameters' gradients, each parameter's once per pass; a sink
+/// may sum several passes' (micro-batches, or shards running side by side).
+pub trait GradientSink<B: AutodiffBackend> {
+    fn give<const D: usize>(&mut self, id: ParamId, grad: Tensor<B::InnerBackend, D>);
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(grad) = param.val().grad_remove(self.grads) {
-            let grad = match self.into.remove::<B::InnerBackend, D>(param.id) {
-                Some(earlier) => earlier + grad,
-                None => grad,
-            };
-            self.into.register::<B::InnerBackend, D>(param.id, grad);
-        }
+/// An accumulator: a gradient is added to the one already there.
+impl<B: AutodiffBackend> GradientSink<B> for GradientsParams {
+    fn give<const D: usize>(&mut self, id: ParamId, grad: Tensor<B::InnerBackend, D>) {
+        let grad = match self.remove::<B::InnerBackend, D>(id) {
+            Some(earlier) => earlier + grad,
+            None => grad,
+        };
+        self.register::<B::InnerBackend, D>(id, grad);
     }
 }
 
+/// Moves the gradients of `module`'s parameters from an autodiff backward pass into `sink`.
+pub fn give_gradients<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut B::Gradients, sink: &mut impl GradientSink<B>) {
+    struct Give<'a, B: AutodiffBackend, S> {
+        grads: &'a mut B::Gradients,
+        into: &'a mut S,
+    }
+    impl<B: AutodiffBackend, S: GradientSink<B>> ModuleVisitor<B> for Give<'_, B, S> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = param.val().grad_remove(self.grads) {
+                self.into.give(param.id, grad);
+            }
+        }
+    }
+    module.visit(&mut Give::<B, _> { grads, into: sink });
+}
+
+/// Moves the gradients of `module`'s parameters from `from` into `sink`.
+fn move_gradients<B: AutodiffBackend, M: Module<B>>(module: &M, from: &mut GradientsParams, sink: &mut impl GradientSink<B>) {
+    struct Move<'a, S> {
+        from: &'a mut GradientsParams,
+        into: &'a mut S,
+    }
+    impl<B: AutodiffBackend, S: GradientSink<B>> ModuleVisitor<B> for Move<'_, S> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(grad) = self.from.remove::<B::InnerBackend, D>(param.id) {
+                self.into.give(param.id, grad);
+            }
+        }
+    }
+    module.visit(&mut Move { from, into: sink });
+}
 #[cfg(test)]
 mod tests {
     use super::*;

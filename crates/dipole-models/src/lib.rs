@@ -24,7 +24,7 @@ pub mod rng;
 pub mod rope;
 pub mod weights;
 
-pub use checkpointing::LayerTape;
+pub use checkpointing::{GradientSink, LayerTape, give_gradients};
 pub use config::{Architecture, LlamaShape, ModelConfig, RopeConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use export::{ExportDtype, merge_checkpoint};

@@ -1,5 +1,5 @@
 //! Gradient handling with PyTorch semantics: one global L2 norm over every trainable parameter
-//! (burn's built-in clipping is per tensor), scaling, and accumulation that averages.
+//! (burn's built-in clipping is per tensor) and scaling.
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -51,21 +51,6 @@ pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &mut G
         per_rank!(rank, D => {
             if let Some(g) = grads.remove::<B::InnerBackend, D>(id) {
                 grads.register::<B::InnerBackend, D>(id, g.mul_scalar(factor));
-            }
-        });
-    }
-}
-
-/// `acc += g` for every gradient of `g` (accumulation across micro-batches).
-pub fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, acc: &mut GradientsParams, mut g: GradientsParams) {
-    for (id, rank) in float_params::<B, M>(module) {
-        per_rank!(rank, D => {
-            if let Some(new) = g.remove::<B::InnerBackend, D>(id) {
-                let sum = match acc.remove::<B::InnerBackend, D>(id) {
-                    Some(old) => old + new,
-                    None => new,
-                };
-                acc.register::<B::InnerBackend, D>(id, sum);
             }
         });
     }

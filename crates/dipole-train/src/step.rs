@@ -3,16 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dipole_data::{PreferenceBatch, SequenceBatch};
 use dipole_lora::AdapterMode;
 use dipole_loss::{ObjectiveConfig, ObjectiveState, PairInputs, PositionScores, TokenStats, ld_weights, prediction_window, preference_loss, preference_metrics, token_stats_from_positions, wpo_weights_from};
-use dipole_models::{CausalLm, LayerTape};
+use dipole_models::{CausalLm, GradientSink, LayerTape, give_gradients};
 
-use crate::grads::accumulate;
 use crate::logps::BatchTensors;
 
 /// Where the reference log-probs of a batch come from.
@@ -520,23 +519,28 @@ impl<B: AutodiffBackend> TrainStep<B> {
         Self::new(out, |loss| StepGraph::Sharded { loss, merged, shards })
     }
 
-    /// Gradients of `factor * loss` for the policy's trainable parameters. A sharded step runs its
-    /// shards' backward passes on parallel threads and sums their gradients: by the chain rule
-    /// through the summed log-probs, the same gradients as one backward pass over the whole batch.
+    /// Gradients of `factor * loss` for the policy's trainable parameters (see
+    /// [`backward_into`](Self::backward_into)).
     pub fn backward(self, factor: f64) -> GradientsParams {
+        let mut grads = GradientsParams::new();
+        self.backward_into(factor, &mut grads);
+        grads
+    }
+
+    /// Adds the gradients of `factor * loss` for the policy's trainable parameters to `acc`
+    /// (gradient accumulation over micro-batches holds one set). A sharded step runs its shards'
+    /// backward passes on parallel threads and sums their gradients as they come (see
+    /// [`ShardedSum`]): by the chain rule through the summed log-probs, the same gradients as one
+    /// backward pass over the whole batch.
+    pub fn backward_into(self, factor: f64, acc: &mut GradientsParams) {
         match self.graph {
-            StepGraph::Whole { policy, loss, tape } => parameter_gradients(policy.as_ref(), loss.mul_scalar(factor).backward(), tape),
+            StepGraph::Whole { policy, loss, tape } => parameter_gradients(policy.as_ref(), loss.mul_scalar(factor).backward(), tape, acc),
             StepGraph::Sharded { loss, merged, shards } => {
                 let grads = loss.mul_scalar(factor).backward();
                 let upstream = merged.grad(&grads);
                 debug_assert!(upstream.is_some(), "the loss does not depend on the policy's log-probs");
-                let Some(upstream) = upstream else {
-                    return GradientsParams::new();
-                };
-                // Shards' gradients are summed in shard order (float addition is not associative:
-                // completion order would make runs of three or more shards differ in their last
-                // bits), each added in as soon as the shards before it are.
-                let total: std::sync::Mutex<InOrderSum<GradientsParams>> = std::sync::Mutex::new(InOrderSum::default());
+                let Some(upstream) = upstream else { return };
+                let sum = ShardedSum::new(std::mem::take(acc), shards.len());
                 let jobs = shards.into_iter().map(|shard| (shard, upstream.clone())).enumerate();
                 parallel(jobs, |(k, (shard, upstream))| {
                     let device = upstream.device();
@@ -544,55 +548,101 @@ impl<B: AutodiffBackend> TrainStep<B> {
                     let n = rows.len();
                     let index = Tensor::<B::InnerBackend, 1, Int>::from_data(TensorData::new(rows, [n]), &device);
                     let upstream = Tensor::<B, 1>::from_inner(upstream.select(0, index));
-                    let grads = parameter_gradients(&shard.policy, (shard.sums * upstream).sum().backward(), shard.tape);
-                    let mut total = total.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                    total.add(k, grads, |acc, grads| accumulate::<B, CausalLm<B>>(&shard.policy, acc, grads));
+                    let mut sink = ShardSink { sum: &sum, shard: k };
+                    parameter_gradients(&shard.policy, (shard.sums * upstream).sum().backward(), shard.tape, &mut sink);
+                    sum.shard_done(k, &shard.policy);
                 });
-                total.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).finish().expect("a sharded step has shards")
+                *acc = sum.finish();
             }
         }
     }
 }
 
-/// The gradients of `policy`'s trainable parameters from a backward pass, carried down the layers
-/// by the tape under per-layer recompute.
-fn parameter_gradients<B: AutodiffBackend>(policy: &CausalLm<B>, grads: B::Gradients, tape: Option<LayerTape<B>>) -> GradientsParams {
+/// Gives `sink` the gradients of `policy`'s trainable parameters from a backward pass, carried
+/// down the layers by the tape under per-layer recompute.
+fn parameter_gradients<B: AutodiffBackend>(policy: &CausalLm<B>, mut grads: B::Gradients, tape: Option<LayerTape<B>>, sink: &mut impl GradientSink<B>) {
     match tape {
-        Some(tape) => tape.backward(policy, grads),
-        None => GradientsParams::from_grads(grads, policy),
+        Some(tape) => tape.backward_into(policy, grads, sink),
+        None => give_gradients(policy, &mut grads, sink),
     }
 }
 
-/// A sum of items `0..n` that arrive in any order, added up in index order so that the result
-/// does not depend on which arrives first; an item waits only until those before it are in.
-struct InOrderSum<T> {
-    next: usize,
-    sum: Option<T>,
-    waiting: BTreeMap<usize, T>,
+/// Shards' gradients summed as they come, parameter by parameter, each parameter's in shard order
+/// (float addition is not associative: completion order would make runs of three or more shards
+/// differ in their last bits). A shard's gradient waits only until every shard before it has given
+/// that parameter's or finished, so the sum holds one set of gradients and the few still waiting,
+/// not a set per shard.
+struct ShardedSum {
+    state: std::sync::Mutex<SumState>,
 }
 
-impl<T> Default for InOrderSum<T> {
-    fn default() -> Self {
-        InOrderSum { next: 0, sum: None, waiting: BTreeMap::new() }
+struct SumState {
+    total: GradientsParams,
+    /// Per parameter, the shard whose gradient is added next (absent: shard 0).
+    next: std::collections::HashMap<ParamId, usize>,
+    /// Per shard, its gradients that arrived before their turn.
+    waiting: Vec<GradientsParams>,
+    done: Vec<bool>,
+}
+
+/// Shard `shard`'s way into a [`ShardedSum`].
+struct ShardSink<'a> {
+    sum: &'a ShardedSum,
+    shard: usize,
+}
+
+impl ShardedSum {
+    /// A sum over `shards` shards added to what `total` holds.
+    fn new(total: GradientsParams, shards: usize) -> Self {
+        let state = SumState { total, next: Default::default(), waiting: (0..shards).map(|_| GradientsParams::new()).collect(), done: vec![false; shards] };
+        ShardedSum { state: std::sync::Mutex::new(state) }
     }
-}
 
-impl<T> InOrderSum<T> {
-    fn add(&mut self, index: usize, item: T, mut add_to: impl FnMut(&mut T, T)) {
-        self.waiting.insert(index, item);
-        while let Some(item) = self.waiting.remove(&self.next) {
-            match self.sum.as_mut() {
-                Some(sum) => add_to(sum, item),
-                None => self.sum = Some(item),
+    fn lock(&self) -> std::sync::MutexGuard<'_, SumState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Shard `shard` has given every gradient it has: parameters it gave none of go on to the next shard.
+    fn shard_done<B: AutodiffBackend, M: Module<B>>(&self, shard: usize, module: &M) {
+        struct Advance<'a>(&'a mut SumState);
+        impl<B: AutodiffBackend> ModuleVisitor<B> for Advance<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                self.0.advance::<B, D>(param.id);
             }
-            self.next += 1;
+        }
+        let mut state = self.lock();
+        state.done[shard] = true;
+        module.visit(&mut Advance(&mut state));
+    }
+
+    /// The sum; panics if a shard never finished.
+    fn finish(self) -> GradientsParams {
+        let state = self.state.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(state.done.iter().all(|&d| d) && state.waiting.iter().all(GradientsParams::is_empty), "a shard's gradients never arrived");
+        state.total
+    }
+}
+
+impl SumState {
+    /// Adds parameter `id`'s waiting gradients whose turn has come.
+    fn advance<B: AutodiffBackend, const D: usize>(&mut self, id: ParamId) {
+        let next = self.next.entry(id).or_default();
+        while *next < self.waiting.len() {
+            match self.waiting[*next].remove::<B::InnerBackend, D>(id) {
+                Some(grad) => GradientSink::<B>::give(&mut self.total, id, grad),
+                None if self.done[*next] => {}
+                None => break,
+            }
+            *next += 1;
         }
     }
+}
 
-    /// The sum, or `None` if nothing arrived; panics if an item is missing (a shard was lost).
-    fn finish(self) -> Option<T> {
-        assert!(self.waiting.is_empty(), "item {} of the sum never arrived", self.next);
-        self.sum
+impl<B: AutodiffBackend> GradientSink<B> for ShardSink<'_> {
+    fn give<const D: usize>(&mut self, id: ParamId, grad: Tensor<B::InnerBackend, D>) {
+        let mut state = self.sum.lock();
+        state.waiting[self.shard].register::<B::InnerBackend, D>(id, grad);
+        state.advance::<B, D>(id);
     }
 }
 
@@ -759,27 +809,51 @@ mod tests {
         }
     }
 
-    #[test]
-    fn shard_gradients_are_summed_in_shard_order_whatever_order_they_finish_in() {
-        // non-associative in f32: (1e8 + -1e8) + 1 = 1, but 1e8 + (-1e8 + 1) = 0
-        let items = [1e8f32, -1e8, 1.0, 0.5];
-        let in_order = ((items[0] + items[1]) + items[2]) + items[3];
-        for arrival in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
-            let mut sum = InOrderSum::default();
-            for k in arrival {
-                sum.add(k, items[k], |acc, x| *acc += x);
-            }
-            assert_eq!(sum.finish().map(f32::to_bits), Some(in_order.to_bits()), "arrival order {arrival:?}");
+    type AD = burn::backend::Autodiff<burn::backend::Flex>;
+
+    /// One parameter's gradients from shards arriving in `arrival` order, each shard done right
+    /// after it gives its own (`None`: it gives none), summed by a [`ShardedSum`] onto `start`.
+    fn summed(param: &Param<Tensor<AD, 1>>, start: Option<f32>, grads: &[Option<f32>], arrival: &[usize]) -> Option<f32> {
+        let device = Default::default();
+        let mut total = GradientsParams::new();
+        if let Some(v) = start {
+            total.register::<burn::backend::Flex, 1>(param.id, Tensor::from_floats([v], &device));
         }
-        assert_eq!(InOrderSum::<f32>::default().finish(), None);
+        let sum = ShardedSum::new(total, grads.len());
+        for &k in arrival {
+            if let Some(g) = grads[k] {
+                GradientSink::<AD>::give::<1>(&mut ShardSink { sum: &sum, shard: k }, param.id, Tensor::from_floats([g], &device));
+            }
+            sum.shard_done::<AD, _>(k, param);
+        }
+        let total = sum.finish().remove::<burn::backend::Flex, 1>(param.id);
+        total.map(|t| t.into_scalar())
     }
 
     #[test]
-    #[should_panic(expected = "item 1 of the sum never arrived")]
+    fn shard_gradients_are_summed_in_shard_order_whatever_order_they_finish_in() {
+        let param = Param::from_tensor(Tensor::<AD, 1>::zeros([1], &Default::default()));
+        // non-associative in f32: (1e8 + -1e8) + 1 = 1, but 1e8 + (-1e8 + 1) = 0
+        let items = [Some(1e8f32), Some(-1e8), Some(1.0), Some(0.5)];
+        let in_order = ((1e8f32 + -1e8) + 1.0) + 0.5;
+        for arrival in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            assert_eq!(summed(&param, None, &items, &arrival).map(f32::to_bits), Some(in_order.to_bits()), "arrival order {arrival:?}");
+        }
+        // a shard without this parameter's gradient is passed over once it is done
+        assert_eq!(summed(&param, None, &[Some(1e8), None, Some(-1e8), Some(1.0)], &[3, 2, 1, 0]), Some(1.0));
+        // micro-batches accumulate: the sum is added onto what the accumulator holds
+        assert_eq!(summed(&param, Some(2.0), &[Some(1.0), Some(0.5)], &[1, 0]), Some(3.5));
+        assert_eq!(summed(&param, None, &[None, None], &[0, 1]), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "a shard's gradients never arrived")]
     fn a_missing_shard_is_an_error_not_a_partial_sum() {
-        let mut sum = InOrderSum::default();
-        sum.add(0, 1.0f32, |acc, x| *acc += x);
-        sum.add(2, 1.0f32, |acc, x| *acc += x);
+        let param = Param::from_tensor(Tensor::<AD, 1>::zeros([1], &Default::default()));
+        let device = Default::default();
+        let sum = ShardedSum::new(GradientsParams::new(), 2);
+        GradientSink::<AD>::give::<1>(&mut ShardSink { sum: &sum, shard: 1 }, param.id, Tensor::from_floats([1.0], &device));
+        sum.shard_done::<AD, _>(1, &param);
         sum.finish();
     }
 

@@ -21,7 +21,7 @@ use crate::checkpoint::{RunLock, check_resume_config, checkpoint_dirs, is_sealed
 use crate::config::TrainConfig;
 use crate::examples::{Examples, mask_tokens};
 use crate::manifest::{ManifestInputs, RunManifest};
-use crate::grads::{accumulate, clip_global_norm, scale};
+use crate::grads::{clip_global_norm, scale};
 use crate::metrics::{Window, open_metrics};
 use crate::reference::{References, build_policy, resolve_reference, stage_objective};
 use crate::sampler::DataOrder;
@@ -250,7 +250,7 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
     fn step(&mut self) -> TrainResult<Option<StepReport>> {
         let (config, accum) = (self.config, self.config.train.gradient_accumulation_steps);
         let lr = self.schedule.lr(self.state.step);
-        let mut grads: Option<GradientsParams> = None;
+        let mut grads = GradientsParams::new();
         let (mut loss, mut tokens, mut batches) = (0.0, 0u64, Vec::new());
         for _ in 0..accum {
             let indices = self.order.batch(self.state.batches_seen);
@@ -264,16 +264,11 @@ impl<'a, B: AutodiffBackend> Trainer<'a, B> {
             let factor = self.state.loss_scaler.as_ref().map_or(1.0, |scaler| scaler.scale) / accum as f64;
             loss += out.loss / accum as f64;
             self.window.add_batch(out.metrics.clone());
-            let g = out.backward(factor);
-            match &mut grads {
-                Some(acc) => accumulate::<B, CausalLm<B>>(self.policy(), acc, g),
-                None => grads = Some(g),
-            }
+            out.backward_into(factor, &mut grads);
             tokens += batch_tokens;
             batches.push(indices);
             self.state.batches_seen += 1;
         }
-        let mut grads = grads.expect("at least one micro-batch");
         if let Some(scaler) = &self.state.loss_scaler {
             scale::<B, CausalLm<B>>(self.policy(), &mut grads, 1.0 / scaler.scale);
         }
