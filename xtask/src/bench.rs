@@ -163,6 +163,12 @@ pub struct BenchResult {
     /// Where a step's seconds go (means over the timed steps).
     #[serde(default)]
     pub phases: PhaseSeconds,
+    /// Where the peak memory is reached.
+    #[serde(default)]
+    pub phase_peaks: PhasePeaks,
+    /// The peak `cargo xtask plan` gives for this run (see `dipole_train::plan`), MiB.
+    #[serde(default)]
+    pub planned_peak_mib: f64,
 }
 
 /// A step's seconds by phase. Exact on CPU backends, whose kernels finish before the call returns;
@@ -177,13 +183,30 @@ pub struct PhaseSeconds {
     pub optimizer: f64,
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+/// Peak resident MiB by phase, each the highest over the timed and warmup steps (Linux restarts
+/// the peak at each phase; elsewhere every phase reads the process's peak so far).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct PhasePeaks {
+    /// Building the models and batches (and a precomputed reference's pass).
+    pub setup: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
 }
+
+impl PhasePeaks {
+    fn highest(&self) -> f64 {
+        self.setup.max(self.forward).max(self.backward).max(self.optimizer)
+    }
+}
+
+/// The peak since the last [`next_phase`] (MiB), restarting it for the phase that follows.
+fn next_phase() -> f64 {
+    let peak = dipole_train::metrics::peak_rss_mb().unwrap_or(f64::NAN);
+    dipole_train::metrics::restart_peak_rss();
+    peak
+}
+
 
 /// `--vocab-size`: at least 4 (see [`BenchArgs::vocab_size`]).
 fn vocab_size(s: &str) -> Result<usize, String> {
@@ -242,8 +265,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
     println!(
-        "{:<16} {:>10} {:>10} {:>12} {:>10} {:>11} {:>8} {:>8} {:>8}",
-        "config", "tok/s", "s/step", "GFLOP/s", "peak MiB", "trainable", "fwd s", "bwd s", "opt s"
+        "{:<16} {:>10} {:>10} {:>12} {:>10} {:>10} {:>11} {:>8} {:>8} {:>8}",
+        "config", "tok/s", "s/step", "GFLOP/s", "peak MiB", "plan MiB", "trainable", "fwd s", "bwd s", "opt s"
     );
     for c in &configs {
         let mut cmd = std::process::Command::new(&exe);
@@ -277,12 +300,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let line = String::from_utf8_lossy(&out.stdout);
         let r: BenchResult = serde_json::from_str(line.lines().last().unwrap_or("")).with_context(|| format!("bench {c} output"))?;
         println!(
-            "{:<16} {:>10.1} {:>10.3} {:>12.2} {:>10.1} {:>11} {:>8.3} {:>8.3} {:>8.3}",
+            "{:<16} {:>10.1} {:>10.3} {:>12.2} {:>10.1} {:>10.1} {:>11} {:>8.3} {:>8.3} {:>8.3}",
             r.config,
             r.tokens_per_second,
             r.seconds_per_step,
             r.achieved_flops / 1e9,
             r.peak_rss_mib,
+            r.planned_peak_mib,
             r.trainable_params,
             r.phases.forward,
             r.phases.backward,
@@ -398,29 +422,31 @@ fn precompute_references<AB: AutodiffBackend>(policy: &CausalLm<AB>, batches: &[
     (v, t.elapsed().as_secs_f64())
 }
 
-/// One step's gradients, and the seconds of its forward (counted from `started`) and backward.
+/// One step's gradients, the seconds of its forward (counted from `started`) and backward, and
+/// the peak MiB of each (see [`next_phase`]).
 /// As the trainer does: shards on parallel threads, each running its reference pass, then its policy's.
-fn forward_backward<AB: AutodiffBackend>(policy: &CausalLm<AB>, reference: Reference<AB>, batch: &PreferenceBatch, naive: bool, ctx: StepContext<'_>, started: Instant, device: &AB::Device) -> (GradientsParams, f64, f64) {
+fn forward_backward<AB: AutodiffBackend>(policy: &CausalLm<AB>, reference: Reference<AB>, batch: &PreferenceBatch, naive: bool, ctx: StepContext<'_>, started: Instant, device: &AB::Device) -> (GradientsParams, f64, f64, (f64, f64)) {
     if naive {
         let values = reference_logps(policy, reference, batch, None, ctx.shards, device).expect("reference");
         let loss = naive_dpo_loss(policy, &values, batch, device);
-        let forward = started.elapsed().as_secs_f64();
+        let (forward, forward_peak) = (started.elapsed().as_secs_f64(), next_phase());
         let backward_started = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), policy);
-        (grads, forward, backward_started.elapsed().as_secs_f64())
+        (grads, forward, backward_started.elapsed().as_secs_f64(), (forward_peak, next_phase()))
     } else {
         let train_step = preference_step(policy, reference, batch, ctx, device);
-        let forward = started.elapsed().as_secs_f64();
+        let (forward, forward_peak) = (started.elapsed().as_secs_f64(), next_phase());
         let backward_started = Instant::now();
         let grads = train_step.backward(1.0);
-        (grads, forward, backward_started.elapsed().as_secs_f64())
+        (grads, forward, backward_started.elapsed().as_secs_f64(), (forward_peak, next_phase()))
     }
 }
 
-/// What the timed steps measured: total seconds, and per phase.
+/// What the timed steps measured: total seconds, and per phase; peak memory per phase over all steps.
 struct Timed {
     seconds: f64,
     phases: PhaseSeconds,
+    peaks: PhasePeaks,
 }
 
 /// A configuration ready to time: its batches, where their reference log-probs come from, and the
@@ -456,18 +482,20 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
         // the trainer's AdamW with the config's defaults (TRL's: betas 0.9 / 0.999, eps 1e-8, no weight decay)
         let mut optimizer = dipole_train::FusedAdamW::of(&dipole_train::config::OptimSection::default()).init::<AB, CausalLm<AB>>();
         let mut state = ObjectiveState::default();
-        let mut timed = Timed { seconds: 0.0, phases: PhaseSeconds::default() };
+        let mut timed = Timed { seconds: 0.0, phases: PhaseSeconds::default(), peaks: PhasePeaks { setup: next_phase(), ..PhasePeaks::default() } };
         for step in 0..self.args.warmup + self.args.steps {
             let k = step % self.batches.len();
             let started = Instant::now();
             let reference = self.reference(k);
             let ctx = StepContext { objective: &objective, state: &mut state, shards: self.shards };
-            let (mut grads, forward, backward) = forward_backward(&policy, reference, &self.batches[k], self.variant.naive, ctx, started, device);
+            let (mut grads, forward, backward, peaks) = forward_backward(&policy, reference, &self.batches[k], self.variant.naive, ctx, started, device);
             let optimizer_started = Instant::now();
             clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
             policy = optimizer.step(1e-6, policy, grads);
             // reading a value waits for the device
             let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
+            let p = &mut timed.peaks;
+            (p.forward, p.backward, p.optimizer) = (p.forward.max(peaks.0), p.backward.max(peaks.1), p.optimizer.max(next_phase()));
             if step >= self.args.warmup {
                 timed.seconds += started.elapsed().as_secs_f64();
                 timed.phases.forward += forward;
@@ -477,6 +505,29 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
         }
         timed
     }
+}
+
+/// The plan of this configuration's run, as `cargo xtask plan` makes it for the same settings
+/// (random init in f32, so every matrix is held in f32).
+fn planned_peak(args: &BenchArgs, v: &Variant, model: &ModelConfig, shards: usize) -> f64 {
+    use dipole_train::config::{GradientCheckpointing, ReferenceStrategy};
+    let mut config = dipole_train::TrainConfig::default();
+    config.lora.enabled = v.lora;
+    config.lora.r = 16;
+    config.lora.alpha = 32.0;
+    config.lora.target_modules = vec!["q_proj".into(), "v_proj".into()];
+    let train = &mut config.train;
+    train.batch_size = args.pairs;
+    train.gradient_checkpointing = if v.layer_recompute { GradientCheckpointing::Layers } else { GradientCheckpointing::Off };
+    train.reference = if v.precompute { ReferenceStrategy::Precompute } else { ReferenceStrategy::Auto };
+    train.mixed_precision = v.precision;
+    train.prefix_sharing = !args.no_prefix_sharing;
+    train.padding_free = !args.no_padding_free;
+    train.attention_recompute = !args.no_attention_recompute;
+    train.fused_lm_head = !args.no_fused_head;
+    let rows = dipole_train::plan::RowLengths { prompt: v.prompt, completion: v.completion };
+    let inputs = dipole_train::plan::PlanInputs { config: &config, model, frozen_bytes: 4, rows, shards };
+    dipole_train::plan::MemoryPlan::new(&inputs).peak
 }
 
 fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {
@@ -527,7 +578,9 @@ fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &s
         tokens_per_second: tokens_per_step / seconds_per_step,
         completion_tokens_per_second: completion_per_step / seconds_per_step,
         achieved_flops: flops_per_step / seconds_per_step,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: timed.peaks.highest(),
+        planned_peak_mib: planned_peak(args, &workload.variant, &config, shards) / (1 << 20) as f64,
+        phase_peaks: timed.peaks,
         precompute_seconds,
         phases,
     })

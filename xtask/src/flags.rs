@@ -10,6 +10,31 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+/// A memory size above 0: a number with a unit, `24GiB`, `20GB`, `512MiB`, `512MB`, `64KiB`, or
+/// bytes without one; bytes out.
+pub fn memory_size(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "kb" => 1e3,
+        "mib" => (1u64 << 20) as f64,
+        "mb" => 1e6,
+        "gib" => (1u64 << 30) as f64,
+        "gb" => 1e9,
+        "tib" => (1u64 << 40) as f64,
+        "tb" => 1e12,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; expected GiB, GB, MiB, MB, KiB, KB, TiB, TB or B")),
+    };
+    let x = finite(number.trim()).map_err(|e| format!("{e} (in {s:?}; expected a size such as 24GiB)"))?;
+    if x <= 0.0 {
+        return Err(format!("must be above 0, got {s}"));
+    }
+    Ok(x * scale)
+}
+
 fn finite(s: &str) -> Result<f64, String> {
     let x: f64 = s.parse().map_err(|_| format!("expected a number, got {s:?}"))?;
     if !x.is_finite() {

@@ -12,6 +12,7 @@ mod flags;
 mod init_model;
 mod logps;
 mod pairs;
+mod plan;
 mod report;
 mod score;
 mod train;
@@ -43,6 +44,8 @@ enum Command {
     Data(data::DataCommand),
     /// DPO step throughput and memory on the benchmark shape (see benches/ and the README).
     Bench(bench::BenchArgs),
+    /// The memory a training config's run will need (weights, optimizer, activations; `peak: X GiB`).
+    Plan(plan::PlanArgs),
     /// Write a random-initialised Hugging Face model folder of a named real shape (no download).
     InitModel(init_model::InitModelArgs),
     /// Held-out preference metrics of a model or adapter, and generations vs the reference.
@@ -77,6 +80,7 @@ pub fn run_cli(program: &'static str) -> Result<()> {
         Command::Data(command) => data::run(command),
         Command::Bench(args) => bench::run(args),
         Command::InitModel(args) => init_model::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Annotate(command) => annotate::run(command),
         Command::Completions { shell } => {

@@ -71,6 +71,8 @@ fn zero_and_out_of_range_flags_are_usage_errors() {
     args.extend(["--out", &out, "--beta=0"]);
     refused(&args, &[], 2, "invalid value '0' for '--beta <BETA>': must be > 0, got 0");
     refused(&["bench", "--steps", "0"], &[], 2, "invalid value '0' for '--steps <STEPS>': must be at least 1");
+    refused(&["plan", "--budget", "0GiB"], &[], 2, "invalid value '0GiB' for '--budget <BUDGET>': must be above 0, got 0GiB");
+    refused(&["plan", "--budget", "24XB"], &[], 2, "unknown unit \"XB\" in \"24XB\"; expected GiB, GB, MiB, MB, KiB, KB, TiB, TB or B");
     refused(&["data", "split", "--data", "x.jsonl", "--out-dir", "y", "--test-fraction", "1"], &[], 2, "invalid value '1' for '--test-fraction <TEST_FRACTION>': must be in (0, 1), got 1");
 }
 
@@ -126,6 +128,7 @@ fn bad_runs_are_refused_before_training() {
     let config = tiny_run(dir.path()).display().to_string();
     refused(&["train", "--config", &config, "--set", "optim.max_grad_norm=-1"], &[], 1, "--set: optim.max_grad_norm must be >= 0 (0 turns clipping off), got -1");
     refused(&["train", "--config", &config, "--set", "train.max_steps=0"], &[], 1, "--set: train.max_steps must be at least 1, got 0");
+    refused(&["plan", "--config", &config, "--set", "train.max_steps=0"], &[], 1, "--set: train.max_steps must be at least 1, got 0");
     let out_dir = dir.path().join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     refused(&["train", "--config", &config, "--resume"], &[], 1, &format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()));

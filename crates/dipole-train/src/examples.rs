@@ -63,6 +63,14 @@ impl Examples {
         }
     }
 
+    /// Example `i`'s prompt length and its longest row's length.
+    pub(crate) fn lengths(&self, i: usize) -> (usize, usize) {
+        match self {
+            Examples::Pairs(p, _) => (p[i].chosen.prompt_len(), self.row_len(i)),
+            Examples::Sequences(s) => (s[i].sequence.prompt_len(), self.row_len(i)),
+        }
+    }
+
     /// The prompt tokens of example `i` and its record index (generations).
     pub(crate) fn prompt(&self, i: usize) -> (usize, Vec<u32>) {
         let (index, seq) = match self {

@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod memory;
 pub mod optim;
+pub mod plan;
 pub mod precompute;
 mod reference;
 pub mod sampler;

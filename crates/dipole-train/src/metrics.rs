@@ -7,12 +7,28 @@ use std::time::Instant;
 
 use crate::error::{TrainResult, at};
 
-/// The process's peak resident memory (Linux `VmHWM`), MiB.
+/// The process's peak resident memory (Linux `VmHWM`), MiB: since it started, or since the last
+/// [`restart_peak_rss`].
 pub fn peak_rss_mb() -> Option<f64> {
+    status_mib("VmHWM:")
+}
+
+/// The process's resident memory now (Linux `VmRSS`), MiB.
+pub fn rss_mb() -> Option<f64> {
+    status_mib("VmRSS:")
+}
+
+fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Restarts [`peak_rss_mb`] from the memory resident now (Linux `/proc/self/clear_refs`), so that
+/// a phase's own peak can be read; false where the kernel refuses (the peak then stays the process's).
+pub fn restart_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Each metric over a logging window: the mean over the batches that report it. KTO's per-class

@@ -1,0 +1,448 @@
+//! The memory a training run will need, worked out before it runs (`cargo xtask plan`): the
+//! weights as they will be held, the trained parameters' gradients and AdamW moments, the
+//! activations a step keeps at its batch size, row lengths and checkpointing, the reference, and
+//! the phase of the step (forward, backward, optimizer) where they add up to the peak.
+//!
+//! The counts follow what the code keeps: per decoder layer, the tensors its backward pass needs
+//! (burn's autodiff saves an op's inputs only for the operands that carry gradients; a frozen
+//! matmul keeps none, `dipole_kernels::frozen`), the attention probabilities unless they are made
+//! again, and under per-layer recompute one `[rows, T, hidden]` input per layer plus one layer's
+//! graph. `cargo xtask bench` prints the plan beside the measured peak.
+
+use std::fmt;
+
+use burn::tensor::DType;
+use dipole_data::Tokenizer;
+use dipole_lora::LoraConfig;
+use dipole_models::{Checkpoint, ModelConfig, ParamKind};
+
+use crate::config::{GradientCheckpointing, ReferenceStrategy, Stage, TrainConfig, WeightDtype};
+use crate::error::TrainResult;
+use crate::examples::Examples;
+
+/// The longest rows a batch holds, in tokens: the prompt, and a completion after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLengths {
+    pub prompt: usize,
+    pub completion: usize,
+}
+
+/// What a plan needs besides the config.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInputs<'a> {
+    pub config: &'a TrainConfig,
+    pub model: &'a ModelConfig,
+    /// Bytes per value of the frozen matrices as held (`model.dtype` resolved against the checkpoint).
+    pub frozen_bytes: usize,
+    /// Every row of the batch at these lengths (the longest the data has: an upper bound).
+    pub rows: RowLengths,
+    /// Parallel shards each batch is split into (`train.batch_shards` resolved).
+    pub shards: usize,
+}
+
+/// One part of a plan: what it is and its bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanPart {
+    pub name: String,
+    pub bytes: f64,
+}
+
+/// The memory of a run by part, and the peak: what stays resident through the run, plus the most
+/// the step's phases add to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// Held from the first step to the last: weights, moments, the process itself.
+    pub resident: Vec<PlanPart>,
+    /// What each phase adds at its highest, resident aside.
+    pub phases: Vec<PlanPart>,
+    /// Bytes at the peak.
+    pub peak: f64,
+    /// The phase where the peak is reached.
+    pub peak_phase: String,
+}
+
+/// The program, its allocator's arenas, tokenizer and tables besides the tensors (measured:
+/// `cargo xtask bench`'s setup peak less its weights, 43 MiB; the trainer adds its data).
+const PROCESS_BYTES: f64 = 64.0 * (1 << 20) as f64;
+
+const F32: f64 = 4.0;
+
+/// Parameter counts of the run's model: how many are trained (f32 values, gradients and AdamW
+/// moments) and the bytes of the ones that are not.
+struct Parameters {
+    trained: f64,
+    frozen_bytes: f64,
+    /// The largest trained tensor (the optimizer updates one at a time).
+    largest_trained: f64,
+    /// Values of the (tied) embedding when it is trained: its gradient has parts from the LM head and
+    /// from the lookup, added at the end of the backward pass.
+    trained_vocab_matrices: usize,
+    /// Trained values per decoder layer, at most.
+    trained_per_layer: f64,
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+}
+
+fn parameters(inputs: &PlanInputs<'_>, lora: Option<&LoraConfig>) -> Parameters {
+    let config = inputs.config;
+    let frozen = inputs.frozen_bytes as f64;
+    let mut p = Parameters { trained: 0.0, frozen_bytes: 0.0, largest_trained: 0.0, trained_vocab_matrices: 0, trained_per_layer: 0.0 };
+    let mut per_layer = vec![0.0; inputs.model.num_hidden_layers];
+    for (spec, kind) in inputs.model.hf_tensors() {
+        let values = spec.shape.iter().product::<usize>() as f64;
+        let held = |p: &mut Parameters| p.frozen_bytes += values * if kind == ParamKind::Matrix { frozen } else { F32 };
+        let layer = layer_of(&spec.name);
+        let module = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+        let mut train = |p: &mut Parameters, n: f64| {
+            p.trained += n;
+            p.largest_trained = p.largest_trained.max(n);
+            if let Some(i) = layer {
+                per_layer[i] += n;
+            }
+        };
+        match lora {
+            Some(lora) => {
+                held(&mut p);
+                if kind == ParamKind::Matrix && module != "model.embed_tokens" && lora.targets(module) {
+                    let [out, input] = [spec.shape[0], spec.shape[1]];
+                    train(&mut p, (lora.r * (out + input)) as f64);
+                }
+            }
+            None => {
+                let is_vocab = module == "model.embed_tokens" || module == "lm_head";
+                let frozen_layer = layer.is_some_and(|i| config.model.freeze_layers.contains(&i));
+                let frozen_vocab = is_vocab && config.model.freeze_embeddings && (module == "model.embed_tokens" || inputs.model.tie_word_embeddings);
+                if frozen_layer || frozen_vocab {
+                    held(&mut p);
+                } else {
+                    train(&mut p, values);
+                    if is_vocab {
+                        p.trained_vocab_matrices += 1;
+                    }
+                }
+            }
+        }
+    }
+    p.trained_per_layer = per_layer.into_iter().fold(0.0, f64::max);
+    p
+}
+
+/// The streams a batch runs as, each `rows` rows of `queries` positions attending to `keys`
+/// keys (see `CausalLm::prefix_plan`).
+struct Stream {
+    rows: f64,
+    queries: f64,
+    keys: f64,
+}
+
+fn streams(inputs: &PlanInputs<'_>, rows_per_shard: usize, paired: bool) -> Vec<Stream> {
+    let RowLengths { prompt, completion } = inputs.rows;
+    let (rows, t) = (rows_per_shard as f64, (prompt + completion) as f64);
+    let pairs = rows / 2.0;
+    // prefix sharing runs only if it saves at least 5% of the positions
+    let shared = pairs * prompt as f64 + rows * completion as f64;
+    if paired && inputs.config.train.prefix_sharing && prompt > 0 && shared * 20.0 <= rows * t * 19.0 {
+        vec![
+            Stream { rows: pairs, queries: prompt as f64, keys: prompt as f64 },
+            Stream { rows, queries: completion as f64, keys: t },
+        ]
+    } else {
+        vec![Stream { rows, queries: t, keys: t }]
+    }
+}
+
+/// Bytes one decoder layer's training graph keeps per position, attention probabilities aside:
+/// the norms' outputs, the projections' inputs where a trained weight needs them, queries, keys and
+/// values for attention, the MLP's gate and up outputs.
+fn layer_graph_per_position(model: &ModelConfig, compute: f64, trained: Option<&LoraConfig>, full: bool) -> f64 {
+    let (h, i) = (model.hidden_size as f64, model.intermediate_size as f64);
+    let q = (model.num_attention_heads * model.head_dim) as f64;
+    let targets = |name: &str| full || trained.is_some_and(|l| l.targets(&format!("model.layers.0.{name}")));
+    // LoRA dropout keeps its mask and the dropped input of every adapted projection
+    let dropout = trained.filter(|l| l.lora_dropout > 0.0).map_or(0.0, |_| {
+        let inputs = [("self_attn.q_proj", h), ("self_attn.k_proj", h), ("self_attn.v_proj", h), ("self_attn.o_proj", q), ("mlp.gate_proj", h), ("mlp.up_proj", h), ("mlp.down_proj", i)];
+        inputs.iter().filter(|(name, _)| targets(name)).map(|(_, width)| 2.0 * width * compute).sum()
+    });
+    // the residual after attention (f32) and the repeated keys and values, the rotated queries
+    let mut bytes = h * F32 + 3.0 * q * compute + 2.0 * i * compute;
+    if full {
+        // the norms' normalised inputs and their outputs, both times
+        bytes += 4.0 * h * compute;
+    } else {
+        if targets("self_attn.q_proj") || targets("self_attn.k_proj") || targets("self_attn.v_proj") {
+            bytes += h * compute;
+        }
+        if targets("mlp.gate_proj") || targets("mlp.up_proj") {
+            bytes += h * compute;
+        }
+    }
+    if targets("self_attn.o_proj") {
+        bytes += q * compute;
+    }
+    if targets("mlp.down_proj") {
+        bytes += i * compute;
+    }
+    bytes + dropout
+}
+
+impl MemoryPlan {
+    /// The plan of `inputs`' run.
+    pub fn new(inputs: &PlanInputs<'_>) -> MemoryPlan {
+        let (config, model) = (inputs.config, inputs.model);
+        let train = &config.train;
+        let lora = config.lora.enabled.then(|| config.lora.lora_config(&config.model.path).ok()).flatten();
+        let full = lora.is_none();
+        let params = parameters(inputs, lora.as_ref());
+        let compute = if train.mixed_precision.compute_dtype().is_some() { 2.0 } else { F32 };
+        let strategy = crate::reference::resolve_reference(config).unwrap_or(ReferenceStrategy::Auto);
+        let paired = train.stage != Stage::Sft;
+        let shards = inputs.shards.max(1);
+        let batch_rows = if paired { 2 * train.batch_size } else { train.batch_size };
+        let rows_per_shard = batch_rows.div_ceil(shards).max(if paired { 2 } else { 1 });
+        let rows_per_shard = if paired { rows_per_shard.div_ceil(2) * 2 } else { rows_per_shard };
+        let shards = shards.min(batch_rows.div_ceil(rows_per_shard)).max(1) as f64;
+        let streams = streams(inputs, rows_per_shard, paired);
+
+        let (h, v, layers) = (model.hidden_size as f64, model.vocab_size as f64, model.num_hidden_layers as f64);
+        let positions: f64 = streams.iter().map(|s| s.rows * s.queries).sum();
+        // one layer's attention probabilities over every stream, as kept (compute dtype) and as made (f32)
+        let probs: f64 = streams.iter().map(|s| s.rows * model.num_attention_heads as f64 * s.queries * s.keys).sum();
+        let (probs_kept, probs_made) = (probs * compute, probs * F32);
+
+        let mut resident = vec![PlanPart { name: "process (program, allocator, data)".into(), bytes: PROCESS_BYTES }];
+        resident.push(PlanPart { name: "frozen weights".into(), bytes: params.frozen_bytes });
+        resident.push(PlanPart { name: format!("trained weights ({:.0} M values, f32)", params.trained / 1e6), bytes: params.trained * F32 });
+        resident.push(PlanPart { name: "AdamW moments (2 x f32)".into(), bytes: 2.0 * params.trained * F32 });
+        let reference_copy = match strategy {
+            ReferenceStrategy::FrozenCopy | ReferenceStrategy::Auto if full => params.frozen_bytes + params.trained * inputs.frozen_bytes as f64,
+            _ => 0.0,
+        };
+        if reference_copy > 0.0 {
+            resident.push(PlanPart { name: "reference model (frozen copy)".into(), bytes: reference_copy });
+        }
+        let resident_bytes: f64 = resident.iter().map(|p| p.bytes).sum();
+
+        let recompute = train.gradient_checkpointing == GradientCheckpointing::Layers;
+        let graph = layer_graph_per_position(model, compute, lora.as_ref(), full) * positions;
+        // Attention is materialised unless `attention_recompute` makes its probabilities again in
+        // tiles (per-layer recompute materialises them anyway up to 1 GiB a layer). Materialised,
+        // the forward pass holds the scores beside the kept probabilities, and the backward pass
+        // their gradient, the scores' and a transposed copy for the product with the values.
+        let materialised = !train.attention_recompute || (recompute && probs_made <= (1u64 << 30) as f64);
+        let tile = (probs_made).min(4.0 * (1u64 << 23) as f64);
+        let layer_kept = graph + if materialised { probs_kept } else { 0.0 };
+        let (layer_forward, layer_backward) = if materialised { (layer_kept + probs_made, layer_kept + 3.0 * probs_made) } else { (layer_kept + 2.0 * tile, layer_kept + 3.0 * tile) };
+        // every layer's input (f32), and without recompute its graph
+        let kept_per_shard = layers * (positions * h * F32 + if recompute { 0.0 } else { layer_kept });
+        // the LM head: the fused head keeps its input rows and per-row statistics; otherwise the logits
+        let head = if train.fused_lm_head { positions * h * F32 * 2.0 } else { 3.0 * positions * v * F32 };
+        let reference_pass = match strategy {
+            ReferenceStrategy::None | ReferenceStrategy::Precompute => 0.0,
+            _ => shards * (positions * (4.0 * h + 3.0 * model.intermediate_size as f64) * compute + 2.0 * if train.attention_recompute { tile } else { probs_made }),
+        };
+
+        let forward = shards * (kept_per_shard + head) + (shards * layer_forward).max(reference_pass);
+        // Backward: the head's gradient (a trained LM head's, or a tied embedding's first part)
+        // waits in each shard until the end, when a trained embedding's lookup part is added (a
+        // tied one's two parts and their sum: three copies).
+        let vocab_matrix = if params.trained_vocab_matrices > 0 { v * h * F32 } else { 0.0 };
+        let vocab_at_end = if model.tie_word_embeddings { 3.0 } else { params.trained_vocab_matrices as f64 } * vocab_matrix;
+        let trained_grads = params.trained * F32;
+        let layer_grads = params.trained_per_layer * F32;
+        let backward = if recompute {
+            // layer by layer, top first: the shared sum of the layers' gradients grows as their
+            // kept inputs go; one layer's graph and gradients at a time in each shard
+            let start = shards * (kept_per_shard + head + vocab_matrix);
+            let end = trained_grads + shards * vocab_at_end;
+            shards * (layer_backward + layer_grads) + start.max(end)
+        } else {
+            // each shard's whole graph; its gradients, all of them, are handed over at the end
+            shards * (layer_backward + (kept_per_shard + head).max(trained_grads + vocab_at_end - vocab_matrix))
+        };
+        // the gradients, and one tensor's new value and moments while the old ones are alive
+        let optimizer = trained_grads + 3.0 * params.largest_trained * F32;
+
+        let phases = vec![
+            PlanPart { name: "forward".into(), bytes: forward },
+            PlanPart { name: "backward".into(), bytes: backward },
+            PlanPart { name: "optimizer".into(), bytes: optimizer },
+        ];
+        let top = phases.iter().max_by(|a, b| a.bytes.total_cmp(&b.bytes)).expect("three phases");
+        MemoryPlan { peak: resident_bytes + top.bytes, peak_phase: top.name.clone(), resident, phases }
+    }
+}
+
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "held through the run:")?;
+        for part in &self.resident {
+            writeln!(f, "  {:<44} {:>8.2} GiB", part.name, gib(part.bytes))?;
+        }
+        writeln!(f, "added at each phase's highest:")?;
+        for part in &self.phases {
+            writeln!(f, "  {:<44} {:>8.2} GiB", part.name, gib(part.bytes))?;
+        }
+        write!(f, "peak: {:.1} GiB ({:.0} MiB, {})", gib(self.peak), self.peak / (1u64 << 20) as f64, self.peak_phase)
+    }
+}
+
+/// What a run's plan reads before it runs: the model's config and the bytes its frozen matrices
+/// will be held in, the longest rows of its data as tokenised for it, and its shards per batch.
+#[derive(Clone, Debug)]
+pub struct RunShape {
+    pub model: ModelConfig,
+    pub frozen_bytes: usize,
+    pub rows: RowLengths,
+    pub shards: usize,
+}
+
+impl RunShape {
+    /// `config`'s model (`config.json`, and the stored dtype of its first layer's matrices under
+    /// `model.dtype = "auto"`) and data (training and eval rows, tokenised and truncated as the run
+    /// will), on the CPU backend's shards.
+    pub fn of(config: &TrainConfig) -> TrainResult<RunShape> {
+        config.validate()?;
+        let dir = &config.model.path;
+        let model = ModelConfig::from_dir(dir)?;
+        let frozen_bytes = match config.model.dtype {
+            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+            WeightDtype::Auto if config.model.from_scratch => 4,
+            WeightDtype::Auto => {
+                let checkpoint = Checkpoint::open(dir)?;
+                let name = model.hf_tensors().into_iter().map(|(spec, _)| spec.name).find(|n| n.starts_with("model.layers.0.")).unwrap_or_default();
+                match checkpoint.dtype(&name) {
+                    Some(DType::BF16 | DType::F16) => 2,
+                    _ => 4,
+                }
+            }
+        };
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let (train, eval) = crate::examples::load(config, &crate::reference::stage_objective(config), &tokenizer)?;
+        let rows = longest_rows(&[&train, &eval]);
+        let shards = crate::batch_shards::<burn::backend::Flex>(config.train.batch_shards, config.train.batch_size, &Default::default());
+        Ok(RunShape { model, frozen_bytes, rows, shards })
+    }
+
+    /// The plan of `config` (this shape's config, or one with another batch size or row lengths).
+    pub fn plan(&self, config: &TrainConfig) -> MemoryPlan {
+        MemoryPlan::new(&PlanInputs { config, model: &self.model, frozen_bytes: self.frozen_bytes, rows: self.rows, shards: self.shards })
+    }
+
+    /// Within `budget` bytes: whether `config`'s run fits, the largest batch size that does at these
+    /// rows, and the longest rows (`data.max_length`) that do at this batch size.
+    pub fn fit(&self, config: &TrainConfig, budget: f64) -> Fit {
+        let mut at_batch = config.clone();
+        let batch_size = largest(1, 4096, |b| {
+            at_batch.train.batch_size = b;
+            let shards = self.shards.min(b).max(1);
+            RunShape { shards, ..self.clone() }.plan(&at_batch).peak <= budget
+        });
+        let longest = self.rows.prompt + self.rows.completion;
+        let max_length = largest(2, self.model.max_position_embeddings.max(longest), |t| {
+            // rows stretched or cut to `t` tokens, the prompt keeping its share
+            let prompt = (self.rows.prompt * t / longest.max(1)).min(t - 1);
+            RunShape { rows: RowLengths { prompt, completion: t - prompt }, ..self.clone() }.plan(config).peak <= budget
+        });
+        Fit { fits: self.plan(config).peak <= budget, batch_size, max_length }
+    }
+}
+
+/// Whether a run fits a memory budget, and what would (see [`RunShape::fit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fit {
+    pub fits: bool,
+    pub batch_size: Option<usize>,
+    pub max_length: Option<usize>,
+}
+
+/// The largest `n` in `lo..=hi` with `ok(n)`, for `ok` true up to some `n` and false after.
+fn largest(lo: usize, hi: usize, mut ok: impl FnMut(usize) -> bool) -> Option<usize> {
+    if !ok(lo) {
+        return None;
+    }
+    let (mut good, mut bad) = (lo, hi + 1);
+    while bad - good > 1 {
+        let mid = good + (bad - good) / 2;
+        if ok(mid) { good = mid } else { bad = mid }
+    }
+    Some(good)
+}
+
+/// The longest prompt and the longest completion after it over every example of `sets`, the
+/// completion cut so that the two fit the longest row.
+fn longest_rows(sets: &[&Examples]) -> RowLengths {
+    let (mut prompt, mut completion, mut row) = (0, 0, 0);
+    for set in sets {
+        for i in 0..set.len() {
+            let (p, len) = set.lengths(i);
+            prompt = prompt.max(p);
+            completion = completion.max(len - p);
+            row = row.max(len);
+        }
+    }
+    RowLengths { prompt, completion: completion.min(row.saturating_sub(prompt)).max(1) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(name: &str) -> ModelConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../xtask/shapes").join(format!("{name}.json"));
+        ModelConfig::from_json_str(&std::fs::read_to_string(&path).unwrap(), &path).unwrap()
+    }
+
+    /// A `cargo xtask bench` configuration's run as a config: LoRA r 16 / alpha 32 on q, v or full
+    /// fine-tuning, `_gc` per-layer recompute, `_precompute` a precomputed reference.
+    fn bench_config(name: &str, pairs: usize) -> TrainConfig {
+        let mut config = TrainConfig::default();
+        config.lora.enabled = name.starts_with("lora");
+        (config.lora.r, config.lora.alpha) = (16, 32.0);
+        config.lora.target_modules = vec!["q_proj".into(), "v_proj".into()];
+        config.train.batch_size = pairs;
+        config.train.gradient_checkpointing = if name.ends_with("_gc") { GradientCheckpointing::Layers } else { GradientCheckpointing::Off };
+        config.train.reference = if name.ends_with("_precompute") { ReferenceStrategy::Precompute } else { ReferenceStrategy::Auto };
+        config
+    }
+
+    /// Peaks `cargo xtask bench --steps 1 --warmup 1 --threads 2` measured (Intel Xeon, AVX-512, 2
+    /// threads, random init in f32; a quarter of T prompt): (shape, config, T, pairs, peak MiB).
+    const MEASURED: [(&str, &str, usize, usize, f64); 11] = [
+        ("bench-17m", "full", 256, 4, 652.3),
+        ("bench-17m", "lora", 256, 4, 352.4),
+        ("bench-17m", "full_precompute", 256, 4, 596.2),
+        ("bench-17m", "lora_precompute", 256, 4, 352.3),
+        ("smollm2-135m", "full_gc", 512, 4, 3528.5),
+        ("smollm2-135m", "lora_gc", 512, 4, 1062.5),
+        ("smollm2-135m", "lora", 512, 4, 3653.9),
+        ("smollm2-135m", "full", 512, 4, 7172.9),
+        ("qwen2.5-0.5b", "lora_gc", 512, 1, 2143.3),
+        ("qwen2.5-0.5b", "lora_gc", 1024, 1, 2496.5),
+        ("qwen2.5-0.5b", "lora_gc", 2048, 1, 3895.5),
+    ];
+
+    #[test]
+    fn plans_are_within_15_percent_of_the_measured_peaks() {
+        let mut report = String::new();
+        let mut worst: f64 = 0.0;
+        for (name, config, t, pairs, measured) in MEASURED {
+            let model = shape(name);
+            let train = bench_config(config, pairs);
+            let prompt = t / 4;
+            let inputs = PlanInputs { config: &train, model: &model, frozen_bytes: 4, rows: RowLengths { prompt, completion: t - prompt }, shards: 2.min(pairs) };
+            let planned = MemoryPlan::new(&inputs).peak / (1 << 20) as f64;
+            let error = planned / measured - 1.0;
+            worst = worst.max(error.abs());
+            report += &format!("{name} {config} T{t} {pairs} pairs: planned {planned:.0} MiB, measured {measured:.0} ({:+.1}%)\n", 100.0 * error);
+        }
+        assert!(worst <= 0.15, "a plan is off by more than 15%:\n{report}");
+        println!("{report}");
+    }
+}
