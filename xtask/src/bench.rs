@@ -207,7 +207,6 @@ fn next_phase() -> f64 {
     peak
 }
 
-
 /// `--vocab-size`: at least 4 (see [`BenchArgs::vocab_size`]).
 fn vocab_size(s: &str) -> Result<usize, String> {
     match crate::flags::at_least_one(s)? {
@@ -527,7 +526,7 @@ fn planned_peak(args: &BenchArgs, v: &Variant, model: &ModelConfig, shards: usiz
     train.fused_lm_head = !args.no_fused_head;
     let rows = dipole_train::plan::RowLengths { prompt: v.prompt, completion: v.completion };
     let inputs = dipole_train::plan::PlanInputs { config: &config, model, frozen_bytes: 4, rows, shards };
-    dipole_train::plan::MemoryPlan::new(&inputs).peak
+    dipole_train::plan::MemoryPlan::new(&inputs).map_or(f64::NAN, |plan| plan.peak)
 }
 
 fn run_with<AB: AutodiffBackend>(device: &AB::Device, args: &BenchArgs, name: &str) -> Result<BenchResult> {

@@ -14,7 +14,8 @@ pub fn at_least_one(s: &str) -> Result<usize, String> {
 /// bytes without one; bytes out.
 pub fn memory_size(s: &str) -> Result<f64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    // the unit is the trailing letters (a number may have an exponent: 2.4e10)
+    let split = t.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len();
     let (number, unit) = t.split_at(split);
     let scale = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,

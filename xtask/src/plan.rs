@@ -30,14 +30,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
         config.model.path.display(),
         shape.model.num_parameters() as f64 / 1e9,
         config.train.batch_size,
-        shape.shards,
+        shape.shards.clamp(1, config.train.batch_size),
         rows.prompt,
         rows.completion
     );
-    let plan = shape.plan(&config);
+    let plan = shape.plan(&config).map_err(|e| anyhow!(e))?;
     println!("{plan}");
     if let Some(budget) = args.budget {
-        let fit = shape.fit(&config, budget);
+        let fit = shape.fit(&config, budget).map_err(|e| anyhow!(e))?;
         let gib = budget / (1u64 << 30) as f64;
         let or_none = |v: Option<usize>| v.map_or("none".to_string(), |v| v.to_string());
         println!(

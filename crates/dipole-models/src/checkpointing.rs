@@ -51,7 +51,7 @@ impl<B: Backend> Pass<B> {
 /// Under per-layer recompute only one layer's graph exists at a time, so its attention keeps its
 /// probabilities for the backward pass (faster than making them again) up to this size, even with
 /// `attention_recompute` on.
-const KEPT_PROBABILITIES: usize = 1 << 30;
+pub const KEPT_PROBABILITIES: usize = 1 << 30;
 
 /// `t` outside every autodiff graph and not tracked: ops on it record nothing.
 pub(crate) fn untracked<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
@@ -149,6 +149,7 @@ impl<B: AutodiffBackend> LayerTape<B> {
             let wants_input = i > lowest || embeddings_train;
             let xs: Vec<Tensor<B, 3>> = inputs.into_iter().map(|x| if wants_input { x.require_grad() } else { x }).collect();
             let ys = self.seeded(i, &xs[0].device(), || model.layers[i].forward_pass(i, xs.clone(), &self.pass, None, self.recompute_attention));
+            // no gradient reaches this layer's outputs, so none reaches those below or the embeddings
             let Some(loss) = surrogate(ys, &upstream) else {
                 upstream.clear();
                 break;
@@ -225,6 +226,7 @@ fn move_gradients<B: AutodiffBackend, M: Module<B>>(module: &M, from: &mut Gradi
     }
     module.visit(&mut Move { from, into: sink });
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,11 +13,6 @@ pub fn peak_rss_mb() -> Option<f64> {
     status_mib("VmHWM:")
 }
 
-/// The process's resident memory now (Linux `VmRSS`), MiB.
-pub fn rss_mb() -> Option<f64> {
-    status_mib("VmRSS:")
-}
-
 fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with(key))?;

@@ -641,6 +641,7 @@ impl SumState {
 impl<B: AutodiffBackend> GradientSink<B> for ShardSink<'_> {
     fn give<const D: usize>(&mut self, id: ParamId, grad: Tensor<B::InnerBackend, D>) {
         let mut state = self.sum.lock();
+        debug_assert!(state.waiting[self.shard].get::<B::InnerBackend, D>(id).is_none() && state.next.get(&id).is_none_or(|&next| next <= self.shard), "shard {} gave parameter {id} twice", self.shard);
         state.waiting[self.shard].register::<B::InnerBackend, D>(id, grad);
         state.advance::<B, D>(id);
     }
