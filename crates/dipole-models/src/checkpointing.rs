@@ -11,10 +11,10 @@
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Bool, Distribution, Int, Tensor};
+use burn::tensor::{Bool, Distribution, IndexingUpdateOp, Int, Tensor};
 
 use crate::adapters::trainable_values;
-use crate::llama::{CausalLm, Rotations, embed_rows};
+use crate::llama::{CausalLm, Rotations};
 
 /// Rows that go through the layers together: their token ids, RoPE rotations and each layer's
 /// attention mask.
@@ -159,14 +159,28 @@ impl<B: AutodiffBackend> LayerTape<B> {
             upstream = xs.iter().map(|x| if wants_input { x.grad(&layer_grads) } else { None }).collect();
         }
         if embeddings_train {
-            let embedded = self.pass.streams.iter().map(|rows| embed_rows(model.embed_tokens.val(), rows.ids.clone())).collect();
-            if let Some(loss) = surrogate(embedded, &upstream) {
-                let mut embed_grads = loss.backward();
-                give_gradients(&model.embed_tokens, &mut embed_grads, &mut top);
-            }
+            add_lookup_gradient(model, &self.pass, &upstream, &mut top);
         }
         move_gradients(model, &mut top, sink);
     }
+}
+
+/// Adds the embedding lookup's gradient into `grads`: each position's upstream gradient to its
+/// token's row, onto the LM head's part of a tied table. The lookup's own backward pass would make a
+/// dense table-sized gradient and then their sum, two more vocabulary-sized copies.
+fn add_lookup_gradient<B: AutodiffBackend>(model: &CausalLm<B>, pass: &Pass<B>, upstream: &[Option<Tensor<B::InnerBackend, 3>>], grads: &mut GradientsParams) {
+    let id = model.embed_tokens.id;
+    let table = model.embed_tokens.val().inner();
+    let [vocab, hidden] = table.dims();
+    let mut grad = grads.remove::<B::InnerBackend, 2>(id).unwrap_or_else(|| Tensor::zeros([vocab, hidden], &table.device()));
+    for (rows, g) in pass.streams.iter().zip(upstream) {
+        if let Some(g) = g {
+            let [r, t, h] = g.dims();
+            let ids = rows.ids.clone().inner().reshape([r * t]);
+            grad = grad.select_assign(0, ids, g.clone().reshape([r * t, h]), IndexingUpdateOp::Add);
+        }
+    }
+    grads.register::<B::InnerBackend, 2>(id, grad);
 }
 
 /// `Σ_s sum(y_s ∘ g_s)` over the streams whose upstream gradient `g_s` exists: its gradient
