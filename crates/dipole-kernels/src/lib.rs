@@ -25,6 +25,7 @@ pub mod attention;
 pub mod frozen;
 pub mod head;
 pub mod logps;
+pub mod quant;
 pub mod recompute;
 pub mod swiglu;
 
