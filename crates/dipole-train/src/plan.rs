@@ -233,11 +233,11 @@ impl MemoryPlan {
         // Attention is materialised unless `attention_recompute` makes its probabilities again in
         // tiles (per-layer recompute materialises them anyway while they fit its limit). Materialised,
         // the forward pass holds the scores beside the kept probabilities, and the backward pass
-        // their gradient, the scores' and a transposed copy for the product with the values.
+        // their gradient and the scores'.
         let materialised = !train.attention_recompute || (recompute && probs_made <= KEPT_PROBABILITIES as f64);
         let tile = probs_made.min(F32 * RecomputeOptions::default().tile_elements as f64);
         let probs_in_graph = if materialised { probs_kept } else { 0.0 };
-        let (forward_extra, backward_extra) = if materialised { (probs_made, 3.0 * probs_made) } else { (2.0 * tile, 3.0 * tile) };
+        let (forward_extra, backward_extra) = if materialised { (probs_made, 2.0 * probs_made) } else { (2.0 * tile, 3.0 * tile) };
         let (layer_forward, layer_backward) = (graph_max + probs_in_graph + forward_extra, graph_max + probs_in_graph + backward_extra);
         // every layer's input (f32), and without recompute its graph
         let inputs_kept = layers as f64 * positions * h * F32;
