@@ -34,35 +34,58 @@ fn try_autodiff<B: Backend>(args: (Tensor<B, 2>, Tensor<B, 2>)) -> Result<Tensor
     Err(args)
 }
 
-#[derive(Debug)]
-struct FrozenBackward;
+fn autodiff<I: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<I, C>, 2>, weight: Tensor<Autodiff<I, C>, 2>) -> Tensor<Autodiff<I, C>, 2> {
+    let product = |x: Tensor<I, 2>, w: &Tensor<I, 2>| {
+        let dtype = x.dtype();
+        x.matmul(cast_to(w.clone(), dtype))
+    };
+    let input_grad = |dy: Tensor<I, 2>, w: &Tensor<I, 2>| {
+        let dtype = dy.dtype();
+        dy.matmul(cast_to(w.clone(), dtype).transpose())
+    };
+    frozen_linear(x, weight.inner(), product, input_grad)
+}
 
-impl<I: Backend> Backward<I, 1> for FrozenBackward {
-    /// The weight in its stored dtype.
-    type State = Tensor<I, 2>;
+/// The custom autodiff op of a product with a frozen weight held as `state`: `y = product(x,
+/// state)`; the backward pass gives `x` the gradient `input_grad(dy, state)` and the weight none.
+/// The state (the weight as stored, in whatever form) is what the op keeps for the backward pass.
+pub(crate) fn frozen_linear<I: Backend, C: CheckpointStrategy, S: Clone + Send + std::fmt::Debug + 'static>(
+    x: Tensor<Autodiff<I, C>, 2>,
+    state: S,
+    product: fn(Tensor<I, 2>, &S) -> Tensor<I, 2>,
+    input_grad: fn(Tensor<I, 2>, &S) -> Tensor<I, 2>,
+) -> Tensor<Autodiff<I, C>, 2> {
+    let x = x.into_primitive().tensor();
+    let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+    let y = product(x_inner, &state).into_primitive().tensor();
+    let y = match (FrozenLinearBackward { input_grad }).prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state, y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+struct FrozenLinearBackward<I: Backend, S> {
+    input_grad: fn(Tensor<I, 2>, &S) -> Tensor<I, 2>,
+}
+
+impl<I: Backend, S> std::fmt::Debug for FrozenLinearBackward<I, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrozenLinearBackward")
+    }
+}
+
+impl<I: Backend, S: Clone + Send + std::fmt::Debug + 'static> Backward<I, 1> for FrozenLinearBackward<I, S> {
+    type State = S;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)));
         let [parent] = ops.parents;
         if let Some(node) = parent {
-            let dtype = grad.dtype();
-            let dx = grad.matmul(cast_to(ops.state, dtype).transpose());
+            let dx = (self.input_grad)(grad, &ops.state);
             grads.register::<I>(node.id, dx.into_primitive().tensor());
         }
     }
-}
-
-fn autodiff<I: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<I, C>, 2>, weight: Tensor<Autodiff<I, C>, 2>) -> Tensor<Autodiff<I, C>, 2> {
-    let x = x.into_primitive().tensor();
-    let weight = weight.inner();
-    let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
-    let dtype = x_inner.dtype();
-    let y = x_inner.matmul(cast_to(weight.clone(), dtype)).into_primitive().tensor();
-    let y = match FrozenBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(weight, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(y))
 }
 
 #[cfg(test)]

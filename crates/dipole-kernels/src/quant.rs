@@ -9,11 +9,8 @@
 //! int4, two codes a byte; I8 for int8), so every backend holds and unpacks them with tensor ops.
 
 use burn::backend::Autodiff;
-use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::tensor::{DType, ElementConversion, FloatDType, Int, IntDType, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{DType, ElementConversion, FloatDType, Int, IntDType, Tensor, backend::Backend};
 
 use crate::cast_to;
 
@@ -180,36 +177,9 @@ fn try_autodiff<B: Backend>(args: (Tensor<B, 2>, QuantWeight<B>)) -> Result<Tens
     Err(args)
 }
 
-#[derive(Debug)]
-struct QuantBackward;
-
-impl<I: Backend> Backward<I, 1> for QuantBackward {
-    type State = QuantWeight<I>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let grad = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(grads.consume::<I>(&ops.node)));
-        let [parent] = ops.parents;
-        if let Some(node) = parent {
-            let dx = tiled_transposed_product(grad, &ops.state);
-            grads.register::<I>(node.id, dx.into_primitive().tensor());
-        }
-    }
-}
-
-fn inner<I: Backend, C: CheckpointStrategy>(weight: QuantWeight<Autodiff<I, C>>) -> QuantWeight<I> {
-    QuantWeight { codes: weight.codes.inner(), scales: weight.scales.inner(), bits: weight.bits, block: weight.block }
-}
-
 fn autodiff<I: Backend, C: CheckpointStrategy>(x: Tensor<Autodiff<I, C>, 2>, weight: QuantWeight<Autodiff<I, C>>) -> Tensor<Autodiff<I, C>, 2> {
-    let x = x.into_primitive().tensor();
-    let weight = inner(weight);
-    let x_inner = Tensor::<I, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
-    let y = tiled_product(x_inner, &weight).into_primitive().tensor();
-    let y = match QuantBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish(weight, y),
-        OpsKind::UnTracked(prep) => prep.finish(y),
-    };
-    Tensor::from_primitive(TensorPrimitive::Float(y))
+    let weight = QuantWeight { codes: weight.codes.inner(), scales: weight.scales.inner(), bits: weight.bits, block: weight.block };
+    crate::frozen::frozen_linear(x, weight, |x, w| tiled_product(x, w), |dy, w| tiled_transposed_product(dy, w))
 }
 
 #[cfg(test)]
