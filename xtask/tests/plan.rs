@@ -32,11 +32,14 @@ fn write_pairs(path: &Path, pairs: usize) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
-/// The `peak: X GiB (N MiB, phase)` line's MiB.
+/// The `peak phase: PHASE, N MiB` line's MiB, checked against the `peak: X.X GiB` line that follows it.
 fn planned_mib(stdout: &str) -> f64 {
-    let line = stdout.lines().find(|l| l.starts_with("peak: ")).unwrap_or_else(|| panic!("no peak line in:\n{stdout}"));
-    let mib = line.split('(').nth(1).and_then(|rest| rest.split(" MiB").next()).unwrap_or_else(|| panic!("{line}"));
-    mib.trim().parse().unwrap()
+    let line = stdout.lines().find(|l| l.starts_with("peak phase: ")).unwrap_or_else(|| panic!("no peak phase line in:\n{stdout}"));
+    let mib: f64 = line.rsplit(", ").next().and_then(|rest| rest.strip_suffix(" MiB")).unwrap_or_else(|| panic!("{line}")).parse().unwrap();
+    let gib_line = stdout.lines().find(|l| l.starts_with("peak: ")).unwrap_or_else(|| panic!("no peak line in:\n{stdout}"));
+    let gib: f64 = gib_line.strip_prefix("peak: ").and_then(|g| g.strip_suffix(" GiB")).unwrap_or_else(|| panic!("{gib_line}")).parse().unwrap();
+    assert!((gib - mib / 1024.0).abs() <= 0.05, "{line} / {gib_line}");
+    mib
 }
 
 /// The highest `peak_rss_mb` of a run's `metrics.jsonl`.

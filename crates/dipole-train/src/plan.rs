@@ -298,7 +298,8 @@ impl fmt::Display for MemoryPlan {
         for part in &self.phases {
             writeln!(f, "  {:<44} {:>8.2} GiB", part.name, gib(part.bytes))?;
         }
-        write!(f, "peak: {:.1} GiB ({:.0} MiB, {})", gib(self.peak), self.peak / (1u64 << 20) as f64, self.peak_phase)
+        writeln!(f, "peak phase: {}, {:.0} MiB", self.peak_phase, self.peak / (1u64 << 20) as f64)?;
+        write!(f, "peak: {:.1} GiB", gib(self.peak))
     }
 }
 
