@@ -129,6 +129,10 @@ fn bad_runs_are_refused_before_training() {
     refused(&["train", "--config", &config, "--set", "optim.max_grad_norm=-1"], &[], 1, "--set: optim.max_grad_norm must be >= 0 (0 turns clipping off), got -1");
     refused(&["train", "--config", &config, "--set", "train.max_steps=0"], &[], 1, "--set: train.max_steps must be at least 1, got 0");
     refused(&["plan", "--config", &config, "--set", "train.max_steps=0"], &[], 1, "--set: train.max_steps must be at least 1, got 0");
+    let no_model = dir.path().join("no-model.toml");
+    let missing = dir.path().join("missing");
+    std::fs::write(&no_model, std::fs::read_to_string(&config).unwrap().replace(&format!("{:?}", fixture("tiny-llama")), &format!("{:?}", missing.display().to_string()))).unwrap();
+    refused(&["plan", "--config", no_model.to_str().unwrap()], &[], 1, &format!("{}: No such file or directory", missing.join("config.json").display()));
     let out_dir = dir.path().join("out");
     std::fs::create_dir_all(&out_dir).unwrap();
     refused(&["train", "--config", &config, "--resume"], &[], 1, &format!("--resume: {} holds no checkpoint-* folder to resume from", out_dir.display()));
