@@ -421,24 +421,31 @@ fn precompute_references<AB: AutodiffBackend>(policy: &CausalLm<AB>, batches: &[
     (v, t.elapsed().as_secs_f64())
 }
 
-/// One step's gradients, the seconds of its forward (counted from `started`) and backward, and
-/// the peak MiB of each (see [`next_phase`]).
-/// As the trainer does: shards on parallel threads, each running its reference pass, then its policy's.
-fn forward_backward<AB: AutodiffBackend>(policy: &CausalLm<AB>, reference: Reference<AB>, batch: &PreferenceBatch, naive: bool, ctx: StepContext<'_>, started: Instant, device: &AB::Device) -> (GradientsParams, f64, f64, (f64, f64)) {
-    if naive {
+/// One step's gradients, with the seconds and peak MiB (see [`next_phase`]) of its forward pass
+/// (counted from `started`) and its backward pass.
+struct StepPhases {
+    grads: GradientsParams,
+    forward: f64,
+    backward: f64,
+    forward_peak: f64,
+    backward_peak: f64,
+}
+
+/// One step's forward and backward passes, as the trainer runs them: shards on parallel threads,
+/// each running its reference pass, then its policy's.
+fn forward_backward<AB: AutodiffBackend>(policy: &CausalLm<AB>, reference: Reference<AB>, batch: &PreferenceBatch, naive: bool, ctx: StepContext<'_>, started: Instant, device: &AB::Device) -> StepPhases {
+    let backward_pass: Box<dyn FnOnce() -> GradientsParams + '_> = if naive {
         let values = reference_logps(policy, reference, batch, None, ctx.shards, device).expect("reference");
         let loss = naive_dpo_loss(policy, &values, batch, device);
-        let (forward, forward_peak) = (started.elapsed().as_secs_f64(), next_phase());
-        let backward_started = Instant::now();
-        let grads = GradientsParams::from_grads(loss.backward(), policy);
-        (grads, forward, backward_started.elapsed().as_secs_f64(), (forward_peak, next_phase()))
+        Box::new(move || GradientsParams::from_grads(loss.backward(), policy))
     } else {
         let train_step = preference_step(policy, reference, batch, ctx, device);
-        let (forward, forward_peak) = (started.elapsed().as_secs_f64(), next_phase());
-        let backward_started = Instant::now();
-        let grads = train_step.backward(1.0);
-        (grads, forward, backward_started.elapsed().as_secs_f64(), (forward_peak, next_phase()))
-    }
+        Box::new(move || train_step.backward(1.0))
+    };
+    let (forward, forward_peak) = (started.elapsed().as_secs_f64(), next_phase());
+    let backward_started = Instant::now();
+    let grads = backward_pass();
+    StepPhases { grads, forward, backward: backward_started.elapsed().as_secs_f64(), forward_peak, backward_peak: next_phase() }
 }
 
 /// What the timed steps measured: total seconds, and per phase; peak memory per phase over all steps.
@@ -487,14 +494,14 @@ impl<AB: AutodiffBackend> Workload<'_, AB> {
             let started = Instant::now();
             let reference = self.reference(k);
             let ctx = StepContext { objective: &objective, state: &mut state, shards: self.shards };
-            let (mut grads, forward, backward, peaks) = forward_backward(&policy, reference, &self.batches[k], self.variant.naive, ctx, started, device);
+            let StepPhases { mut grads, forward, backward, forward_peak, backward_peak } = forward_backward(&policy, reference, &self.batches[k], self.variant.naive, ctx, started, device);
             let optimizer_started = Instant::now();
             clip_global_norm::<AB, CausalLm<AB>>(&policy, &mut grads, Some(1.0));
             policy = optimizer.step(1e-6, policy, grads);
             // reading a value waits for the device
             let _sync: f32 = policy.norm.weight.val().sum().into_scalar().elem();
             let p = &mut timed.peaks;
-            (p.forward, p.backward, p.optimizer) = (p.forward.max(peaks.0), p.backward.max(peaks.1), p.optimizer.max(next_phase()));
+            (p.forward, p.backward, p.optimizer) = (p.forward.max(forward_peak), p.backward.max(backward_peak), p.optimizer.max(next_phase()));
             if step >= self.args.warmup {
                 timed.seconds += started.elapsed().as_secs_f64();
                 timed.phases.forward += forward;

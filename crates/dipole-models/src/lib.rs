@@ -30,7 +30,7 @@ pub use error::{ModelError, Result};
 pub use export::{ExportDtype, merge_checkpoint};
 pub use generate::GenerateOptions;
 pub use hf_writer::{HfWriter, TensorSpec, write_random_init};
-pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes};
+pub use llama::{CausalLm, KvCache, PrefixPlan, ids_tensor, is_cpu_backend, shared_prefixes, worth_rearranging};
 pub use precision::MixedPrecision;
 pub use packing::PackPlan;
 pub use load::{LoadReport, MatrixDtype, ParamKind, RandomInit, WeightSource};

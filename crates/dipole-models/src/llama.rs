@@ -427,8 +427,7 @@ impl<B: Backend> CausalLm<B> {
         let shared = shared_prefixes(input_ids, lens);
         let prefix_len = shared.iter().copied().max().unwrap_or(0);
         let suffix_len = (0..rows).map(|r| lens[r] - shared[r % pairs]).max().unwrap_or(0);
-        // a second pass is worth its fixed costs only if it saves at least 5% of the positions
-        let saves = (pairs * prefix_len + rows * suffix_len) * 20 <= rows * t * 19;
+        let saves = worth_rearranging(pairs * prefix_len + rows * suffix_len, rows * t);
         (self.prefix_sharing && prefix_len > 0 && saves).then_some(PrefixPlan { shared, prefix_len, suffix_len })
     }
 
@@ -436,7 +435,7 @@ impl<B: Backend> CausalLm<B> {
     /// tokens padded to `t`, or `None` when packing is off or would not save 5% of the positions.
     pub fn pack_plan(&self, lens: &[usize], t: usize) -> Option<PackPlan> {
         let plan = PackPlan::new(lens).filter(|_| self.padding_free)?;
-        (plan.positions() * 20 <= lens.len() * t * 19).then_some(plan)
+        worth_rearranging(plan.positions(), lens.len() * t).then_some(plan)
     }
 
     /// The rotations for keys and (scaled by `1/sqrt(head_dim)`) queries from f32 `cos`/`sin`
@@ -598,6 +597,12 @@ impl PrefixPlan {
     pub fn positions(&self, rows: usize) -> usize {
         rows / 2 * self.prefix_len + rows * self.suffix_len
     }
+}
+
+/// Whether running `positions` positions instead of a batch's `whole` padded ones (prefix sharing's
+/// two passes, or packed rows) is worth its fixed costs: only if it saves at least 5% of them.
+pub fn worth_rearranging(positions: usize, whole: usize) -> bool {
+    positions * 20 <= whole * 19
 }
 
 /// Per pair of rows `p` and `P + p` (right-padded, `lens` real tokens): how many leading tokens

@@ -10,12 +10,8 @@ use crate::error::{TrainResult, at};
 /// The process's peak resident memory (Linux `VmHWM`), MiB: since it started, or since the last
 /// [`restart_peak_rss`].
 pub fn peak_rss_mb() -> Option<f64> {
-    status_mib("VmHWM:")
-}
-
-fn status_mib(key: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with(key))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }

@@ -143,19 +143,15 @@ struct Stream {
     keys: f64,
 }
 
-fn streams(inputs: &PlanInputs<'_>, rows_per_shard: usize, paired: bool) -> Vec<Stream> {
+fn streams(inputs: &PlanInputs<'_>, rows: usize, paired: bool) -> Vec<Stream> {
     let RowLengths { prompt, completion } = inputs.rows;
-    let (rows, t) = (rows_per_shard as f64, (prompt + completion) as f64);
-    let pairs = rows / 2.0;
-    // prefix sharing runs only if it saves at least 5% of the positions
-    let shared = pairs * prompt as f64 + rows * completion as f64;
-    if paired && inputs.config.train.prefix_sharing && prompt > 0 && shared * 20.0 <= rows * t * 19.0 {
-        vec![
-            Stream { rows: pairs, queries: prompt as f64, keys: prompt as f64 },
-            Stream { rows, queries: completion as f64, keys: t },
-        ]
+    let t = prompt + completion;
+    let shared = rows / 2 * prompt + rows * completion;
+    let stream = |rows: usize, queries: usize, keys: usize| Stream { rows: rows as f64, queries: queries as f64, keys: keys as f64 };
+    if paired && inputs.config.train.prefix_sharing && prompt > 0 && dipole_models::worth_rearranging(shared, rows * t) {
+        vec![stream(rows / 2, prompt, prompt), stream(rows, completion, t)]
     } else {
-        vec![Stream { rows, queries: t, keys: t }]
+        vec![stream(rows, t, t)]
     }
 }
 
@@ -343,9 +339,14 @@ impl RunShape {
         Ok(RunShape { model, frozen_bytes, rows, shards })
     }
 
-    /// The plan of `config` (this shape's config, or one with another batch size or row lengths).
+    /// The plan of `config` (this shape's config, or one with another batch size).
     pub fn plan(&self, config: &TrainConfig) -> TrainResult<MemoryPlan> {
-        MemoryPlan::new(&PlanInputs { config, model: &self.model, frozen_bytes: self.frozen_bytes, rows: self.rows, shards: self.shards })
+        self.plan_at(config, self.rows)
+    }
+
+    /// The plan of `config` with every row at `rows`.
+    fn plan_at(&self, config: &TrainConfig, rows: RowLengths) -> TrainResult<MemoryPlan> {
+        MemoryPlan::new(&PlanInputs { config, model: &self.model, frozen_bytes: self.frozen_bytes, rows, shards: self.shards })
     }
 
     /// Within `budget` bytes: whether `config`'s run fits, the largest batch size (up to 1,024) that
@@ -353,12 +354,12 @@ impl RunShape {
     /// model's positions) that do at this batch size. Every size is planned: memory need not grow
     /// monotonically (per-layer recompute stops keeping attention probabilities past 1 GiB).
     pub fn fit(&self, config: &TrainConfig, budget: f64) -> TrainResult<Fit> {
-        let fits = |shape: &RunShape, config: &TrainConfig| -> TrainResult<bool> { Ok(shape.plan(config)?.peak <= budget) };
+        let fits = |config: &TrainConfig, rows: RowLengths| -> TrainResult<bool> { Ok(self.plan_at(config, rows)?.peak <= budget) };
         let mut batch_size = None;
         let mut at_batch = config.clone();
         for b in (1..=1024).rev() {
             at_batch.train.batch_size = b;
-            if fits(self, &at_batch)? {
+            if fits(&at_batch, self.rows)? {
                 batch_size = Some(b);
                 break;
             }
@@ -368,13 +369,12 @@ impl RunShape {
         for t in (1..=self.model.max_position_embeddings.max(longest) / 16).rev().map(|k| 16 * k) {
             // rows stretched or cut to `t` tokens, the prompt keeping its share
             let prompt = (self.rows.prompt * t / longest).min(t - 1);
-            let shape = RunShape { rows: RowLengths { prompt, completion: t - prompt }, ..self.clone() };
-            if fits(&shape, config)? {
+            if fits(config, RowLengths { prompt, completion: t - prompt })? {
                 max_length = Some(t);
                 break;
             }
         }
-        Ok(Fit { fits: fits(self, config)?, batch_size, max_length })
+        Ok(Fit { fits: fits(config, self.rows)?, batch_size, max_length })
     }
 }
 
